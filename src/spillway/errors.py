@@ -1,0 +1,192 @@
+"""The one exception tree of spillway.
+
+Every failure a client can see is one of these, and each class knows its HTTP status, its
+OpenAI error ``type``, and what the router may do about it::
+
+    SpillwayError                      500 server_error
+    ├── ConfigError                    (start-up only: exit status 2, never an HTTP answer)
+    ├── InvalidRequest                 400 invalid_request_error
+    │   ├── PayloadTooLarge            413
+    │   └── ModelNotFound              404   code=model_not_found
+    ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
+    ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
+    ├── DeadlineExceeded               504 timeout                code=deadline_exceeded
+    └── UpstreamError                  502 upstream_error         (one node failed)
+        ├── UpstreamConnectError           connect refused, reset, DNS      → fall back
+        ├── UpstreamTimeout                connect / first token / idle / total → fall back
+        ├── UpstreamStatusError            5xx, 429, or a node-side 4xx (401, 403, 404…) → fall back
+        ├── UpstreamRejected               the node says the *request* is bad (400, 413, 422):
+        │                                  forwarded with the node's status, never retried
+        ├── StreamInterrupted              failed after the stream committed: never retried
+        └── UpstreamsExhausted             every candidate failed; keeps each node's error
+
+Library exceptions (aiohttp, OSError, asyncio timeouts) are translated into this tree at exactly
+one boundary, ``spillway.nodes.http``. Messages say what to fix and never carry secrets,
+tracebacks or file paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class SpillwayError(Exception):
+    """Base of every spillway error; renders as the OpenAI error envelope."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+    #: the router may try the next candidate node after this error
+    may_fall_back: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error asks for (e.g. ``Retry-After``)."""
+        return {}
+
+
+class ConfigError(SpillwayError):
+    """The configuration is invalid; ``path`` names the exact setting (``nodes.a.base_url``)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+class InvalidRequest(SpillwayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class ModelNotFound(InvalidRequest):
+    status = 404
+    default_code = "model_not_found"
+
+
+class AuthenticationFailed(SpillwayError):
+    status = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NoEligibleNode(SpillwayError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "no_eligible_node"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class DeadlineExceeded(SpillwayError):
+    status = 504
+    error_type = "timeout"
+    default_code = "deadline_exceeded"
+
+
+class UpstreamError(SpillwayError):
+    """One node failed to answer. ``node`` is the node's configured name."""
+
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+    may_fall_back = True
+
+    def __init__(self, node: str, message: str, *, code: str | None = None):
+        super().__init__(f"node '{node}': {message}", code=code)
+        self.node = node
+        self.detail = message
+
+
+class UpstreamConnectError(UpstreamError):
+    default_code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"
+
+    def __init__(self, node: str, phase: str, seconds: float):
+        super().__init__(node, f"no {phase} within {seconds:g} s")
+        self.phase = phase
+
+
+class UpstreamStatusError(UpstreamError):
+    """The node answered with an error status that is the node's problem, not the request's."""
+
+    def __init__(self, node: str, upstream_status: int, detail: str):
+        super().__init__(node, f"HTTP {upstream_status}: {detail}")
+        self.upstream_status = upstream_status
+
+
+class UpstreamRejected(UpstreamError):
+    """The node judged the request itself invalid; the client gets the node's status."""
+
+    may_fall_back = False
+    error_type = "invalid_request_error"
+
+    def __init__(
+        self,
+        node: str,
+        upstream_status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(node, message, code=code)
+        # The node's own words are what the client needs to fix the request.
+        self.message = message
+        self.param = param
+        self.status = upstream_status
+
+
+class StreamInterrupted(UpstreamError):
+    """The node failed after the first chunk went to the client: never retried."""
+
+    may_fall_back = False
+    default_code = "stream_interrupted"
+
+
+class UpstreamsExhausted(UpstreamError):
+    """Every candidate failed; the message keeps each node's error, in the order tried."""
+
+    may_fall_back = False
+
+    def __init__(self, errors: Sequence[UpstreamError]):
+        summary = "; ".join(f"{e.node}: {e.detail}" for e in errors)
+        SpillwayError.__init__(self, f"all {len(errors)} candidate nodes failed: {summary}")
+        self.errors = list(errors)
+        self.node = errors[-1].node if errors else ""
+        self.detail = summary
+        # A timeout everywhere is a timeout for the client, too.
+        if errors and all(isinstance(e, UpstreamTimeout) for e in errors):
+            self.status = 504
+            self.code = "upstream_timeout"

@@ -1,0 +1,56 @@
+"""Keeping secrets out of everything spillway says: error bodies, logs, metrics.
+
+The Redactor knows every secret in the configuration (node API keys and client keys) and
+replaces any occurrence with a mask. Errors pass through it before they leave the process,
+and a logging filter applies it to every log record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from spillway.config.schema import Config
+
+MASK = "***"
+#: Looks like a provider key even when we were never told it (an upstream echoing its own).
+_KEY_SHAPES = re.compile(r"\b(sk|pk|rk|hs)-[A-Za-z0-9_\-]{12,}\b")
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str]):
+        # Longest first, so a key that contains another is masked whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    @classmethod
+    def for_config(cls, config: Config) -> Redactor:
+        secrets = [k.key.get_secret_value() for k in config.keys]
+        secrets += [n.api_key.get_secret_value() for n in config.nodes.values() if n.api_key]
+        return cls(secrets)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return _KEY_SHAPES.sub(MASK, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in every record that passes a handler."""
+
+    def __init__(self, redactor: Redactor):
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = self._redactor.scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self._redactor.scrub(
+                logging.Formatter().formatException(record.exc_info)
+            )
+            record.exc_info = None
+        return True
