@@ -1,0 +1,157 @@
+"""The one HTTP client for every OpenAI-compatible node.
+
+This module is the boundary where aiohttp, OSError and asyncio timeouts become spillway
+errors; nothing above it sees a library exception. One pooled session per node, TCP_NODELAY
+(aiohttp's default), and the node's API key kept in the session headers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import aiohttp
+import orjson
+
+from spillway.config.schema import Timeouts
+from spillway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from spillway.nodes.base import Reply
+from spillway.wire.sse import SseDecoder, SseEvent
+
+#: Node answers that mean "your request is wrong": forwarded to the client, never retried.
+REQUEST_ERRORS = frozenset({400, 413, 422})
+_JSON = {"Content-Type": "application/json"}
+
+
+class HttpNode:
+    """An OpenAI-compatible node reached over HTTP (``base_url`` ends in ``/v1``)."""
+
+    def __init__(self, name: str, base_url: str, api_key: str | None, max_connections: int):
+        self.name = name
+        self._base = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers, trust_env=False, raise_for_status=False
+        )
+
+    async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
+        return await self._post("/chat/completions", body, timeouts)
+
+    async def embed(self, body: bytes, timeouts: Timeouts) -> Reply:
+        return await self._post("/embeddings", body, timeouts)
+
+    async def probe(self, timeout_s: float) -> None:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self._session.get(self._base + "/models", timeout=timeout) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    self._raise_for(resp.status, payload)
+        except Exception as exc:
+            self._translate(exc, "answer to GET /models", timeout_s)
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    async def _post(self, path: str, body: bytes, t: Timeouts) -> Reply:
+        try:
+            async with asyncio.timeout(t.total_s):
+                async with self._session.post(
+                    self._base + path, data=body, headers=_JSON, timeout=_connect_timeout(t)
+                ) as resp:
+                    payload = await resp.read()
+                    if resp.status >= 300:
+                        self._raise_for(resp.status, payload)
+                    return Reply(resp.status, payload, resp.content_type)
+        except Exception as exc:
+            self._translate(exc, "complete answer", t.total_s)
+
+    async def stream(self, body: bytes, t: Timeouts) -> AsyncIterator[SseEvent]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + t.total_s
+        first_deadline = min(start + t.first_token_s, end)
+        phase, deadline = "first token", first_deadline
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                resp = await self._session.post(
+                    self._base + "/chat/completions",
+                    data=body,
+                    headers=_JSON,
+                    timeout=_connect_timeout(t),
+                )
+        except Exception as exc:
+            self._translate(exc, "first token", t.first_token_s)
+        try:
+            if resp.status >= 300:
+                self._raise_for(resp.status, await resp.read())
+            decoder = SseDecoder()
+            chunks = resp.content.iter_any()
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+                events = decoder.feed(chunk) if chunk is not None else decoder.close()
+                for event in events:
+                    yield event
+                    phase, deadline = "next chunk", min(loop.time() + t.idle_s, end)
+                if chunk is None:
+                    return
+        except Exception as exc:
+            budget = {"first token": t.first_token_s, "next chunk": t.idle_s}[phase]
+            if deadline == end:
+                phase, budget = "complete answer", t.total_s
+            self._translate(exc, phase, budget)
+        finally:
+            resp.close()
+
+    def _raise_for(self, status: int, payload: bytes) -> NoReturn:
+        error = _error_fields(payload)
+        message = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
+        if status in REQUEST_ERRORS:
+            raise UpstreamRejected(
+                self.name, status, message, param=error.get("param"), code=error.get("code")
+            )
+        raise UpstreamStatusError(self.name, status, message)
+
+    def _translate(self, exc: BaseException, phase: str, seconds: float) -> NoReturn:
+        if isinstance(exc, UpstreamError):
+            raise exc
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise UpstreamTimeout(self.name, "connection", seconds) from None
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout(self.name, phase, seconds) from None
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise UpstreamConnectError(self.name, f"cannot connect ({exc.os_error})") from None
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            raise UpstreamConnectError(
+                self.name, f"connection failed: {type(exc).__name__}"
+            ) from None
+        raise exc
+
+
+def _connect_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
+
+
+def _error_fields(payload: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI error body, or {} when the body is something else."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):  # some engines send {"error": "text"}
+        return {"message": error}
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):  # FastAPI style
+        return {"message": data["detail"]}
+    return {}

@@ -1,0 +1,154 @@
+"""Parsing and checking OpenAI request bodies.
+
+We check only the fields spillway acts on (``model``, ``messages``, ``stream``, ``max_tokens``,
+``n``, ``stream_options``, ``input``) and pass every other field to the node untouched.
+No pydantic here: this runs on every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from spillway.errors import InvalidRequest
+
+#: Fields some gateways honour to pick the upstream. Honouring them would let a client point
+#: spillway (and its cloud keys) at any host, so they are refused outright.
+STEERING_FIELDS = frozenset(
+    {
+        "api_base",
+        "base_url",
+        "api_key",
+        "api_version",
+        "api_type",
+        "azure_endpoint",
+        "custom_llm_provider",
+        "extra_headers",
+        "extra_query",
+        "proxy",
+        "upstream",
+        "endpoint",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A checked chat-completion request; ``body`` is the client's JSON object, unchanged."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRequest:
+    body: dict[str, Any]
+    model: str
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for field in STEERING_FIELDS.intersection(body):
+        raise InvalidRequest(
+            f"'{field}' is not accepted: spillway chooses the upstream node from its own "
+            "configuration. Remove the field.",
+            param=field,
+        )
+    return body
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    body = parse_json_object(raw)
+    model = _model(body)
+    _messages(body.get("messages"))
+    stream = _optional(body, "stream", bool, False)
+    options = _optional(body, "stream_options", dict, None)
+    if options is not None and not stream:
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
+    include_usage = bool(options and options.get("include_usage") is True)
+    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    n = _positive_int(body, "n")
+    if n is not None and n > 128:
+        raise InvalidRequest("'n' must be at most 128.", param="n")
+    return ChatRequest(body, model, stream, include_usage, max_tokens)
+
+
+def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
+    body = parse_json_object(raw)
+    model = _model(body)
+    value = body.get("input")
+    if value is None or value == "" or value == []:
+        raise InvalidRequest(
+            "'input' is required: a string, a list of strings, or token arrays.", param="input"
+        )
+    if not isinstance(value, str | list):
+        raise InvalidRequest("'input' must be a string or a list.", param="input")
+    return EmbeddingsRequest(body, model)
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest(
+            "'model' is required: a model name from GET /v1/models.", param="model"
+        )
+    return model
+
+
+def _messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(
+            '\'messages\' is required: a non-empty list of {"role", "content"} objects.',
+            param="messages",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{i}] must be an object with a string 'role'.", param=f"messages[{i}]"
+            )
+
+
+def _optional(body: dict[str, Any], field: str, kind: type, default: Any) -> Any:
+    value = body.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"'{field}' must be a {_KIND_NAMES[kind]}.", param=field)
+    return value
+
+
+def _positive_int(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+    return value
+
+
+_KIND_NAMES = {bool: "boolean", dict: "JSON object", str: "string", int: "integer"}
+
+
+def body_for_node(request: ChatRequest | EmbeddingsRequest, node_model: str) -> bytes:
+    """The client's body with the node's model name; streams always ask for usage."""
+    body = dict(request.body)
+    body["model"] = node_model
+    if isinstance(request, ChatRequest) and request.stream:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+    return orjson.dumps(body)

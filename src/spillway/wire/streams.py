@@ -1,0 +1,127 @@
+"""What the client sees of an upstream chat stream, chunk by chunk, and what we learn from it.
+
+spillway always asks the node for usage (``stream_options.include_usage``). ``ChunkRelay``
+passes each chunk on unchanged, except that the usage chunk (and any ``usage`` field) is
+withheld from clients that did not ask for it. It also keeps what accounting needs: the
+node's usage if it sends one, else the generated text so tokens can be counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    #: counted or estimated by spillway rather than reported by the node
+    counted: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+def usage_from(payload: Any) -> Usage | None:
+    if not isinstance(payload, dict):
+        return None
+    prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Usage(prompt, completion)
+    return None
+
+
+@dataclass
+class ChunkRelay:
+    """Observes one upstream stream; ``observe`` returns the bytes to forward, or None."""
+
+    include_usage: bool
+    usage: Usage | None = None
+    #: set when the node reported an error inside the stream
+    error_message: str | None = None
+    chunks: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    _text: list[str] = field(default_factory=list)
+    _meta: dict[str, Any] = field(default_factory=dict)
+
+    def observe(self, data: bytes) -> bytes | None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data  # not ours to judge; pass it on as the node sent it
+        if not isinstance(chunk, dict):
+            return data
+        if "error" in chunk:
+            self.error_message = _error_message(chunk["error"])
+            return None
+        self.chunks += 1
+        if not self._meta:
+            self._meta = {k: chunk[k] for k in _META_FIELDS if k in chunk}
+        self._gather(chunk.get("choices"))
+        if "usage" not in chunk:
+            return data
+        reported = usage_from(chunk["usage"])
+        if reported is not None:
+            self.usage = reported
+        if self.include_usage:
+            return data
+        if reported is not None and not chunk.get("choices"):
+            return None  # the usage-only chunk the client did not ask for
+        del chunk["usage"]
+        return orjson.dumps(chunk)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        """A final usage chunk in the node's own id/model, for nodes that sent none."""
+        chunk = dict(self._meta)
+        chunk.setdefault("object", "chat.completion.chunk")
+        chunk["choices"] = []
+        chunk["usage"] = usage.as_openai()
+        return orjson.dumps(chunk)
+
+    def _gather(self, choices: Any) -> None:
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if isinstance(choice.get("finish_reason"), str):
+                self.finish_reasons.append(choice["finish_reason"])
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._gather_delta(delta)
+
+    def _gather_delta(self, delta: dict[str, Any]) -> None:
+        for key in ("content", "reasoning_content", "refusal"):
+            if isinstance(delta.get(key), str):
+                self._text.append(delta[key])
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                self._text.extend(
+                    v for k in ("name", "arguments") if isinstance(v := function.get(k), str)
+                )
+
+
+_META_FIELDS = ("id", "object", "created", "model", "system_fingerprint")
+
+
+def _error_message(error: Any) -> str:
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return message
+    return str(error)[:300]
