@@ -1,0 +1,45 @@
+"""What every command shares: loading the config (exit 2 on error) and logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spillway.config.load import environ, find_config_file, load_config
+from spillway.config.schema import Config
+from spillway.errors import ConfigError
+from spillway.secrets import RedactingFilter, Redactor
+
+CONFIG_ERROR_EXIT = 2
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="spillway.toml to use (default: $SPILLWAY_CONFIG, ./spillway.toml, or the embedded "
+    "default when neither exists).",
+)
+
+
+def load_or_exit(config_path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    env = environ()
+    try:
+        return load_config(find_config_file(config_path, env), env, overrides)
+    except ConfigError as exc:
+        click.echo(f"spillway: invalid configuration: {exc.message}", err=True)
+        sys.exit(CONFIG_ERROR_EXIT)
+
+
+def setup_logging(config: Config, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(Redactor.for_config(config)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

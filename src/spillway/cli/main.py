@@ -1,0 +1,22 @@
+"""``spillway``: the command-line entry point."""
+
+from __future__ import annotations
+
+import click
+
+from spillway.cli.config_cmd import config_group
+from spillway.cli.serve import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spillway")
+def cli() -> None:
+    """spillway: a private-first, OpenAI-compatible LLM gateway."""
+
+
+cli.add_command(serve)
+cli.add_command(config_group)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,72 @@
+"""``spillway serve``: run the gateway until SIGTERM or Ctrl-C, then stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+from aiohttp import web
+
+from spillway.cli.common import config_option, load_or_exit, setup_logging
+from spillway.nodes.managed import NodeStartError
+from spillway.server.app import build_app, open_to_network_warning
+
+log = logging.getLogger("spillway")
+
+#: How long in-flight requests get to finish after SIGTERM before they are cut.
+SHUTDOWN_GRACE_S = 30.0
+
+
+@click.command()
+@config_option
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8000).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where spillway keeps its data and node logs (default ./.spillway).",
+)
+def serve(
+    config_path: Path | None, host: str | None, port: int | None, data_dir: Path | None
+) -> None:
+    """Run the gateway (the embedded default when no config file is found)."""
+    config = load_or_exit(config_path, {"host": host, "port": port, "data_dir": data_dir})
+    setup_logging(config)
+    warning = open_to_network_warning(config)
+    if warning:
+        log.warning(warning)
+    nodes = ", ".join(f"{name} ({spec.kind})" for name, spec in config.nodes.items())
+    log.info("starting with nodes: %s", nodes)
+    server = config.server
+    try:
+        web.run_app(
+            build_app(config),
+            host=server.host,
+            port=server.port,
+            access_log=logging.getLogger("spillway.access") if server.access_log else None,
+            handler_cancellation=True,  # a client that goes away cancels its upstream call
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            loop=_new_loop(),
+            print=lambda _: log.info(
+                "spillway ready on http://%s:%d/v1 (models: %s)",
+                server.host,
+                server.port,
+                ", ".join(config.public_models()),
+            ),
+        )
+    except NodeStartError as exc:
+        log.error("%s", exc.message)
+        sys.exit(1)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

@@ -1,0 +1,1 @@
+"""The HTTP server: aiohttp.web app, middleware, routes, and the Gateway state."""

@@ -1,0 +1,51 @@
+"""The aiohttp application: routes, middleware, and the Gateway built in a cleanup context."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from aiohttp import web
+
+from spillway.clock import Clock, SystemClock
+from spillway.config.schema import Config
+from spillway.server.middleware import auth_middleware, errors_middleware
+from spillway.server.routes import chat, info
+from spillway.server.state import gateway_context
+
+log = logging.getLogger("spillway.server")
+
+
+def build_app(config: Config, clock: Clock | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[errors_middleware, auth_middleware],
+    )
+    app.cleanup_ctx.append(gateway_context(config, clock or SystemClock()))
+    app.router.add_post("/v1/chat/completions", chat.chat_completions)
+    app.router.add_post("/v1/embeddings", chat.embeddings)
+    app.router.add_get("/v1/models", info.list_models)
+    app.router.add_get("/v1/models/{model}", info.get_model)
+    app.router.add_get("/healthz", info.healthz)
+    app.router.add_get("/readyz", info.readyz)
+    return app
+
+
+def open_to_network_warning(config: Config) -> str | None:
+    """A warning when the gateway has no keys yet listens beyond loopback, else None."""
+    if config.keys or _is_loopback(config.server.host):
+        return None
+    return (
+        f"spillway is listening on {config.server.host} with no [[keys]] configured: anyone "
+        "who can reach this port can use every node, including paid cloud nodes. "
+        "Add [[keys]] to spillway.toml or listen on 127.0.0.1."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,53 @@
+"""Bearer-key authentication: a key maps to a tenant and its policy."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from spillway.config.schema import KeyConfig
+from spillway.errors import AuthenticationFailed
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    private_only: bool
+
+
+#: Who a request is when the gateway has no keys configured (open mode).
+ANONYMOUS = Principal(tenant="default", private_only=False)
+
+
+class KeyRing:
+    """Looks keys up by their SHA-256, so the secret itself is never a dict key or log field."""
+
+    def __init__(self, keys: tuple[KeyConfig, ...]):
+        self._by_digest = {_digest(k.key.get_secret_value()): k for k in keys}
+
+    @property
+    def open(self) -> bool:
+        return not self._by_digest
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if self.open:
+            return ANONYMOUS
+        if not authorization:
+            raise AuthenticationFailed(
+                "Missing API key. Send it as the header 'Authorization: Bearer <key>'."
+            )
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed(
+                "Malformed Authorization header. Use 'Authorization: Bearer <key>'."
+            )
+        # A lookup by digest leaks nothing useful through timing: a caller cannot steer
+        # the digest of a guess towards a stored one.
+        entry = self._by_digest.get(_digest(token.strip()))
+        if entry is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return Principal(entry.tenant, entry.private_only)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()

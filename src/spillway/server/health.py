@@ -1,0 +1,82 @@
+"""Readiness: is every public model served by at least one node that answers right now?"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from spillway.clock import Clock
+from spillway.errors import UpstreamError
+from spillway.nodes.managed import ManagedLlamaServer
+from spillway.routing.router import NodeHandle, Router
+
+PROBE_TIMEOUT_S = 2.0
+#: Probe results are reused this long, so a scraping load balancer cannot flood the nodes.
+PROBE_TTL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    up: bool
+    checked_at: float
+    error: str | None = None
+
+
+class HealthBoard:
+    def __init__(self, router: Router, managed: dict[str, ManagedLlamaServer], clock: Clock):
+        self._router = router
+        self._managed = managed
+        self._clock = clock
+        self._last: dict[str, NodeHealth] = {}
+        self._lock = asyncio.Lock()
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, body): ready when every model has a node that answered its probe."""
+        async with self._lock:
+            if self._stale():
+                await self._probe_all()
+        models = {
+            model: any(self._last[h.name].up for h in self._router.serving(model))
+            for model in self._router.models()
+        }
+        nodes = {h.name: self._describe(h) for h in self._router.handles}
+        ready = all(models.values())
+        return ready, {"ready": ready, "models": models, "nodes": nodes}
+
+    def _stale(self) -> bool:
+        now = self._clock.monotonic()
+        return len(self._last) < len(self._router.handles) or any(
+            now - h.checked_at > PROBE_TTL_S for h in self._last.values()
+        )
+
+    async def _probe_all(self) -> None:
+        results = await asyncio.gather(*(self._probe(h) for h in self._router.handles))
+        self._last = {h.name: r for h, r in zip(self._router.handles, results, strict=True)}
+
+    async def _probe(self, handle: NodeHandle) -> NodeHealth:
+        now = self._clock.monotonic()
+        try:
+            await handle.node.probe(PROBE_TIMEOUT_S)
+        except UpstreamError as exc:
+            return NodeHealth(False, now, exc.detail)
+        return NodeHealth(True, now)
+
+    def _describe(self, handle: NodeHandle) -> dict[str, Any]:
+        health = self._last[handle.name]
+        info: dict[str, Any] = {
+            "kind": handle.kind,
+            "state": "up" if health.up else "down",
+            "models": sorted(handle.models),
+            "in_flight": handle.in_flight,
+        }
+        if health.error:
+            info["error"] = health.error
+        server = self._managed.get(handle.name)
+        if server is not None:
+            info["managed"] = {
+                "process": server.state,
+                "pid": server.pid,
+                "restarts": server.restarts,
+            }
+        return info

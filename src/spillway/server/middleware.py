@@ -1,0 +1,88 @@
+"""Middleware, as a plain fold: request id → errors as OpenAI envelopes → auth on /v1."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from spillway.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    SpillwayError,
+)
+from spillway.server.auth import Principal
+from spillway.server.responses import error_response
+from spillway.server.state import GATEWAY
+
+log = logging.getLogger("spillway.server")
+
+REQUEST_ID = "spillway.request_id"
+PRINCIPAL = "spillway.principal"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_of(request: web.Request) -> str:
+    rid: str = request[REQUEST_ID]
+    return rid
+
+
+def principal_of(request: web.Request) -> Principal:
+    principal: Principal = request[PRINCIPAL]
+    return principal
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gives every request an id and turns every failure into the OpenAI error envelope."""
+    supplied = request.headers.get("x-request-id", "")
+    rid = supplied if _CLIENT_ID.match(supplied) else uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    try:
+        response = await handler(request)
+    except SpillwayError as exc:
+        response = error_response(exc, request.app[GATEWAY].redactor)
+    except web.HTTPException as exc:
+        response = error_response(_from_http(exc, request), request.app[GATEWAY].redactor)
+    except Exception:
+        log.exception("request %s failed unexpectedly", rid)
+        response = error_response(
+            SpillwayError(f"Internal error; quote request id {rid} when reporting it."),
+            request.app[GATEWAY].redactor,
+        )
+    if not response.prepared:
+        response.headers["x-request-id"] = rid
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /v1 route needs a valid key when keys are configured."""
+    if request.path.startswith("/v1/"):
+        keys = request.app[GATEWAY].keys
+        request[PRINCIPAL] = keys.authenticate(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> SpillwayError:
+    if exc.status == 413:
+        return PayloadTooLarge(
+            f"The request body is larger than {request.app[GATEWAY].config.server.max_body_bytes}"
+            " bytes. Send a smaller request."
+        )
+    if exc.status == 404:
+        error = InvalidRequest(
+            f"Unknown path {request.path}. See /v1/models, /v1/chat/completions."
+        )
+        error.status, error.code = 404, "unknown_url"
+        return error
+    if exc.status == 405:
+        error = InvalidRequest(f"{request.method} is not allowed on {request.path}.")
+        error.status, error.code = 405, "method_not_allowed"
+        return error
+    error = InvalidRequest(exc.reason)
+    error.status = exc.status
+    return error

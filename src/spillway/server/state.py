@@ -1,0 +1,105 @@
+"""The one Gateway object: built at start-up, closed at shutdown, reached via ``GATEWAY``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from spillway.clock import Clock
+from spillway.config.schema import Config, NodeConfig
+from spillway.nodes.http import HttpNode
+from spillway.nodes.managed import ManagedLlamaServer
+from spillway.nodes.tokens import counter_for
+from spillway.routing.dispatch import Dispatcher
+from spillway.routing.router import NodeHandle, Router
+from spillway.secrets import Redactor
+from spillway.server.auth import KeyRing
+from spillway.server.health import HealthBoard
+
+log = logging.getLogger("spillway.server")
+
+
+@dataclass
+class Gateway:
+    config: Config
+    clock: Clock
+    router: Router
+    dispatcher: Dispatcher
+    keys: KeyRing
+    redactor: Redactor
+    health: HealthBoard
+    managed: dict[str, ManagedLlamaServer]
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> Gateway:
+    """Start every node (managed ones first wait until they answer) and wire the gateway."""
+    managed: dict[str, ManagedLlamaServer] = {}
+    handles = []
+    for name, spec in config.nodes.items():
+        base_url, tokenizer = spec.base_url, spec.tokenizer
+        if spec.managed is not None:
+            server = ManagedLlamaServer(name, spec.managed, config.server.data_dir / "logs", clock)
+            await server.start()
+            stack.push_async_callback(server.aclose)
+            managed[name] = server
+            base_url, tokenizer = server.base_url, tokenizer or server.model_path
+        assert base_url is not None  # the schema requires base_url or managed
+        handles.append(_handle(name, spec, base_url, tokenizer, config, stack))
+    router = Router(handles)
+    return Gateway(
+        config=config,
+        clock=clock,
+        router=router,
+        dispatcher=Dispatcher(router, clock),
+        keys=KeyRing(config.keys),
+        redactor=Redactor.for_config(config),
+        health=HealthBoard(router, managed, clock),
+        managed=managed,
+    )
+
+
+def _handle(
+    name: str,
+    spec: NodeConfig,
+    base_url: str,
+    tokenizer: Path | None,
+    config: Config,
+    stack: AsyncExitStack,
+) -> NodeHandle:
+    api_key = spec.api_key.get_secret_value() if spec.api_key else None
+    # Room above the concurrency target: requests beyond it still go out when nothing else can
+    # take them, and the engine queues them.
+    node = HttpNode(name, base_url, api_key, max_connections=max(2 * spec.max_concurrency, 32))
+    stack.push_async_callback(node.aclose)
+    return NodeHandle(
+        name=name,
+        kind=spec.kind,
+        node=node,
+        models=dict(spec.models),
+        max_concurrency=spec.max_concurrency,
+        weight=spec.weight,
+        timeouts=config.timeouts_for(name),
+        counter=counter_for(tokenizer),
+    )
+
+
+def gateway_context(
+    config: Config, clock: Clock
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An aiohttp cleanup context that builds the Gateway and tears it down in reverse."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            app[GATEWAY] = await build_gateway(config, clock, stack)
+            yield
+            log.info("shutting down: closing nodes")
+
+    return context

@@ -1,0 +1,103 @@
+"""Relaying a committed upstream stream to the client, chunk by chunk, never buffered.
+
+Headers went out when the first upstream chunk arrived (the commit point, see
+``routing.dispatch``). From here a node failure ends the stream with an SSE ``error`` event
+and no ``[DONE]``, so no client mistakes a cut answer for a complete one. A client that goes
+away cancels this handler, which closes the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from spillway.errors import StreamInterrupted, UpstreamError
+from spillway.routing.dispatch import OpenStream
+from spillway.secrets import Redactor
+from spillway.server.responses import error_body
+from spillway.wire.requests import ChatRequest
+from spillway.wire.sse import DONE_EVENT, SseEvent, encode_data, encode_error
+from spillway.wire.streams import ChunkRelay, Usage
+
+log = logging.getLogger("spillway.server")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx in front of us not to buffer the stream
+}
+
+
+async def relay_stream(
+    request: web.Request,
+    stream: OpenStream,
+    chat: ChatRequest,
+    headers: dict[str, str],
+    redactor: Redactor,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    relay = ChunkRelay(include_usage=chat.include_usage)
+    try:
+        await response.prepare(request)
+        outcome = await _pump(response, stream, relay)
+        if outcome is None:
+            await _finish(response, stream, chat, relay)
+        else:
+            log.warning("request %s: %s", headers.get("x-request-id"), outcome.message)
+            await response.write(encode_error(error_body(outcome, redactor)))
+    except ConnectionResetError:
+        log.info("request %s: client went away mid-stream", headers.get("x-request-id"))
+    finally:
+        await stream.aclose()
+    return response
+
+
+async def _pump(
+    response: web.StreamResponse, stream: OpenStream, relay: ChunkRelay
+) -> StreamInterrupted | None:
+    """Forward events until ``[DONE]``; return why the stream broke, or None if it ended well."""
+    node = stream.handle.name
+    event: SseEvent | None = stream.first
+    while event is not None:
+        if event.is_done:
+            return None
+        out = relay.observe(event.data) if event.event != "error" else None
+        if event.event == "error" or relay.error_message is not None:
+            return StreamInterrupted(
+                node, f"failed mid-stream: {relay.error_message or 'error event'}"
+            )
+        if out is not None:
+            await response.write(encode_data(out))
+        try:
+            event = await anext(stream.rest, None)
+        except UpstreamError as exc:
+            return StreamInterrupted(node, f"failed mid-stream: {exc.detail}")
+    return StreamInterrupted(node, "closed the stream before it finished (no [DONE])")
+
+
+async def _finish(
+    response: web.StreamResponse, stream: OpenStream, chat: ChatRequest, relay: ChunkRelay
+) -> None:
+    if chat.include_usage and relay.usage is None:
+        usage = await count_usage(stream, chat, relay)
+        await response.write(encode_data(relay.usage_chunk(usage)))
+    await response.write(DONE_EVENT)
+    await response.write_eof()
+
+
+async def count_usage(stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> Usage:
+    """Usage for a node that streamed none: its tokenizer, or an estimate."""
+    counter = stream.handle.counter
+
+    def count() -> Usage:
+        prompt = counter.prompt_tokens(chat.body)
+        single_choice = len(relay.finish_reasons) == 1
+        if single_choice and relay.finish_reasons[0] == "length" and chat.max_tokens:
+            completion = chat.max_tokens  # the node stopped exactly at the limit
+        else:
+            completion = counter.completion_tokens(relay.text)
+        return Usage(prompt, completion, counted=True)
+
+    return await asyncio.to_thread(count)
