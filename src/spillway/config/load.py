@@ -84,10 +84,10 @@ def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
 def _interpolate_string(text: str, env: Mapping[str, str], path: str) -> str:
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if default is not None:
+            return env.get(name) or default  # like the shell: an empty value takes the default
         if name in env:
             return env[name]
-        if default is not None:
-            return default
         raise ConfigError(path, f"environment variable {name} is not set")
 
     return _VAR.sub(substitute, text)

@@ -54,6 +54,8 @@ class ManagedNode(_Frozen):
     n_ctx: int = Field(default=4096, ge=256)
     n_threads: int | None = Field(default=None, ge=1)
     start_timeout_s: float = Field(default=120.0, gt=0)
+    #: also serve /v1/embeddings from the same model
+    embeddings: bool = True
     extra_args: tuple[str, ...] = ()
 
 

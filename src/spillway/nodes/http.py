@@ -23,6 +23,7 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
+from spillway.secrets import Redactor
 from spillway.wire.sse import SseDecoder, SseEvent
 
 #: Node answers that mean "your request is wrong": forwarded to the client, never retried.
@@ -37,6 +38,9 @@ class HttpNode:
         self.name = name
         self._base = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A node may echo its key in an error ("invalid key sk-…"): scrub it right here, at
+        # the boundary, so no message built from the node's words can carry it further.
+        self._redactor = Redactor([api_key] if api_key else [])
         connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, trust_env=False, raise_for_status=False
@@ -114,7 +118,8 @@ class HttpNode:
 
     def _raise_for(self, status: int, payload: bytes) -> NoReturn:
         error = _error_fields(payload)
-        message = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
+        text = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
+        message = self._redactor.scrub(text)
         if status in REQUEST_ERRORS:
             raise UpstreamRejected(
                 self.name, status, message, param=error.get("param"), code=error.get("code")

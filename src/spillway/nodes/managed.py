@@ -109,7 +109,12 @@ class ManagedLlamaServer:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--n_ctx", str(self.spec.n_ctx),
+            # By default llama-cpp-python ends a running stream with a clean-looking [DONE]
+            # as soon as another request arrives; spillway queues instead of truncating.
+            "--interrupt_requests", "false",
         ]  # fmt: skip
+        if self.spec.embeddings:
+            cmd += ["--embedding", "true"]
         if self.spec.n_threads:
             cmd += ["--n_threads", str(self.spec.n_threads)]
         return cmd + list(self.spec.extra_args)

@@ -85,15 +85,15 @@ class Router:
     def candidates(self, model: str, private_only: bool) -> list[NodeHandle]:
         handles = self.serving(model)
         private = sorted((h for h in handles if h.private), key=_load)
+        free = [h for h in private if h.has_capacity]
+        full = [h for h in private if not h.has_capacity]
         if private_only:
             if not private:
                 raise NoEligibleNode(
                     f"No private node serves '{model}', and this API key is private_only, "
                     "so the request was not sent to a cloud node."
                 )
-            return private
-        free = [h for h in private if h.has_capacity]
-        full = [h for h in private if not h.has_capacity]
+            return free + full
         cloud = [h for h in handles if not h.private]  # config order: the operator's preference
         return free + cloud + full
 

@@ -20,19 +20,17 @@ from spillway.server.state import GATEWAY
 
 log = logging.getLogger("spillway.server")
 
-REQUEST_ID = "spillway.request_id"
-PRINCIPAL = "spillway.principal"
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def request_id_of(request: web.Request) -> str:
-    rid: str = request[REQUEST_ID]
-    return rid
+    return request[REQUEST_ID]
 
 
 def principal_of(request: web.Request) -> Principal:
-    principal: Principal = request[PRINCIPAL]
-    return principal
+    return request[PRINCIPAL]
 
 
 @web.middleware

@@ -62,6 +62,10 @@ async def _pump(
     event: SseEvent | None = stream.first
     while event is not None:
         if event.is_done:
+            if relay.chunks and not relay.finish_reasons:
+                # Every OpenAI-compatible engine names why it stopped before [DONE]; a [DONE]
+                # without it is an answer cut short (llama-cpp-python's interrupt_requests).
+                return StreamInterrupted(node, "ended the stream without a finish_reason")
             return None
         out = relay.observe(event.data) if event.event != "error" else None
         if event.event == "error" or relay.error_message is not None:

@@ -80,7 +80,8 @@ def parse_chat(raw: bytes) -> ChatRequest:
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
         )
     include_usage = bool(options and options.get("include_usage") is True)
-    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    legacy_max = _positive_int(body, "max_tokens")
+    max_tokens = _positive_int(body, "max_completion_tokens") or legacy_max
     n = _positive_int(body, "n")
     if n is not None and n > 128:
         raise InvalidRequest("'n' must be at most 128.", param="n")

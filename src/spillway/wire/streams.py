@@ -62,7 +62,7 @@ class ChunkRelay:
             return data  # not ours to judge; pass it on as the node sent it
         if not isinstance(chunk, dict):
             return data
-        if "error" in chunk:
+        if chunk.get("error"):
             self.error_message = _error_message(chunk["error"])
             return None
         self.chunks += 1

@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - create .venv, install spillway with its embedded node, serve on :8000
+#   make test  - install what the tests need and run them
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The first install builds llama-cpp-python from source (~10 min on 2 cores; pip caches it).
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
+
+.PHONY: run test lint typecheck check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+
+$(VENV)/.installed-local: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[local]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[local,dev]'
+	touch $(VENV)/.installed-local $@
+
+run: $(VENV)/.installed-local
+	$(BIN)/spillway serve $(ARGS)
+
+test: $(VENV)/.installed-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""Running the real spillway app in-process, in front of fake or real upstreams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from aiohttp import web
+
+from spillway.config.load import validate
+from spillway.server.app import build_app
+from spillway.server.state import GATEWAY, Gateway
+
+
+@dataclass
+class RunningGateway:
+    base_url: str
+    app: web.Application
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    def client(self, api_key: str = "no-key-needed") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
+
+    def in_flight(self) -> dict[str, int]:
+        return {h.name: h.in_flight for h in self.gateway.router.handles}
+
+
+@asynccontextmanager
+async def running_gateway(raw: dict[str, Any]) -> AsyncIterator[RunningGateway]:
+    config = validate(raw)
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield RunningGateway(f"http://127.0.0.1:{port}/v1", app)
+    finally:
+        await runner.cleanup()
+
+
+def node(kind: str, base_url: str, **extra: Any) -> dict[str, Any]:
+    """A node entry serving the public model 'm' as '<kind>-model'."""
+    return {"kind": kind, "base_url": base_url, "models": {"m": f"{kind}-model"}, **extra}

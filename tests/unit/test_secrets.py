@@ -1,0 +1,91 @@
+import logging
+
+import pytest
+
+from spillway.config.load import validate
+from spillway.secrets import MASK, RedactingFilter, Redactor
+
+SHORT = "tenant-key-1"
+LONG = "tenant-key-1-and-more"
+
+
+def test_configured_secret_is_masked() -> None:
+    assert Redactor([SHORT]).scrub(f"key={SHORT}; again {SHORT}") == f"key={MASK}; again {MASK}"
+
+
+def test_longest_secret_is_masked_first() -> None:
+    assert Redactor([SHORT, LONG]).scrub(f"got {LONG}") == f"got {MASK}"
+
+
+@pytest.mark.parametrize(
+    "key", ["sk-abcdefghijklmnop", "sk-proj-AbC_123-456789xyz", "hs-0123456789abcdef"]
+)
+def test_key_shaped_strings_are_masked(key: str) -> None:
+    assert Redactor([]).scrub(f"Incorrect API key provided: {key}.") == (
+        f"Incorrect API key provided: {MASK}."
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "node 'a': HTTP 503: upstream overloaded",
+        "ask-me-anything and task-1234567890123 are fine",
+        "sk-short",
+        "",
+    ],
+)
+def test_normal_text_is_left_alone(text: str) -> None:
+    assert Redactor(["tenant-key-1", ""]).scrub(text) == text
+
+
+def test_for_config_knows_node_and_client_keys() -> None:
+    config = validate(
+        {
+            "nodes": {
+                "c": {
+                    "kind": "cloud",
+                    "base_url": "https://x.example/v1",
+                    "api_key": "node-secret-value",
+                    "models": {"m": "n"},
+                }
+            },
+            "keys": [{"key": "client-secret-value", "tenant": "t"}],
+        }
+    )
+    scrubbed = Redactor.for_config(config).scrub("node-secret-value client-secret-value")
+    assert scrubbed == f"{MASK} {MASK}"
+
+
+@pytest.fixture
+def redacted_caplog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="spillway.test")
+    caplog.handler.addFilter(RedactingFilter(Redactor([SHORT])))
+    return caplog
+
+
+def test_filter_scrubs_percent_args(redacted_caplog: pytest.LogCaptureFixture) -> None:
+    logging.getLogger("spillway.test").info("client sent %s for %s", SHORT, "team-a")
+    assert redacted_caplog.messages == [f"client sent {MASK} for team-a"]
+    assert SHORT not in redacted_caplog.text
+
+
+def test_filter_scrubs_key_shaped_message(redacted_caplog: pytest.LogCaptureFixture) -> None:
+    logging.getLogger("spillway.test").warning("upstream said: bad key sk-abcdefghijklmnop")
+    assert redacted_caplog.messages == [f"upstream said: bad key {MASK}"]
+
+
+def test_filter_leaves_clean_records_alone(redacted_caplog: pytest.LogCaptureFixture) -> None:
+    logging.getLogger("spillway.test").info("%d%% done", 50)
+    [record] = redacted_caplog.records
+    assert record.getMessage() == "50% done"
+    assert record.args == (50,)
+
+
+def test_filter_scrubs_exception_text(redacted_caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        raise RuntimeError(f"refused {SHORT}")
+    except RuntimeError:
+        logging.getLogger("spillway.test").exception("failed")
+    assert "RuntimeError: refused ***" in redacted_caplog.text
+    assert SHORT not in redacted_caplog.text
