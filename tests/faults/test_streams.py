@@ -183,3 +183,32 @@ async def _until(condition: Any, within_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within_s} s")
         await asyncio.sleep(0.01)
+
+
+async def test_chunks_are_relayed_as_they_arrive_not_buffered(gw, fakes):
+    fakes["a"].script = Script(mode="slow", chunks=8, delay_s=0.1)
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gw.base_url + "/chat/completions", json=body) as resp,
+    ):
+        await resp.content.readuntil(b"a-0 ")
+        first = time.monotonic() - started
+        await resp.read()
+        total = time.monotonic() - started
+    assert total >= 0.7
+    assert first < 0.35, f"first chunk after {first:.2f} s of a {total:.2f} s stream"
+
+
+async def test_broken_tokenizer_still_ends_the_stream_with_estimated_usage(fakes, tmp_path):
+    garbage = tmp_path / "not-a-model.gguf"
+    garbage.write_bytes(b"this is not a GGUF file")
+    fakes["a"].script = Script(send_usage=False)
+    config = {"nodes": {"a": node("private", fakes["a"].base_url, tokenizer=str(garbage))}}
+    async with running_gateway(config) as gw:
+        stream = await gw.client().chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0

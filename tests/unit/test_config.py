@@ -149,9 +149,22 @@ def test_node_needs_base_url_or_managed() -> None:
 
 
 def test_managed_cloud_node_rejected() -> None:
-    error = config_error({"nodes": {"a": node(managed={})}})
+    managed_cloud = {"kind": "cloud", "managed": {}, "models": {"m": "n"}}
+    error = config_error({"nodes": {"a": managed_cloud}})
     assert error.path == "nodes.a"
     assert "'private'" in error.problem
+
+
+def test_managed_node_with_base_url_rejected() -> None:
+    error = config_error({"nodes": {"a": node(kind="private", managed={})}})
+    assert error.path == "nodes.a"
+    assert "not both" in error.problem
+
+
+def test_missing_tokenizer_file_rejected(tmp_path: Path) -> None:
+    error = config_error({"nodes": {"a": node(tokenizer=str(tmp_path / "none.gguf"))}})
+    assert error.path == "nodes.a.tokenizer"
+    assert "no such file" in error.problem
 
 
 def test_node_name_with_spaces_rejected() -> None:

@@ -84,6 +84,13 @@ class NodeConfig(_Frozen):
             raise ValueError("not a URL (expected http://host:port/v1 or https://…)")
         return value.rstrip("/")
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value} (a GGUF model file is expected)")
+        return value
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: dict[str, str]) -> dict[str, str]:
@@ -98,6 +105,8 @@ class NodeConfig(_Frozen):
     def _where(self) -> NodeConfig:
         if self.managed is None and self.base_url is None:
             raise ValueError("base_url is required (or `managed` for a node spillway starts)")
+        if self.managed is not None and self.base_url is not None:
+            raise ValueError("set base_url or managed, not both (spillway picks a managed port)")
         if self.managed is not None and self.kind != "private":
             raise ValueError("a managed node runs on this machine, so its kind must be 'private'")
         return self

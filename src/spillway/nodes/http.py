@@ -60,7 +60,7 @@ class HttpNode:
                 if resp.status != 200:
                     self._raise_for(resp.status, payload)
         except Exception as exc:
-            self._translate(exc, "answer to GET /models", timeout_s)
+            self._translate(exc, "answer to GET /models", timeout_s, timeout_s)
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -76,7 +76,7 @@ class HttpNode:
                         self._raise_for(resp.status, payload)
                     return Reply(resp.status, payload, resp.content_type)
         except Exception as exc:
-            self._translate(exc, "complete answer", t.total_s)
+            self._translate(exc, "complete answer", t.total_s, t.connect_s)
 
     async def stream(self, body: bytes, t: Timeouts) -> AsyncIterator[SseEvent]:
         loop = asyncio.get_running_loop()
@@ -92,11 +92,14 @@ class HttpNode:
                     headers=_JSON,
                     timeout=_connect_timeout(t),
                 )
+                if resp.status >= 300:
+                    try:
+                        self._raise_for(resp.status, await resp.read())
+                    finally:
+                        resp.close()
         except Exception as exc:
-            self._translate(exc, "first token", t.first_token_s)
+            self._translate(exc, "first token", t.first_token_s, t.connect_s)
         try:
-            if resp.status >= 300:
-                self._raise_for(resp.status, await resp.read())
             decoder = SseDecoder()
             chunks = resp.content.iter_any()
             while True:
@@ -112,7 +115,7 @@ class HttpNode:
             budget = {"first token": t.first_token_s, "next chunk": t.idle_s}[phase]
             if deadline == end:
                 phase, budget = "complete answer", t.total_s
-            self._translate(exc, phase, budget)
+            self._translate(exc, phase, budget, t.connect_s)
         finally:
             resp.close()
 
@@ -126,15 +129,19 @@ class HttpNode:
             )
         raise UpstreamStatusError(self.name, status, message)
 
-    def _translate(self, exc: BaseException, phase: str, seconds: float) -> NoReturn:
+    def _translate(
+        self, exc: BaseException, phase: str, seconds: float, connect_s: float
+    ) -> NoReturn:
         if isinstance(exc, UpstreamError):
             raise exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            raise UpstreamTimeout(self.name, "connection", seconds) from None
+            raise UpstreamTimeout(self.name, "connection", connect_s) from None
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(self.name, phase, seconds) from None
         if isinstance(exc, aiohttp.ClientConnectorError):
-            raise UpstreamConnectError(self.name, f"cannot connect ({exc.os_error})") from None
+            # The OS error's text names the node's address; clients need only the kind.
+            reason = type(exc.os_error).__name__
+            raise UpstreamConnectError(self.name, f"cannot connect ({reason})") from None
         if isinstance(exc, aiohttp.ClientError | OSError):
             raise UpstreamConnectError(
                 self.name, f"connection failed: {type(exc).__name__}"

@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Literal
 
@@ -91,7 +90,6 @@ class ManagedLlamaServer:
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
-        self.on_restart: Callable[[], None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -190,14 +188,12 @@ class ManagedLlamaServer:
             await self._clock.sleep(delay)
             try:
                 await self._spawn_until_ready()
-            except NodeStartError as exc:
-                log.error("restart of node %s failed: %s", self.name, exc.message)
+            except (NodeStartError, OSError) as exc:
+                log.error("restart of node %s failed: %s", self.name, exc)
                 delay = min(delay * 2, 30.0)
                 continue
             self.state = "running"
             delay = 1.0
-            if self.on_restart is not None:
-                self.on_restart()
 
     async def _terminate(self) -> None:
         proc = self._proc

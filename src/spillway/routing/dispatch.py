@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from spillway.clock import Clock
 from spillway.config.schema import Timeouts
 from spillway.errors import (
@@ -141,10 +143,19 @@ class Dispatcher:
 
 async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> SseEvent:
     """The first data event, which commits the stream; an in-band error counts as a failure."""
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        raise UpstreamConnectError(handle.name, "stream ended before its first chunk") from None
-    if first.event == "error" or first.data.startswith(b'{"error"'):
+    first = await anext(events, None)
+    if first is None or first.is_done:
+        raise UpstreamConnectError(handle.name, "stream ended before its first chunk")
+    if first.event == "error" or _is_error_payload(first.data):
         raise UpstreamStatusError(handle.name, 200, "the stream began with an error event")
     return first
+
+
+def _is_error_payload(data: bytes) -> bool:
+    if b'"error"' not in data:
+        return False
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and bool(payload.get("error"))

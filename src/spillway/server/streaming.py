@@ -14,6 +14,7 @@ import logging
 from aiohttp import web
 
 from spillway.errors import StreamInterrupted, UpstreamError
+from spillway.nodes.tokens import EstimatingCounter, TokenCounter
 from spillway.routing.dispatch import OpenStream
 from spillway.secrets import Redactor
 from spillway.server.responses import error_body
@@ -93,9 +94,8 @@ async def _finish(
 
 async def count_usage(stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> Usage:
     """Usage for a node that streamed none: its tokenizer, or an estimate."""
-    counter = stream.handle.counter
 
-    def count() -> Usage:
+    def count(counter: TokenCounter) -> Usage:
         prompt = counter.prompt_tokens(chat.body)
         single_choice = len(relay.finish_reasons) == 1
         if single_choice and relay.finish_reasons[0] == "length" and chat.max_tokens:
@@ -104,4 +104,9 @@ async def count_usage(stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) 
             completion = counter.completion_tokens(relay.text)
         return Usage(prompt, completion, counted=True)
 
-    return await asyncio.to_thread(count)
+    try:
+        return await asyncio.to_thread(count, stream.handle.counter)
+    except Exception:
+        # A broken tokenizer must not cost the client its answer's end: estimate instead.
+        log.exception("token counting failed for node %s; estimating", stream.handle.name)
+        return count(EstimatingCounter())
