@@ -9,6 +9,8 @@ OpenAI error ``type``, and what the router may do about it::
     │   ├── PayloadTooLarge            413
     │   └── ModelNotFound              404   code=model_not_found
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
+    ├── PermissionDenied               403 permission_error       code=permission_denied
+    ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
     ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
     ├── DeadlineExceeded               504 timeout                code=deadline_exceeded
     └── UpstreamError                  502 upstream_error         (one node failed)
@@ -92,6 +94,27 @@ class AuthenticationFailed(SpillwayError):
     default_code = "invalid_api_key"
 
 
+class PermissionDenied(SpillwayError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
+class QueueFull(SpillwayError):
+    """Every node for the model is busy and its wait queue is full: shed load at once."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class NoEligibleNode(SpillwayError):
     status = 503
     error_type = "service_unavailable"
@@ -141,9 +164,13 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamStatusError(UpstreamError):
     """The node answered with an error status that is the node's problem, not the request's."""
 
-    def __init__(self, node: str, upstream_status: int, detail: str):
+    def __init__(
+        self, node: str, upstream_status: int, detail: str, *, retry_after: str | None = None
+    ):
         super().__init__(node, f"HTTP {upstream_status}: {detail}")
         self.upstream_status = upstream_status
+        #: the node's Retry-After header, unparsed (the retry policy decides what it means)
+        self.retry_after = retry_after
 
 
 class UpstreamRejected(UpstreamError):

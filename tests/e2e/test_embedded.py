@@ -180,3 +180,20 @@ def test_health_and_readiness(embedded: Gateway):
     assert body["models"] == {"default": True}
     assert body["nodes"]["local"]["state"] == "up"
     assert body["nodes"]["local"]["managed"]["process"] == "running"
+
+
+def test_spillway_nodes_prints_the_routing_table(embedded: Gateway):
+    import subprocess
+
+    from tests.e2e.conftest import SPILLWAY, clean_env
+
+    result = subprocess.run(
+        [str(SPILLWAY), "nodes", "--url", embedded.url],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "local" in result.stdout and "closed" in result.stdout
+    assert "default" in result.stdout

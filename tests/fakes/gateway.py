@@ -21,6 +21,10 @@ class RunningGateway:
     app: web.Application
 
     @property
+    def url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    @property
     def gateway(self) -> Gateway:
         return self.app[GATEWAY]
 

@@ -29,6 +29,7 @@ class Script:
     cut_after: int = 2  # chunks sent before a "cut"
     delay_s: float = 0.05  # between chunks in "slow" mode
     send_usage: bool = True  # False: behave like llama-cpp-python (no usage on streams)
+    latency_s: float = 0.0  # service time before the answer (or the first chunk)
 
 
 @dataclass
@@ -60,7 +61,8 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
+        # shutdown_timeout=0: stop() is a crash, not a drain, and in-flight calls are cut.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
@@ -68,6 +70,7 @@ class FakeUpstream:
         return self
 
     async def stop(self) -> None:
+        """Stop listening (the port refuses connections until ``start`` again reuses it)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -106,6 +109,8 @@ class FakeUpstream:
             return self._error()
         if mode == "stall":
             await asyncio.sleep(3600)
+        if self.script.latency_s:
+            await asyncio.sleep(self.script.latency_s)
         if not body.get("stream"):
             return await self._complete(request, body)
         return await self._stream(request, body)

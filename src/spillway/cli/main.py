@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from spillway.cli.config_cmd import config_group
+from spillway.cli.nodes import nodes
 from spillway.cli.serve import serve
 
 
@@ -16,6 +17,7 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(config_group)
+cli.add_command(nodes)
 
 
 def main() -> None:

@@ -46,6 +46,51 @@ class TimeoutOverrides(_Frozen):
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
+class RoutingConfig(_Frozen):
+    """Retries, the retry budget, wait queues and load signals (see docs/routing.md)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    backoff_base_s: float = Field(default=0.05, ge=0)
+    backoff_cap_s: float = Field(default=1.0, ge=0)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_budget_min: int = Field(default=3, ge=0)
+    retry_budget_burst: int = Field(default=10, ge=1)
+    queue_size: int = Field(default=256, ge=0)
+    signal_interval_s: float = Field(default=1.0, gt=0)
+    signal_stale_s: float = Field(default=5.0, gt=0)
+    ttft_smoothing: float = Field(default=0.2, gt=0, le=1)
+
+
+class BreakerConfig(_Frozen):
+    """Per-node circuit breakers (Envoy outlier detection / resilience4j semantics)."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    window: int = Field(default=20, ge=1)
+    min_calls: int = Field(default=10, ge=1)
+    open_base_s: float = Field(default=30.0, gt=0)
+    open_max_s: float = Field(default=300.0, gt=0)
+    half_open_probes: int = Field(default=3, ge=1, le=3)
+    max_ejected_share: float = Field(default=0.5, ge=0, le=1)
+    probe_interval_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BreakerConfig:
+        if self.min_calls > self.window:
+            raise ValueError("min_calls must not exceed window (the rate is judged in the window)")
+        if self.open_max_s < self.open_base_s:
+            raise ValueError("open_max_s must be at least open_base_s")
+        return self
+
+
+class ModelPolicy(_Frozen):
+    """Per public model: when a private node counts as too busy to take more."""
+
+    #: a private node whose smoothed time to first token exceeds this while its engine
+    #: reports waiting requests is treated as full; it counts as free again below half of it
+    spill_wait_s: float = Field(default=5.0, gt=0)
+
+
 class ManagedNode(_Frozen):
     """A llama.cpp server that spillway starts, supervises and stops itself."""
 
@@ -69,6 +114,8 @@ class NodeConfig(_Frozen):
     max_concurrency: int = Field(default=64, ge=1)
     weight: float = Field(default=1.0, gt=0)
     load_signal: LoadSignal = "none"
+    #: where the engine's Prometheus metrics are; default: base_url's host + the engine's path
+    metrics_url: str | None = None
     timeouts: TimeoutOverrides = TimeoutOverrides()
     #: a GGUF file whose tokenizer counts stream tokens when the node sends no usage
     tokenizer: Path | None = None
@@ -118,6 +165,8 @@ class KeyConfig(_Frozen):
     key: SecretStr
     tenant: str
     private_only: bool = False
+    #: may read /admin endpoints
+    admin: bool = False
 
     @field_validator("key")
     @classmethod
@@ -147,6 +196,9 @@ class Config(_Frozen):
 
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = Timeouts()
+    routing: RoutingConfig = RoutingConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]
     keys: tuple[KeyConfig, ...] = ()
 
@@ -171,6 +223,17 @@ class Config(_Frozen):
             seen.add(secret)
         return value
 
+    @model_validator(mode="after")
+    def _known_models(self) -> Config:
+        served = set(self.public_models())
+        for name in self.models:
+            if name not in served:
+                raise ValueError(f"models.{name}: no node serves this model")
+        return self
+
+    def policy_for(self, model: str) -> ModelPolicy:
+        return self.models.get(model, _DEFAULT_POLICY)
+
     def timeouts_for(self, node: str) -> Timeouts:
         return self.nodes[node].timeouts.over(self.timeouts)
 
@@ -179,3 +242,6 @@ class Config(_Frozen):
         for node in self.nodes.values():
             names.update(dict.fromkeys(node.models))
         return list(names)
+
+
+_DEFAULT_POLICY = ModelPolicy()

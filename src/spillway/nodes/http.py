@@ -58,7 +58,7 @@ class HttpNode:
             async with self._session.get(self._base + "/models", timeout=timeout) as resp:
                 payload = await resp.read()
                 if resp.status != 200:
-                    self._raise_for(resp.status, payload)
+                    self._raise_for(resp, payload)
         except Exception as exc:
             self._translate(exc, "answer to GET /models", timeout_s, timeout_s)
 
@@ -73,7 +73,7 @@ class HttpNode:
                 ) as resp:
                     payload = await resp.read()
                     if resp.status >= 300:
-                        self._raise_for(resp.status, payload)
+                        self._raise_for(resp, payload)
                     return Reply(resp.status, payload, resp.content_type)
         except Exception as exc:
             self._translate(exc, "complete answer", t.total_s, t.connect_s)
@@ -94,7 +94,7 @@ class HttpNode:
                 )
                 if resp.status >= 300:
                     try:
-                        self._raise_for(resp.status, await resp.read())
+                        self._raise_for(resp, await resp.read())
                     finally:
                         resp.close()
         except Exception as exc:
@@ -119,7 +119,8 @@ class HttpNode:
         finally:
             resp.close()
 
-    def _raise_for(self, status: int, payload: bytes) -> NoReturn:
+    def _raise_for(self, resp: aiohttp.ClientResponse, payload: bytes) -> NoReturn:
+        status = resp.status
         error = _error_fields(payload)
         text = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
         message = self._redactor.scrub(text)
@@ -127,7 +128,8 @@ class HttpNode:
             raise UpstreamRejected(
                 self.name, status, message, param=error.get("param"), code=error.get("code")
             )
-        raise UpstreamStatusError(self.name, status, message)
+        retry_after = resp.headers.get("Retry-After")
+        raise UpstreamStatusError(self.name, status, message, retry_after=retry_after)
 
     def _translate(
         self, exc: BaseException, phase: str, seconds: float, connect_s: float

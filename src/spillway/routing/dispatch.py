@@ -1,18 +1,23 @@
-"""Sending one request through its candidate nodes, with fallback up to the commit point.
+"""Sending one request through the fleet: attempts, fallback, retries, deadline, commit point.
 
-Non-streaming: try each candidate in order until one answers; a failure that may fall back
-moves on, a request error (the node says 400) goes straight back to the client.
+Each attempt asks the router for the best node now. A failure that may fall back marks that
+node as failed for this request and moves on; a node's own verdict on the request (400, 413,
+422) goes straight back to the client. At most ``max_attempts`` attempts per request across
+all nodes, each retry also paid for from the shared retry budget, all inside one deadline.
+A fresh node is tried at once; a node that already failed this request is tried again only
+after a full-jitter backoff (and its Retry-After, when that fits the deadline).
 
-Streaming: the same, but a node counts as answering only once its first SSE event arrived.
-That event is the commit point: the caller sends headers after it, and from then on a failure
-can only end the stream with an error, never move to another node.
+Streams go through the same loop, and a node counts as answering once its first SSE event
+arrived: the commit point. After it a failure can only end the stream with an error.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 
@@ -21,17 +26,22 @@ from spillway.config.schema import Timeouts
 from spillway.errors import (
     DeadlineExceeded,
     NoEligibleNode,
+    SpillwayError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamsExhausted,
     UpstreamStatusError,
 )
 from spillway.nodes.base import Reply
+from spillway.resilience.queue import WaitQueue
+from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_after
 from spillway.routing.router import NodeHandle, Router, Slot
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
 
 log = logging.getLogger("spillway.routing")
+T = TypeVar("T")
+Request = ChatRequest | EmbeddingsRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,8 @@ class OpenStream:
     first: SseEvent
     rest: AsyncIterator[SseEvent]
     slot: Slot
+    #: tells the node's breaker that the stream broke after the commit point
+    broke: Callable[[], None]
 
     async def aclose(self) -> None:
         try:
@@ -67,16 +79,27 @@ class OpenStream:
 
 
 class Dispatcher:
-    def __init__(self, router: Router, clock: Clock):
+    def __init__(
+        self,
+        router: Router,
+        budget: RetryBudget,
+        queues: Mapping[str, WaitQueue],
+        retry: RetryPolicy,
+        clock: Clock,
+        ttft_smoothing: float = 0.2,
+        rand: Callable[[], float] = random.random,
+    ):
         self.router = router
+        self.board = router.board
+        self.budget = budget
+        self.queues = queues
+        self.retry = retry
         self.clock = clock
+        self.ttft_smoothing = ttft_smoothing
+        self.rand = rand
 
-    async def complete(
-        self, request: ChatRequest | EmbeddingsRequest, ctx: RequestContext
-    ) -> Answer:
-        errors: list[UpstreamError] = []
-        for handle in self.router.candidates(request.model, ctx.private_only):
-            timeouts = self._attempt_timeouts(handle, ctx)
+    async def complete(self, request: Request, ctx: RequestContext) -> Answer:
+        async def attempt(handle: NodeHandle, timeouts: Timeouts) -> Answer:
             body = body_for_node(request, handle.models[request.model])
             slot = handle.acquire()
             try:
@@ -84,39 +107,145 @@ class Dispatcher:
                     reply = await handle.node.chat(body, timeouts)
                 else:
                     reply = await handle.node.embed(body, timeouts)
-            except UpstreamError as exc:
-                self._note_failure(exc, errors, ctx)
-                continue
             finally:
                 slot.release()
             return Answer(handle, reply)
-        raise self._exhausted(errors, request.model, ctx)
+
+        return await self._route(request, ctx, attempt)
 
     async def open_stream(self, request: ChatRequest, ctx: RequestContext) -> OpenStream:
-        errors: list[UpstreamError] = []
-        for handle in self.router.candidates(request.model, ctx.private_only):
-            timeouts = self._attempt_timeouts(handle, ctx)
+        async def attempt(handle: NodeHandle, timeouts: Timeouts) -> OpenStream:
             body = body_for_node(request, handle.models[request.model])
             slot = handle.acquire()
+            started = self.clock.monotonic()
             events = handle.node.stream(body, timeouts)
             try:
                 first = await _first_event(handle, events)
-            except BaseException as exc:
+            except BaseException:
                 slot.release()
                 await events.aclose()  # type: ignore[attr-defined]
-                if not isinstance(exc, UpstreamError):
-                    raise
-                self._note_failure(exc, errors, ctx)
-                continue
-            return OpenStream(handle, first, events, slot)
+                raise
+            self.router.observe_ttft(handle, self.clock.monotonic() - started, self.ttft_smoothing)
+            return OpenStream(handle, first, events, slot, lambda: self._verdict(handle, False))
+
+        return await self._route(request, ctx, attempt)
+
+    async def _route(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        attempt: Callable[[NodeHandle, Timeouts], Awaitable[T]],
+    ) -> T:
+        self.router.check_eligible(request.model, ctx.private_only)
+        errors: list[UpstreamError] = []
+        self.budget.request_started()
+        try:
+            for number in range(1, self.retry.max_attempts + 1):
+                if number > 1 and not self.budget.try_retry():
+                    log.warning("request %s: retry budget spent; not retrying", ctx.request_id)
+                    break
+                try:
+                    handle = await self._next_node(request.model, ctx, errors, number)
+                    if handle is None:
+                        break
+                    result = await self._try(handle, attempt, ctx)
+                except UpstreamError as exc:
+                    self._note_failure(exc, errors, ctx)
+                    continue
+                finally:
+                    if number > 1:
+                        self.budget.retry_finished()
+                self.router.note_answer(request.model, handle)
+                return result
+        finally:
+            self.budget.request_finished()
         raise self._exhausted(errors, request.model, ctx)
+
+    async def _try(
+        self,
+        handle: NodeHandle,
+        attempt: Callable[[NodeHandle, Timeouts], Awaitable[T]],
+        ctx: RequestContext,
+    ) -> T:
+        """One attempt on one node, with its breaker told the outcome."""
+        ok: bool | None = None
+        try:
+            result = await attempt(handle, self._attempt_timeouts(handle, ctx))
+            ok = True
+            return result
+        except UpstreamError as exc:
+            ok = False if exc.may_fall_back else None  # a bad request says nothing of the node
+            raise
+        finally:
+            self._verdict(handle, ok)
+
+    def _verdict(self, handle: NodeHandle, ok: bool | None) -> None:
+        if ok is None:
+            self.board.release(handle.name)
+            return
+        self.board.record(handle.name, ok)
+        if ok:
+            handle.stats.successes += 1
+        else:
+            handle.stats.failures += 1
+
+    async def _next_node(
+        self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
+    ) -> NodeHandle | None:
+        """The node for this attempt, waiting for capacity if every node is merely busy."""
+        failed = {e.node for e in errors}
+        while True:
+            self._check_deadline(ctx)
+            pick = self.router.pick(model, ctx.private_only, exclude=failed)
+            if pick.handle is not None:
+                return pick.handle
+            if pick.busy:
+                await self._wait_for_capacity(model, ctx)
+                continue
+            if not errors:
+                raise self._unavailable(model, ctx)
+            return await self._retry_failed_node(model, ctx, errors, number)
+
+    async def _retry_failed_node(
+        self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
+    ) -> NodeHandle | None:
+        """Every fresh node failed: back off, then give the failed nodes one more try."""
+        remaining = ctx.deadline - self.clock.monotonic()
+        delay = self.retry.delay_for(number - 1, self.rand)
+        last = errors[-1]
+        if isinstance(last, UpstreamStatusError) and last.retry_after is not None:
+            wait = parse_retry_after(last.retry_after, self.clock.wall())
+            if wait is not None:
+                if not self.retry.retry_after_fits(wait, remaining):
+                    return None  # the node asked for more time than the request has
+                delay = max(delay, wait)
+        if delay >= remaining:
+            return None
+        await self.clock.sleep(delay)
+        pick = self.router.pick(model, ctx.private_only)
+        return pick.handle
+
+    async def _wait_for_capacity(self, model: str, ctx: RequestContext) -> None:
+        try:
+            await self.queues[model].wait(ctx.deadline)
+        except DeadlineExceeded:
+            raise NoEligibleNode(
+                f"Every node that may serve '{model}' stayed busy until the request's deadline."
+                + (
+                    " This key is private_only, so it cannot spill to a cloud node."
+                    if ctx.private_only
+                    else ""
+                )
+            ) from None
+
+    def _check_deadline(self, ctx: RequestContext) -> None:
+        if ctx.deadline - self.clock.monotonic() <= 0:
+            raise DeadlineExceeded("The request deadline passed before a node could answer.")
 
     def _attempt_timeouts(self, handle: NodeHandle, ctx: RequestContext) -> Timeouts:
         remaining = ctx.deadline - self.clock.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(
-                "The request deadline passed before a node could answer.", code="deadline_exceeded"
-            )
+            raise DeadlineExceeded("The request deadline passed before a node could answer.")
         if remaining >= handle.timeouts.total_s:
             return handle.timeouts
         return handle.timeouts.model_copy(update={"total_s": remaining})
@@ -126,12 +255,24 @@ class Dispatcher:
     ) -> None:
         if not exc.may_fall_back:
             raise exc
-        log.warning("request %s: %s; trying the next node", ctx.request_id, exc.message)
+        log.warning("request %s: %s", ctx.request_id, exc.message)
         errors.append(exc)
 
+    def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
+        waits = [self.board.stats(h.name).open_remaining_s for h in self.router.serving(model)]
+        retry_after = max(1, int(min(waits, default=1.0) + 0.999))
+        scope = "private node" if ctx.private_only else "node"
+        return NoEligibleNode(
+            f"Every {scope} that serves '{model}' is failing and taken out of rotation "
+            f"(circuit open); retry in about {retry_after} s.",
+            retry_after_s=retry_after,
+        )
+
     def _exhausted(
-        self, errors: Sequence[UpstreamError], model: str, ctx: RequestContext
-    ) -> Exception:
+        self, errors: list[UpstreamError], model: str, ctx: RequestContext
+    ) -> SpillwayError:
+        if not errors:
+            return self._unavailable(model, ctx)
         if ctx.private_only:
             detail = "; ".join(f"{e.node}: {e.detail}" for e in errors)
             return NoEligibleNode(

@@ -1,24 +1,51 @@
-"""Which nodes may answer a request, and in what order.
+"""Which node answers a request now: private first by live load, cloud only for the excess.
 
-First version of the private-first rule: private nodes with free capacity (fewest in-flight
-requests per unit of weight first), then cloud nodes, then private nodes already at their
-``max_concurrency`` (their engines queue). A ``private_only`` request never sees a cloud node.
+For each attempt the router picks one node:
+
+1. private nodes that serve the model, whose breaker admits a call, that have room (in-flight
+   below ``max_concurrency`` and not *hot*), best score first;
+2. otherwise cloud nodes with room, in configuration order (a spill);
+3. otherwise nobody: the caller waits in the model's queue if some node is merely busy, or
+   fails fast if every node is broken.
+
+A ``private_only`` request never sees a cloud node, and may use a hot private node (its engine
+queue is the only place it can wait besides ours).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from spillway.config.schema import NodeKind, Timeouts
+from spillway.clock import Clock
+from spillway.config.schema import LoadSignal, NodeKind, Timeouts
 from spillway.errors import ModelNotFound, NoEligibleNode
 from spillway.nodes.base import Node
+from spillway.nodes.signals import EngineLoad
 from spillway.nodes.tokens import TokenCounter
+from spillway.resilience.breaker import BreakerBoard, BreakerState
+
+#: Added to a node's score when its engine's KV cache is nearly full (new requests queue).
+KV_FULL_PENALTY = 0.5
+KV_FULL = 0.95
+
+
+@dataclass
+class NodeStats:
+    """What spillway has learnt about one node; read by /admin/nodes and the ranking."""
+
+    attempts: int = 0
+    successes: int = 0
+    failures: int = 0
+    ttft_ewma_s: float | None = None
+    engine: EngineLoad | None = None
+    engine_at: float | None = None  # clock.monotonic() of the last good reading
+    hot: bool = False  # its engine is queueing past the model's spill threshold
 
 
 @dataclass(eq=False)
 class NodeHandle:
-    """A node as the router sees it: what it serves, its limits, and its live in-flight count."""
+    """A node as the router sees it: what it serves, its limits, and what it is doing."""
 
     name: str
     kind: NodeKind
@@ -28,21 +55,30 @@ class NodeHandle:
     weight: float
     timeouts: Timeouts
     counter: TokenCounter
+    load_signal: LoadSignal = "none"
+    metrics_url: str | None = None
+    #: the smallest spill threshold among the models this node serves
+    spill_wait_s: float = 5.0
     in_flight: int = 0
-    served: int = field(default=0)
+    stats: NodeStats = field(default_factory=NodeStats)
+    #: called whenever a slot frees up (wakes requests waiting for capacity)
+    on_release: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def private(self) -> bool:
         return self.kind == "private"
 
-    @property
-    def has_capacity(self) -> bool:
-        return self.in_flight < self.max_concurrency
-
     def acquire(self) -> Slot:
         self.in_flight += 1
-        self.served += 1
+        self.stats.attempts += 1
         return Slot(self)
+
+    def engine_load(self, now: float, stale_s: float) -> EngineLoad | None:
+        """The engine's own reading, or None when there is none or it is too old to trust."""
+        at = self.stats.engine_at
+        if self.stats.engine is None or at is None or now - at > stale_s:
+            return None
+        return self.stats.engine
 
 
 class Slot:
@@ -54,20 +90,48 @@ class Slot:
         self._handle: NodeHandle | None = handle
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.in_flight -= 1
-            self._handle = None
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.in_flight -= 1
+            for wake in handle.on_release:
+                wake()
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The router's answer: a node, or why there is none."""
+
+    handle: NodeHandle | None
+    #: no node now, but one is merely at capacity: waiting can help
+    busy: bool = False
+
+
+@dataclass
+class ModelCounters:
+    requests: int = 0
+    spilled: int = 0
 
 
 class Router:
-    """Ranks candidate nodes per request. Pure bookkeeping: it never does I/O."""
+    """Ranks and picks nodes per attempt. Bookkeeping only: it never does I/O."""
 
-    def __init__(self, handles: Iterable[NodeHandle]):
+    def __init__(
+        self,
+        handles: Iterable[NodeHandle],
+        board: BreakerBoard,
+        clock: Clock,
+        signal_stale_s: float,
+    ):
         self.handles = list(handles)
+        self.board = board
+        self.clock = clock
+        self.signal_stale_s = signal_stale_s
+        self.counters: dict[str, ModelCounters] = {}
         self._by_model: dict[str, list[NodeHandle]] = {}
         for handle in self.handles:
             for model in handle.models:
                 self._by_model.setdefault(model, []).append(handle)
+                self.counters.setdefault(model, ModelCounters())
 
     def models(self) -> list[str]:
         return list(self._by_model)
@@ -82,21 +146,69 @@ class Router:
             )
         return handles
 
-    def candidates(self, model: str, private_only: bool) -> list[NodeHandle]:
-        handles = self.serving(model)
-        private = sorted((h for h in handles if h.private), key=_load)
-        free = [h for h in private if h.has_capacity]
-        full = [h for h in private if not h.has_capacity]
-        if private_only:
-            if not private:
-                raise NoEligibleNode(
-                    f"No private node serves '{model}', and this API key is private_only, "
-                    "so the request was not sent to a cloud node."
-                )
-            return free + full
-        cloud = [h for h in handles if not h.private]  # config order: the operator's preference
-        return free + cloud + full
+    def check_eligible(self, model: str, private_only: bool) -> None:
+        """Fail at once when the policy leaves no node at all for this request."""
+        if private_only and not any(h.private for h in self.serving(model)):
+            raise NoEligibleNode(
+                f"No private node serves '{model}', and this API key is private_only, "
+                "so the request was not sent to a cloud node."
+            )
 
+    def pick(self, model: str, private_only: bool, exclude: Collection[str] = ()) -> Pick:
+        handles = [h for h in self.serving(model) if h.name not in exclude]
+        now = self.clock.monotonic()
+        usable = [h for h in handles if self.board.state(h.name) is not BreakerState.OPEN]
+        private = sorted((h for h in usable if h.private), key=lambda h: self.score(h, now))
+        cloud = [] if private_only else [h for h in usable if not h.private]
+        for handle in private:
+            if self._has_room(handle, ignore_hot=private_only) and self.board.allow(handle.name):
+                return Pick(handle)
+        for handle in cloud:  # configuration order: the operator's preference
+            if self._has_room(handle, ignore_hot=True) and self.board.allow(handle.name):
+                return Pick(handle)
+        return Pick(None, busy=bool(private or cloud))
 
-def _load(handle: NodeHandle) -> float:
-    return handle.in_flight / handle.weight
+    def score(self, handle: NodeHandle, now: float) -> tuple[float, float]:
+        """Lower is better: load against the node's target, then its smoothed TTFT."""
+        queued = 0.0
+        penalty = 0.0
+        engine = handle.engine_load(now, self.signal_stale_s)
+        if engine is not None:
+            queued = engine.waiting
+            if engine.kv_usage is not None and engine.kv_usage >= KV_FULL:
+                penalty = KV_FULL_PENALTY
+        load = (handle.in_flight + queued) / handle.max_concurrency / handle.weight
+        return load + penalty, handle.stats.ttft_ewma_s or 0.0
+
+    def observe_ttft(self, handle: NodeHandle, seconds: float, smoothing: float) -> None:
+        previous = handle.stats.ttft_ewma_s
+        ewma = seconds if previous is None else previous + smoothing * (seconds - previous)
+        handle.stats.ttft_ewma_s = ewma
+        self._update_hot(handle)
+
+    def observe_engine(self, handle: NodeHandle, load: EngineLoad | None) -> None:
+        if load is not None:
+            handle.stats.engine, handle.stats.engine_at = load, self.clock.monotonic()
+        self._update_hot(handle)
+
+    def _update_hot(self, handle: NodeHandle) -> None:
+        """Hysteresis: hot above the spill threshold, cool again only below half of it."""
+        engine = handle.engine_load(self.clock.monotonic(), self.signal_stale_s)
+        ttft = handle.stats.ttft_ewma_s
+        if engine is None or ttft is None or engine.waiting <= 0:
+            handle.stats.hot = False  # no trustworthy queue: fall back to our own counts
+        elif ttft > handle.spill_wait_s:
+            handle.stats.hot = True
+        elif ttft < handle.spill_wait_s / 2:
+            handle.stats.hot = False
+
+    def note_answer(self, model: str, handle: NodeHandle) -> None:
+        counters = self.counters[model]
+        counters.requests += 1
+        if not handle.private:
+            counters.spilled += 1
+
+    def _has_room(self, handle: NodeHandle, ignore_hot: bool) -> bool:
+        if handle.in_flight >= handle.max_concurrency:
+            return False
+        return ignore_hot or not handle.stats.hot

@@ -10,7 +10,7 @@ from aiohttp import web
 from spillway.clock import Clock, SystemClock
 from spillway.config.schema import Config
 from spillway.server.middleware import auth_middleware, errors_middleware
-from spillway.server.routes import chat, info
+from spillway.server.routes import admin, chat, info
 from spillway.server.state import gateway_context
 
 log = logging.getLogger("spillway.server")
@@ -28,6 +28,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/v1/models/{model}", info.get_model)
     app.router.add_get("/healthz", info.healthz)
     app.router.add_get("/readyz", info.readyz)
+    app.router.add_get("/admin/nodes", admin.nodes)
     return app
 
 

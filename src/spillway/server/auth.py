@@ -13,6 +13,7 @@ from spillway.errors import AuthenticationFailed
 class Principal:
     tenant: str
     private_only: bool
+    admin: bool = False
 
 
 #: Who a request is when the gateway has no keys configured (open mode).
@@ -46,7 +47,7 @@ class KeyRing:
         entry = self._by_digest.get(_digest(token.strip()))
         if entry is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(entry.tenant, entry.private_only)
+        return Principal(entry.tenant, entry.private_only, entry.admin)
 
 
 def _digest(secret: str) -> bytes:

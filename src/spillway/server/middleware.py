@@ -59,7 +59,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /v1 route needs a valid key when keys are configured."""
-    if request.path.startswith("/v1/"):
+    if request.path.startswith(("/v1/", "/admin/")):
         keys = request.app[GATEWAY].keys
         request[PRINCIPAL] = keys.authenticate(request.headers.get("Authorization"))
     return await handler(request)

@@ -14,8 +14,13 @@ from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
 from spillway.nodes.http import HttpNode
 from spillway.nodes.managed import ManagedLlamaServer
+from spillway.nodes.signals import metrics_url
 from spillway.nodes.tokens import counter_for
+from spillway.resilience.breaker import BreakerBoard, BreakerPolicy
+from spillway.resilience.queue import WaitQueue
+from spillway.resilience.retry import RetryBudget, RetryPolicy
 from spillway.routing.dispatch import Dispatcher
+from spillway.routing.monitor import NodeMonitor
 from spillway.routing.router import NodeHandle, Router
 from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing
@@ -53,17 +58,62 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
             base_url, tokenizer = server.base_url, tokenizer or server.model_path
         assert base_url is not None  # the schema requires base_url or managed
         handles.append(_handle(name, spec, base_url, tokenizer, config, stack))
-    router = Router(handles)
+    router = Router(
+        handles, _breakers(config, handles, clock), clock, config.routing.signal_stale_s
+    )
+    dispatcher = _dispatcher(config, router, clock)
+    monitor = NodeMonitor(
+        router,
+        config.routing.signal_interval_s,
+        config.breaker.probe_interval_s,
+        on_change=lambda handle: _wake_waiters(dispatcher, handle),
+    )
+    monitor.start()
+    stack.push_async_callback(monitor.aclose)
     return Gateway(
         config=config,
         clock=clock,
         router=router,
-        dispatcher=Dispatcher(router, clock),
+        dispatcher=dispatcher,
         keys=KeyRing(config.keys),
         redactor=Redactor.for_config(config),
         health=HealthBoard(router, managed, clock),
         managed=managed,
     )
+
+
+def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> BreakerBoard:
+    pools: dict[str, list[str]] = {}
+    for handle in handles:
+        if handle.private:
+            for model in handle.models:
+                pools.setdefault(model, []).append(handle.name)
+    policy = BreakerPolicy(**config.breaker.model_dump(exclude={"probe_interval_s"}))
+    return BreakerBoard(policy, clock, pools)
+
+
+def _dispatcher(config: Config, router: Router, clock: Clock) -> Dispatcher:
+    routing = config.routing
+    queues = {model: WaitQueue(routing.queue_size, clock) for model in router.models()}
+    for handle in router.handles:
+        for model in handle.models:
+            handle.on_release.append(queues[model].notify)
+    return Dispatcher(
+        router,
+        RetryBudget(
+            routing.retry_budget_ratio, routing.retry_budget_min, routing.retry_budget_burst
+        ),
+        queues,
+        RetryPolicy(routing.max_attempts, routing.backoff_base_s, routing.backoff_cap_s),
+        clock,
+        ttft_smoothing=routing.ttft_smoothing,
+    )
+
+
+def _wake_waiters(dispatcher: Dispatcher, handle: NodeHandle) -> None:
+    """A node's state changed (cooled down, recovered): let waiting requests look again."""
+    for model in handle.models:
+        dispatcher.queues[model].notify_all()
 
 
 def _handle(
@@ -75,10 +125,11 @@ def _handle(
     stack: AsyncExitStack,
 ) -> NodeHandle:
     api_key = spec.api_key.get_secret_value() if spec.api_key else None
-    # Room above the concurrency target: requests beyond it still go out when nothing else can
-    # take them, and the engine queues them.
     node = HttpNode(name, base_url, api_key, max_connections=max(2 * spec.max_concurrency, 32))
     stack.push_async_callback(node.aclose)
+    signal_url = spec.metrics_url
+    if signal_url is None and spec.load_signal != "none":
+        signal_url = metrics_url(base_url, spec.load_signal)
     return NodeHandle(
         name=name,
         kind=spec.kind,
@@ -88,6 +139,9 @@ def _handle(
         weight=spec.weight,
         timeouts=config.timeouts_for(name),
         counter=counter_for(tokenizer),
+        load_signal=spec.load_signal,
+        metrics_url=signal_url,
+        spill_wait_s=min(config.policy_for(m).spill_wait_s for m in spec.models),
     )
 
 

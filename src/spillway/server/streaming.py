@@ -46,6 +46,7 @@ async def relay_stream(
         if outcome is None:
             await _finish(response, stream, chat, relay)
         else:
+            stream.broke()
             log.warning("request %s: %s", headers.get("x-request-id"), outcome.message)
             await response.write(encode_error(error_body(outcome, redactor)))
     except ConnectionResetError:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from spillway.errors import PayloadTooLarge
+from spillway.errors import InvalidRequest, PayloadTooLarge
 from spillway.routing.dispatch import RequestContext
 from spillway.server.middleware import principal_of, request_id_of
 from spillway.server.responses import route_headers
 from spillway.server.state import GATEWAY, Gateway
 from spillway.server.streaming import relay_stream
 from spillway.wire.requests import parse_chat, parse_embeddings
+
+#: A client may shorten the request's deadline (all attempts included) with this header.
+TIMEOUT_HEADER = "x-spillway-timeout"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -47,8 +50,26 @@ def _context(request: web.Request, gateway: Gateway) -> RequestContext:
         request_id=request_id_of(request),
         tenant=principal.tenant,
         private_only=principal.private_only,
-        deadline=gateway.clock.monotonic() + gateway.config.timeouts.deadline_s,
+        deadline=gateway.clock.monotonic() + _budget_s(request, gateway),
     )
+
+
+def _budget_s(request: web.Request, gateway: Gateway) -> float:
+    """The configured deadline, shortened (never lengthened) by the client's header."""
+    configured = gateway.config.timeouts.deadline_s
+    asked = request.headers.get(TIMEOUT_HEADER)
+    if asked is None:
+        return configured
+    try:
+        seconds = float(asked)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise InvalidRequest(
+            f"Header {TIMEOUT_HEADER} must be a positive number of seconds, e.g. 30 or 2.5.",
+            param=TIMEOUT_HEADER,
+        )
+    return min(seconds, configured)
 
 
 def _json(body: bytes, headers: dict[str, str]) -> web.Response:
