@@ -259,7 +259,8 @@ class Dispatcher:
         errors.append(exc)
 
     def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
-        waits = [self.board.stats(h.name).open_remaining_s for h in self.router.serving(model)]
+        eligible = [h for h in self.router.serving(model) if h.private or not ctx.private_only]
+        waits = [self.board.stats(h.name).open_remaining_s for h in eligible]
         retry_after = max(1, int(min(waits, default=1.0) + 0.999))
         scope = "private node" if ctx.private_only else "node"
         return NoEligibleNode(

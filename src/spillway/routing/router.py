@@ -161,10 +161,11 @@ class Router:
         private = sorted((h for h in usable if h.private), key=lambda h: self.score(h, now))
         cloud = [] if private_only else [h for h in usable if not h.private]
         for handle in private:
-            if self._has_room(handle, ignore_hot=private_only) and self.board.allow(handle.name):
+            room = self._has_room(handle, now, ignore_hot=private_only)
+            if room and self.board.allow(handle.name):
                 return Pick(handle)
         for handle in cloud:  # configuration order: the operator's preference
-            if self._has_room(handle, ignore_hot=True) and self.board.allow(handle.name):
+            if self._has_room(handle, now, ignore_hot=True) and self.board.allow(handle.name):
                 return Pick(handle)
         return Pick(None, busy=bool(private or cloud))
 
@@ -208,7 +209,10 @@ class Router:
         if not handle.private:
             counters.spilled += 1
 
-    def _has_room(self, handle: NodeHandle, ignore_hot: bool) -> bool:
+    def _has_room(self, handle: NodeHandle, now: float, ignore_hot: bool) -> bool:
         if handle.in_flight >= handle.max_concurrency:
             return False
-        return ignore_hot or not handle.stats.hot
+        if ignore_hot or not handle.stats.hot:
+            return True
+        # A hot flag from a signal gone stale no longer counts: fall back to our own counts.
+        return handle.engine_load(now, self.signal_stale_s) is None
