@@ -18,7 +18,7 @@ $(VENV)/.installed-local: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[local,dev]'
+	$(PIP) -e '.[local,postgres,dev]'
 	touch $(VENV)/.installed-local $@
 
 run: $(VENV)/.installed-local

@@ -11,6 +11,7 @@ OpenAI error ``type``, and what the router may do about it::
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
     ├── PermissionDenied               403 permission_error       code=permission_denied
     ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
+    ├── InsufficientQuota              429 insufficient_quota     code=insufficient_quota
     ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
     ├── DeadlineExceeded               504 timeout                code=deadline_exceeded
     └── UpstreamError                  502 upstream_error         (one node failed)
@@ -115,6 +116,14 @@ class QueueFull(SpillwayError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class InsufficientQuota(SpillwayError):
+    """The API key's budget for this period is spent (or this request could overspend it)."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
 class NoEligibleNode(SpillwayError):
     status = 503
     error_type = "service_unavailable"
@@ -150,6 +159,13 @@ class UpstreamError(SpillwayError):
 
 class UpstreamConnectError(UpstreamError):
     default_code = "upstream_connect_error"
+
+    def __init__(self, node: str, message: str, *, delivered: bool = True):
+        super().__init__(node, message)
+        #: False when the request never reached the node (connection refused, DNS): trying
+        #: another node then adds no load anywhere, so it needs no retry budget (gRPC's
+        #: "transparent retry").
+        self.delivered = delivered
 
 
 class UpstreamTimeout(UpstreamError):

@@ -103,3 +103,30 @@ def test_config_check_masks_secrets(tmp_path: Path):
     assert "client-secret-key" not in result.stdout + result.stderr
     assert '"base_url": "https://api.deepseek.com/v1"' in result.stdout
     assert "configuration OK" in result.stderr
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path):
+    gateway = start_gateway(tmp_path, "--workers", "2")
+    children = children_of(gateway.proc.pid)
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+    assert sum(b"llama_cpp.server" in c for c in commands) == 1, "one managed node, shared"
+    assert sum(b"spawn_main" in c for c in commands) == 2, "two workers"
+    for _ in range(4):
+        answer = gateway.client().chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert answer.choices
+    assert stop(gateway.proc) == 0
+    wait_until(lambda: not any(alive(pid) for pid in children), within_s=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import openai
 from aiohttp import web
 
 from spillway.config.load import validate
+from spillway.config.schema import Config
 from spillway.server.app import build_app
 from spillway.server.state import GATEWAY, Gateway
 
@@ -37,7 +39,16 @@ class RunningGateway:
 
 @asynccontextmanager
 async def running_gateway(raw: dict[str, Any]) -> AsyncIterator[RunningGateway]:
-    config = validate(raw)
+    """The app on a free port; its data (the ledger) goes to a fresh temporary directory
+    unless ``raw`` names a data_dir."""
+    with tempfile.TemporaryDirectory(prefix="spillway-test-") as scratch:
+        server = {"data_dir": scratch, **raw.get("server", {})}
+        async with _serve(validate({**raw, "server": server})) as running:
+            yield running
+
+
+@asynccontextmanager
+async def _serve(config: Config) -> AsyncIterator[RunningGateway]:
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()

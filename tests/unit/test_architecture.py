@@ -21,6 +21,7 @@ LAYERS = {
     "spillway.clock": 0,
     "spillway.config": 0,
     "spillway.secrets": 0,
+    "spillway.prices": 0,
     "spillway.wire": 1,
     "spillway.nodes": 2,
     "spillway.resilience": 2,
@@ -36,6 +37,7 @@ LAYERS = {
 SAME_LAYER = {
     ("spillway.config", "spillway.errors"),
     ("spillway.secrets", "spillway.config"),
+    ("spillway.config", "spillway.prices"),
 }
 _ENV_NAMES = {"environ", "getenv", "environb"}
 

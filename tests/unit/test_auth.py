@@ -2,7 +2,7 @@ import pytest
 
 from spillway.config.schema import KeyConfig
 from spillway.errors import AuthenticationFailed
-from spillway.server.auth import ANONYMOUS, KeyRing, Principal
+from spillway.server.auth import ANONYMOUS, KeyRing, Principal, key_id
 
 KEYS = (
     KeyConfig.model_validate({"key": "team-a-key-123456", "tenant": "team-a"}),
@@ -51,12 +51,25 @@ def test_missing_header_says_how_to_send_the_key() -> None:
 @pytest.mark.parametrize(
     ("header", "principal"),
     [
-        ("Bearer team-a-key-123456", Principal("team-a", private_only=False)),
-        ("bearer team-b-key-654321", Principal("team-b", private_only=True)),
-        ("Bearer  team-a-key-123456 ", Principal("team-a", private_only=False)),
+        (
+            "Bearer team-a-key-123456",
+            Principal("team-a", False, key_id=key_id("team-a-key-123456")),
+        ),
+        ("bearer team-b-key-654321", Principal("team-b", True, key_id=key_id("team-b-key-654321"))),
+        (
+            "Bearer  team-a-key-123456 ",
+            Principal("team-a", False, key_id=key_id("team-a-key-123456")),
+        ),
     ],
 )
 def test_right_key_gives_tenant_and_policy(header: str, principal: Principal) -> None:
     ring = KeyRing(KEYS)
     assert not ring.open
     assert ring.authenticate(header) == principal
+
+
+def test_key_id_is_a_short_digest_never_the_key() -> None:
+    principal = KeyRing(KEYS).authenticate("Bearer team-a-key-123456")
+    assert len(principal.key_id) == 16
+    assert "team-a" not in principal.key_id
+    assert principal.key_id == key_id("team-a-key-123456")

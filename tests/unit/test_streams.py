@@ -117,6 +117,8 @@ def test_non_json_and_non_object_data_pass_through() -> None:
 
 def test_usage_from_requires_integer_counts() -> None:
     assert usage_from({"prompt_tokens": 1, "completion_tokens": 2}) == Usage(1, 2)
-    assert usage_from({"prompt_tokens": 1}) is None
+    # Embeddings report only prompt tokens: that is a usage with no completion.
+    assert usage_from({"prompt_tokens": 1, "total_tokens": 1}) == Usage(1, 0)
+    assert usage_from({"completion_tokens": 2}) is None
     assert usage_from({"prompt_tokens": "1", "completion_tokens": 2}) is None
     assert usage_from(None) is None

@@ -6,6 +6,8 @@ import click
 
 from spillway.cli.config_cmd import config_group
 from spillway.cli.nodes import nodes
+from spillway.cli.planner_cmds import plan, roi
+from spillway.cli.report import report
 from spillway.cli.serve import serve
 
 
@@ -18,6 +20,9 @@ def cli() -> None:
 cli.add_command(serve)
 cli.add_command(config_group)
 cli.add_command(nodes)
+cli.add_command(roi)
+cli.add_command(plan)
+cli.add_command(report)
 
 
 def main() -> None:

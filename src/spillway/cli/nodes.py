@@ -44,8 +44,7 @@ def _fetch(url: str, key: str | None) -> dict[str, Any]:
             data: dict[str, Any] = orjson.loads(response.read())
             return data
     except urllib.error.HTTPError as exc:
-        message = orjson.loads(exc.read()).get("error", {}).get("message", exc.reason)
-        click.echo(f"spillway nodes: {exc.code}: {message}", err=True)
+        click.echo(f"spillway nodes: {exc.code}: {_error_message(exc)}", err=True)
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"spillway nodes: cannot reach {url}: {exc}", err=True)
     sys.exit(1)
@@ -84,3 +83,11 @@ def _models_table(models: dict[str, Any]) -> Table:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        message = orjson.loads(exc.read())["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return str(exc.reason)  # not our envelope: a proxy in between, say
+    return str(message)

@@ -11,6 +11,7 @@ import click
 from aiohttp import web
 
 from spillway.cli.common import config_option, load_or_exit, setup_logging
+from spillway.config.schema import Config
 from spillway.nodes.managed import NodeStartError
 from spillway.server.app import build_app, open_to_network_warning
 
@@ -30,8 +31,19 @@ SHUTDOWN_GRACE_S = 30.0
     default=None,
     help="Where spillway keeps its data and node logs (default ./.spillway).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Gateway processes sharing the port (state per worker: see docs/performance.md).",
+)
 def serve(
-    config_path: Path | None, host: str | None, port: int | None, data_dir: Path | None
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    workers: int,
 ) -> None:
     """Run the gateway (the embedded default when no config file is found)."""
     config = load_or_exit(config_path, {"host": host, "port": port, "data_dir": data_dir})
@@ -41,26 +53,39 @@ def serve(
         log.warning(warning)
     nodes = ", ".join(f"{name} ({spec.kind})" for name, spec in config.nodes.items())
     log.info("starting with nodes: %s", nodes)
-    server = config.server
     try:
-        web.run_app(
-            build_app(config),
-            host=server.host,
-            port=server.port,
-            access_log=logging.getLogger("spillway.access") if server.access_log else None,
-            handler_cancellation=True,  # a client that goes away cancels its upstream call
-            shutdown_timeout=SHUTDOWN_GRACE_S,
-            loop=_new_loop(),
-            print=lambda _: log.info(
-                "spillway ready on http://%s:%d/v1 (models: %s)",
-                server.host,
-                server.port,
-                ", ".join(config.public_models()),
-            ),
-        )
+        if workers == 1:
+            run_server(config)
+        else:
+            from spillway.cli.workers import run_workers
+
+            run_workers(config, workers)
     except NodeStartError as exc:
         log.error("%s", exc.message)
         sys.exit(1)
+
+
+def run_server(config: Config, reuse_port: bool = False) -> None:
+    """One gateway process, serving until SIGTERM or SIGINT."""
+    if reuse_port:
+        setup_logging(config)  # a spawned worker starts with fresh logging
+    server = config.server
+    web.run_app(
+        build_app(config),
+        host=server.host,
+        port=server.port,
+        reuse_port=reuse_port or None,
+        access_log=logging.getLogger("spillway.access") if server.access_log else None,
+        handler_cancellation=True,  # a client that goes away cancels its upstream call
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        loop=_new_loop(),
+        print=lambda _: log.info(
+            "spillway ready on http://%s:%d/v1 (models: %s)",
+            server.host,
+            server.port,
+            ", ".join(config.public_models()),
+        ),
+    )
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -21,16 +21,40 @@ class CloudProvider:
     key_env: str
     base_url: str
     model: str
+    #: a built-in list price name, or (input, output) USD per million tokens
+    price: str | tuple[str, str]
 
 
 #: Public OpenAI-compatible endpoints, tried in this order after the private node.
 CLOUD_PROVIDERS: tuple[CloudProvider, ...] = (
-    CloudProvider("holysheep", "HOLYSHEEP_API_KEY", "https://api.holysheep.ai/v1", "deepseek-v3.2"),
-    CloudProvider("deepseek", "DEEPSEEK_API_KEY", "https://api.deepseek.com/v1", "deepseek-chat"),
     CloudProvider(
-        "zhipu", "ZHIPUAI_API_KEY", "https://open.bigmodel.cn/api/paas/v4", "glm-4-flash"
+        "holysheep",
+        "HOLYSHEEP_API_KEY",
+        "https://api.holysheep.ai/v1",
+        "deepseek-v3.2",
+        "holysheep",
     ),
-    CloudProvider("openai", "OPENAI_API_KEY", "https://api.openai.com/v1", "gpt-4.1-mini"),
+    CloudProvider(
+        "deepseek",
+        "DEEPSEEK_API_KEY",
+        "https://api.deepseek.com/v1",
+        "deepseek-chat",
+        "deepseek-v3.2",
+    ),
+    CloudProvider(
+        "zhipu",
+        "ZHIPUAI_API_KEY",
+        "https://open.bigmodel.cn/api/paas/v4",
+        "glm-4-flash",
+        ("0", "0"),  # GLM-4-Flash is free of charge on Zhipu's open platform
+    ),
+    CloudProvider(
+        "openai",
+        "OPENAI_API_KEY",
+        "https://api.openai.com/v1",
+        "gpt-4.1-mini",
+        ("0.40", "1.60"),
+    ),
 )
 
 
@@ -53,5 +77,12 @@ def embedded_config(env: Mapping[str, str]) -> dict[str, Any]:
                 "base_url": provider.base_url,
                 "api_key": key,
                 "models": {PUBLIC_MODEL: provider.model},
+                "price": _price(provider.price),
             }
     return {"nodes": nodes}
+
+
+def _price(price: str | tuple[str, str]) -> str | dict[str, str]:
+    if isinstance(price, str):
+        return price
+    return {"input_per_mtok": price[0], "output_per_mtok": price[1], "currency": "USD"}

@@ -8,11 +8,14 @@ Names here are the names users write in ``spillway.toml`` and are documented in
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from spillway.prices import LIST_PRICES, Currency
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -91,6 +94,56 @@ class ModelPolicy(_Frozen):
     spill_wait_s: float = Field(default=5.0, gt=0)
 
 
+class PriceConfig(_Frozen):
+    """A node's own price per million tokens."""
+
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    currency: Currency = "USD"
+
+
+class HardwareCost(_Frozen):
+    """What a private node costs to own and run; spread over the tokens it actually serves."""
+
+    price: Decimal = Field(ge=0)
+    currency: Currency = "CNY"
+    amortisation_months: int = Field(default=36, ge=1)
+    power_kw: Decimal = Field(default=Decimal(0), ge=0)
+    electricity_per_kwh: Decimal = Field(default=Decimal(0), ge=0)
+    ops_per_month: Decimal = Field(default=Decimal(0), ge=0)
+
+
+class BudgetConfig(_Frozen):
+    """A spending limit for one API key, reserved before each call and settled after it."""
+
+    amount: Decimal = Field(gt=0)
+    currency: Currency = "USD"
+    period: Literal["day", "month"] = "month"
+
+
+class LedgerConfig(_Frozen):
+    """Where every request's record goes, and how money is counted."""
+
+    enabled: bool = True
+    #: SQLAlchemy URL; default: SQLite at DATA_DIR/ledger.db. PostgreSQL:
+    #: postgresql+asyncpg://user:password@host:5432/spillway
+    url: SecretStr | None = None
+    currency: Currency = "USD"
+    cny_per_usd: Decimal = Field(default=Decimal("7.10"), gt=0)
+    reference: str = "gpt-4.1"
+    flush_interval_s: float = Field(default=0.5, gt=0)
+    retention_days: int = Field(default=0, ge=0)  # 0 keeps records forever
+    #: output tokens reserved against a budget when a request sets no max_tokens
+    max_output_tokens: int = Field(default=4096, ge=1)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        if value not in LIST_PRICES:
+            raise ValueError(f"unknown list price; use one of {', '.join(LIST_PRICES)}")
+        return value
+
+
 class ManagedNode(_Frozen):
     """A llama.cpp server that spillway starts, supervises and stops itself."""
 
@@ -120,8 +173,19 @@ class NodeConfig(_Frozen):
     #: a GGUF file whose tokenizer counts stream tokens when the node sends no usage
     tokenizer: Path | None = None
     managed: ManagedNode | None = None
+    #: per million tokens: a table, or the name of a built-in list price (docs/pricing.md)
+    price: PriceConfig | str | None = None
+    #: a private node's cost of ownership, for the ledger's private cost
+    hardware: HardwareCost | None = None
 
-    @field_validator("base_url")
+    @field_validator("price")
+    @classmethod
+    def _price(cls, value: PriceConfig | str | None) -> PriceConfig | str | None:
+        if isinstance(value, str) and value not in LIST_PRICES:
+            raise ValueError(f"unknown list price; use a table or one of {', '.join(LIST_PRICES)}")
+        return value
+
+    @field_validator("base_url", "metrics_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
@@ -167,6 +231,7 @@ class KeyConfig(_Frozen):
     private_only: bool = False
     #: may read /admin endpoints
     admin: bool = False
+    budget: BudgetConfig | None = None
 
     @field_validator("key")
     @classmethod
@@ -197,6 +262,7 @@ class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = Timeouts()
     routing: RoutingConfig = RoutingConfig()
+    ledger: LedgerConfig = LedgerConfig()
     breaker: BreakerConfig = BreakerConfig()
     models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]

@@ -143,7 +143,9 @@ class HttpNode:
         if isinstance(exc, aiohttp.ClientConnectorError):
             # The OS error's text names the node's address; clients need only the kind.
             reason = type(exc.os_error).__name__
-            raise UpstreamConnectError(self.name, f"cannot connect ({reason})") from None
+            raise UpstreamConnectError(
+                self.name, f"cannot connect ({reason})", delivered=False
+            ) from None
         if isinstance(exc, aiohttp.ClientError | OSError):
             raise UpstreamConnectError(
                 self.name, f"connection failed: {type(exc).__name__}"

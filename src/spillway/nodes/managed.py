@@ -60,7 +60,7 @@ def free_loopback_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: ask the kernel for SIGTERM when spillway dies."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -170,7 +170,7 @@ class ManagedLlamaServer:
                 # Own process group: a terminal's Ctrl-C reaches spillway, which stops the
                 # child in order, instead of both racing to exit.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             log_file.close()

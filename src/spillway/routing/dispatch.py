@@ -31,6 +31,7 @@ from spillway.errors import (
     UpstreamError,
     UpstreamsExhausted,
     UpstreamStatusError,
+    UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
 from spillway.resilience.queue import WaitQueue
@@ -141,7 +142,8 @@ class Dispatcher:
         self.budget.request_started()
         try:
             for number in range(1, self.retry.max_attempts + 1):
-                if number > 1 and not self.budget.try_retry():
+                budgeted = number > 1 and _delivered(errors[-1])
+                if budgeted and not self.budget.try_retry():
                     log.warning("request %s: retry budget spent; not retrying", ctx.request_id)
                     break
                 try:
@@ -153,7 +155,7 @@ class Dispatcher:
                     self._note_failure(exc, errors, ctx)
                     continue
                 finally:
-                    if number > 1:
+                    if budgeted:
                         self.budget.retry_finished()
                 self.router.note_answer(request.model, handle)
                 return result
@@ -169,12 +171,16 @@ class Dispatcher:
     ) -> T:
         """One attempt on one node, with its breaker told the outcome."""
         ok: bool | None = None
+        timeouts: Timeouts | None = None
         try:
-            result = await attempt(handle, self._attempt_timeouts(handle, ctx))
+            timeouts = self._attempt_timeouts(handle, ctx)
+            result = await attempt(handle, timeouts)
             ok = True
             return result
         except UpstreamError as exc:
             ok = False if exc.may_fall_back else None  # a bad request says nothing of the node
+            if isinstance(exc, UpstreamTimeout) and timeouts is not handle.timeouts:
+                ok = None  # the request's own deadline cut the attempt short, not the node
             raise
         finally:
             self._verdict(handle, ok)
@@ -301,3 +307,7 @@ def _is_error_payload(data: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(payload, dict) and bool(payload.get("error"))
+
+
+def _delivered(error: UpstreamError) -> bool:
+    return not isinstance(error, UpstreamConnectError) or error.delivered

@@ -14,6 +14,8 @@ class Principal:
     tenant: str
     private_only: bool
     admin: bool = False
+    #: a short digest naming the key in the ledger and budgets; never the key itself
+    key_id: str = ""
 
 
 #: Who a request is when the gateway has no keys configured (open mode).
@@ -44,11 +46,21 @@ class KeyRing:
             )
         # A lookup by digest leaks nothing useful through timing: a caller cannot steer
         # the digest of a guess towards a stored one.
-        entry = self._by_digest.get(_digest(token.strip()))
+        digest = _digest(token.strip())
+        entry = self._by_digest.get(digest)
         if entry is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(entry.tenant, entry.private_only, entry.admin)
+        return Principal(entry.tenant, entry.private_only, entry.admin, key_id_of(digest))
 
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def key_id_of(digest: bytes) -> str:
+    return digest.hex()[:16]
+
+
+def key_id(secret: str) -> str:
+    """The ledger's name for a key: the first 16 hex digits of its SHA-256."""
+    return key_id_of(_digest(secret))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -12,10 +13,16 @@ from aiohttp import web
 
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
+from spillway.ledger.budgets import Budgets
+from spillway.ledger.costing import Costing, hourly_cost
+from spillway.ledger.retention import retention_loop
+from spillway.ledger.sql import SqlLedgerStore, sqlite_url
+from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.http import HttpNode
 from spillway.nodes.managed import ManagedLlamaServer
 from spillway.nodes.signals import metrics_url
 from spillway.nodes.tokens import counter_for
+from spillway.prices import LIST_PRICES, Exchange, Price
 from spillway.resilience.breaker import BreakerBoard, BreakerPolicy
 from spillway.resilience.queue import WaitQueue
 from spillway.resilience.retry import RetryBudget, RetryPolicy
@@ -23,7 +30,8 @@ from spillway.routing.dispatch import Dispatcher
 from spillway.routing.monitor import NodeMonitor
 from spillway.routing.router import NodeHandle, Router
 from spillway.secrets import Redactor
-from spillway.server.auth import KeyRing
+from spillway.server.accounting import Accountant
+from spillway.server.auth import KeyRing, key_id
 from spillway.server.health import HealthBoard
 
 log = logging.getLogger("spillway.server")
@@ -38,7 +46,7 @@ class Gateway:
     keys: KeyRing
     redactor: Redactor
     health: HealthBoard
-    managed: dict[str, ManagedLlamaServer]
+    accountant: Accountant
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -70,6 +78,7 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
     )
     monitor.start()
     stack.push_async_callback(monitor.aclose)
+    accountant = await _accountant(config, router, clock, stack)
     return Gateway(
         config=config,
         clock=clock,
@@ -78,8 +87,52 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
         keys=KeyRing(config.keys),
         redactor=Redactor.for_config(config),
         health=HealthBoard(router, managed, clock),
-        managed=managed,
+        accountant=accountant,
     )
+
+
+async def _accountant(
+    config: Config, router: Router, clock: Clock, stack: AsyncExitStack
+) -> Accountant:
+    """Costing, budgets and the write-behind ledger; closed in reverse: count, flush, close."""
+    ledger = config.ledger
+    exchange = Exchange(ledger.cny_per_usd)
+    prices = {name: price for name, spec in config.nodes.items() if (price := _price(spec))}
+    hourly = {
+        name: hourly_cost(spec.hardware, exchange, ledger.currency)
+        for name, spec in config.nodes.items()
+        if spec.hardware is not None
+    }
+    costing = Costing(
+        prices, hourly, LIST_PRICES[ledger.reference], exchange, ledger.currency, clock
+    )
+    limits = {key_id(k.key.get_secret_value()): k.budget for k in config.keys if k.budget}
+    budgets = Budgets(limits, exchange, ledger.currency, clock)
+    writer = None
+    if ledger.enabled:
+        url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
+        store = SqlLedgerStore(url)
+        await store.open()
+        stack.push_async_callback(store.aclose)
+        await budgets.load(store)
+        writer = LedgerWriter(store, clock, ledger.flush_interval_s)
+        writer.start()
+        stack.push_async_callback(writer.aclose)
+        if ledger.retention_days:
+            task = asyncio.create_task(retention_loop(store, ledger.retention_days, clock))
+            stack.callback(task.cancel)
+    accountant = Accountant(router, costing, budgets, writer, clock, ledger.max_output_tokens)
+    stack.push_async_callback(accountant.aclose)
+    return accountant
+
+
+def _price(spec: NodeConfig) -> Price | None:
+    if isinstance(spec.price, str):
+        return LIST_PRICES[spec.price]
+    if spec.price is None:
+        return None
+    p = spec.price
+    return Price(p.input_per_mtok, p.output_per_mtok, p.currency)
 
 
 def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> BreakerBoard:
@@ -94,7 +147,7 @@ def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> Breake
 
 def _dispatcher(config: Config, router: Router, clock: Clock) -> Dispatcher:
     routing = config.routing
-    queues = {model: WaitQueue(routing.queue_size, clock) for model in router.models()}
+    queues = {m: WaitQueue(routing.queue_size, clock, model=m) for m in router.models()}
     for handle in router.handles:
         for model in handle.models:
             handle.on_release.append(queues[model].notify)

@@ -17,6 +17,7 @@ from spillway.errors import StreamInterrupted, UpstreamError
 from spillway.nodes.tokens import EstimatingCounter, TokenCounter
 from spillway.routing.dispatch import OpenStream
 from spillway.secrets import Redactor
+from spillway.server.accounting import Tally
 from spillway.server.responses import error_body
 from spillway.wire.requests import ChatRequest
 from spillway.wire.sse import DONE_EVENT, SseEvent, encode_data, encode_error
@@ -37,23 +38,41 @@ async def relay_stream(
     chat: ChatRequest,
     headers: dict[str, str],
     redactor: Redactor,
+    tally: Tally,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     relay = ChunkRelay(include_usage=chat.include_usage)
+    tally.status = "incomplete"  # until the stream really ends well
     try:
         await response.prepare(request)
         outcome = await _pump(response, stream, relay)
         if outcome is None:
             await _finish(response, stream, chat, relay)
+            tally.status = "ok"
         else:
             stream.broke()
+            tally.error_code = outcome.code
             log.warning("request %s: %s", headers.get("x-request-id"), outcome.message)
             await response.write(encode_error(error_body(outcome, redactor)))
     except ConnectionResetError:
+        tally.error_code = "client_disconnected"
         log.info("request %s: client went away mid-stream", headers.get("x-request-id"))
     finally:
+        _settle_usage(tally, stream, chat, relay)
         await stream.aclose()
     return response
+
+
+def _settle_usage(tally: Tally, stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> None:
+    """The node's usage if it sent one (or we counted it already), else count it later."""
+    if relay.usage is not None:
+        tally.usage, tally.usage_estimated = (
+            relay.usage,
+            relay.usage.counted and not (stream.handle.counter.exact),
+        )
+        return
+    counter = stream.handle.counter
+    tally.count_later = lambda: (_count(counter, chat, relay), not counter.exact)
 
 
 async def _pump(
@@ -88,6 +107,7 @@ async def _finish(
 ) -> None:
     if chat.include_usage and relay.usage is None:
         usage = await count_usage(stream, chat, relay)
+        relay.usage = usage
         await response.write(encode_data(relay.usage_chunk(usage)))
     await response.write(DONE_EVENT)
     await response.write_eof()
@@ -96,18 +116,19 @@ async def _finish(
 async def count_usage(stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> Usage:
     """Usage for a node that streamed none: its tokenizer, or an estimate."""
 
-    def count(counter: TokenCounter) -> Usage:
-        prompt = counter.prompt_tokens(chat.body)
-        single_choice = len(relay.finish_reasons) == 1
-        if single_choice and relay.finish_reasons[0] == "length" and chat.max_tokens:
-            completion = chat.max_tokens  # the node stopped exactly at the limit
-        else:
-            completion = counter.completion_tokens(relay.text)
-        return Usage(prompt, completion, counted=True)
-
     try:
-        return await asyncio.to_thread(count, stream.handle.counter)
+        return await asyncio.to_thread(_count, stream.handle.counter, chat, relay)
     except Exception:
         # A broken tokenizer must not cost the client its answer's end: estimate instead.
         log.exception("token counting failed for node %s; estimating", stream.handle.name)
-        return count(EstimatingCounter())
+        return _count(EstimatingCounter(), chat, relay)
+
+
+def _count(counter: TokenCounter, chat: ChatRequest, relay: ChunkRelay) -> Usage:
+    prompt = counter.prompt_tokens(chat.body)
+    single_choice = len(relay.finish_reasons) == 1
+    if single_choice and relay.finish_reasons[0] == "length" and chat.max_tokens:
+        completion = chat.max_tokens  # the node stopped exactly at the limit
+    else:
+        completion = counter.completion_tokens(relay.text)
+    return Usage(prompt, completion, counted=True)

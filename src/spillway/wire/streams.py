@@ -36,10 +36,34 @@ class Usage:
 def usage_from(payload: Any) -> Usage | None:
     if not isinstance(payload, dict):
         return None
-    prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens")
-    if isinstance(prompt, int) and isinstance(completion, int):
+    prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens", 0)
+    if isinstance(prompt, int) and isinstance(completion, int):  # embeddings have no completion
         return Usage(prompt, completion)
     return None
+
+
+def reply_usage(body: bytes) -> Usage | None:
+    """The usage a node reported in a complete (non-streamed) answer, if any."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return usage_from(data.get("usage")) if isinstance(data, dict) else None
+
+
+def reply_text(body: bytes) -> str:
+    """The generated text of a complete chat answer, for counting its tokens."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    parts: list[str] = []
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    return "".join(parts)
 
 
 @dataclass

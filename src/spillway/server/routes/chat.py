@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from aiohttp import web
 
-from spillway.errors import InvalidRequest, PayloadTooLarge
+from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
 from spillway.routing.dispatch import RequestContext
+from spillway.routing.router import NodeHandle
+from spillway.server.accounting import Tally
 from spillway.server.middleware import principal_of, request_id_of
 from spillway.server.responses import route_headers
 from spillway.server.state import GATEWAY, Gateway
 from spillway.server.streaming import relay_stream
-from spillway.wire.requests import parse_chat, parse_embeddings
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest, parse_chat, parse_embeddings
+from spillway.wire.streams import Usage, reply_text, reply_usage
 
 #: A client may shorten the request's deadline (all attempts included) with this header.
 TIMEOUT_HEADER = "x-spillway-timeout"
@@ -18,22 +25,65 @@ TIMEOUT_HEADER = "x-spillway-timeout"
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    chat = parse_chat(await read_body(request, gateway))
-    ctx = _context(request, gateway)
-    if not chat.stream:
-        answer = await gateway.dispatcher.complete(chat, ctx)
-        return _json(answer.reply.body, route_headers(answer.handle, ctx.request_id))
-    stream = await gateway.dispatcher.open_stream(chat, ctx)
-    headers = route_headers(stream.handle, ctx.request_id)
-    return await relay_stream(request, stream, chat, headers, gateway.redactor)
+    with accounted(gateway, request) as tally:
+        chat = parse_chat(await read_body(request, gateway))
+        gateway.accountant.reserve(tally, chat)
+        ctx = _context(request, gateway)
+        if not chat.stream:
+            answer = await gateway.dispatcher.complete(chat, ctx)
+            _note_reply(tally, answer.handle, chat, answer.reply.body)
+            return _json(answer.reply.body, route_headers(answer.handle, ctx.request_id))
+        stream = await gateway.dispatcher.open_stream(chat, ctx)
+        tally.answered_by(stream.handle, chat.model)
+        tally.ttft_ms = int(1000 * (gateway.clock.monotonic() - tally.started))
+        headers = route_headers(stream.handle, ctx.request_id)
+        return await relay_stream(request, stream, chat, headers, gateway.redactor, tally)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    embed = parse_embeddings(await read_body(request, gateway))
-    ctx = _context(request, gateway)
-    answer = await gateway.dispatcher.complete(embed, ctx)
-    return _json(answer.reply.body, route_headers(answer.handle, ctx.request_id))
+    with accounted(gateway, request) as tally:
+        embed = parse_embeddings(await read_body(request, gateway))
+        gateway.accountant.reserve(tally, embed)
+        ctx = _context(request, gateway)
+        answer = await gateway.dispatcher.complete(embed, ctx)
+        _note_reply(tally, answer.handle, embed, answer.reply.body)
+        return _json(answer.reply.body, route_headers(answer.handle, ctx.request_id))
+
+
+@contextmanager
+def accounted(gateway: Gateway, request: web.Request) -> Iterator[Tally]:
+    """One ledger record for this request, however it ends."""
+    tally = gateway.accountant.open(request_id_of(request), principal_of(request))
+    try:
+        yield tally
+    except SpillwayError as exc:
+        tally.status, tally.error_code = "error", exc.code or exc.error_type
+        raise
+    except asyncio.CancelledError:
+        # The client went away before its answer began.
+        tally.status, tally.error_code = "error", "client_disconnected"
+        raise
+    except Exception:
+        tally.status, tally.error_code = "error", "internal_error"
+        raise
+    finally:
+        gateway.accountant.close(tally)
+
+
+def _note_reply(
+    tally: Tally, handle: NodeHandle, request: ChatRequest | EmbeddingsRequest, body: bytes
+) -> None:
+    tally.answered_by(handle, request.model)
+    tally.usage = reply_usage(body)
+    if tally.usage is None:  # the node reported none: count it once the client has its answer
+        counter = handle.counter
+
+        def count() -> tuple[Usage, bool]:
+            prompt = counter.prompt_tokens(request.body)
+            return Usage(prompt, counter.completion_tokens(reply_text(body))), not counter.exact
+
+        tally.count_later = count
 
 
 async def read_body(request: web.Request, gateway: Gateway) -> bytes:

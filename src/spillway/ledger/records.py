@@ -1,0 +1,71 @@
+"""One ledger record per request, and the store contract every backend meets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal, Protocol
+
+Source = Literal["private", "cloud", "cache"]
+Status = Literal["ok", "error", "incomplete"]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    """What one request was, what it used, and what it cost.
+
+    ``cost`` is what the answer cost on the node that served it; ``reference_cost`` is what the
+    same tokens would have cost at the reference price (GPT-4.1 by default), so
+    ``reference_cost - cost`` is what private serving or the cache saved. Amounts are in the
+    ledger currency (``currency``). Tokens are ints; ``tokens_estimated`` says they were
+    estimated rather than reported by the node or counted with its tokenizer.
+    """
+
+    request_id: str
+    at: datetime  # timezone-aware, UTC
+    tenant: str
+    key_id: str  # a short digest of the API key ("" in open mode), never the key
+    model: str  # the public model the client asked for
+    node: str | None  # None when no node answered
+    source: Source | None
+    upstream_model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_estimated: bool
+    cost: Decimal
+    reference_cost: Decimal
+    currency: str
+    latency_ms: int
+    ttft_ms: int | None
+    status: Status
+    error_code: str | None = None
+
+
+class LedgerStore(Protocol):
+    """A durable place for ledger records (SQLite embedded, PostgreSQL at scale)."""
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (migrations are idempotent)."""
+        ...
+
+    async def write(self, records: Sequence[LedgerRecord]) -> None:
+        """Store records in one transaction; a record already stored (same request_id) is kept."""
+        ...
+
+    async def query(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[LedgerRecord]:
+        """Records with since <= at < until, oldest first."""
+        ...
+
+    async def spend(self, key_id: str, since: datetime) -> Decimal:
+        """Total ``cost`` of one key's records since ``since``."""
+        ...
+
+    async def delete_before(self, cutoff: datetime) -> int:
+        """Retention: delete records older than ``cutoff``; returns how many."""
+        ...
+
+    async def aclose(self) -> None: ...

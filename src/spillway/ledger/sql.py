@@ -1,0 +1,384 @@
+"""The ledger on SQLite (embedded) or PostgreSQL (scale): one SQLAlchemy Core code path.
+
+Storage choices, the same on both engines as seen from Python:
+
+- ``at`` is a UTC instant, exact to the microsecond: ``timestamptz`` on PostgreSQL, integer
+  microseconds since the Unix epoch on SQLite (sortable, indexable, no text parsing).
+  Naive datetimes are refused, in records and in query bounds alike.
+- Money is ``NUMERIC(20, 6)`` on PostgreSQL and exact decimal TEXT on SQLite; amounts are
+  quantized to a millionth (``prices.AMOUNT_QUANTUM``, half-even) before either engine sees
+  them, so both store and return the same ``Decimal`` (``Decimal("0.123400")``), never a float.
+  ``spend`` is ``SUM`` on PostgreSQL (exact on numeric) and a Python ``Decimal`` sum on SQLite.
+- Schema changes are the ordered ``MIGRATIONS`` below, recorded in ``schema_migrations`` and
+  applied by ``open()`` in one transaction that first takes a lock: a transaction-level advisory
+  lock on PostgreSQL, ``BEGIN IMMEDIATE`` (the write lock) on SQLite, so any number of
+  processes may open the same database at once.
+- SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a process crash, and
+  the last transactions (not the file) can be lost only to a power cut or OS crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.expression import Executable
+from sqlalchemy.types import TypeDecorator
+
+from spillway.clock import Clock, SystemClock
+from spillway.ledger.records import LedgerRecord
+from spillway.prices import AMOUNT_QUANTUM
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+#: NUMERIC(20, 6) holds 14 digits before the point.
+_MONEY_LIMIT = Decimal(10) ** 14
+#: Execution option read by the SQLite "begin" hook: "" (deferred) or "IMMEDIATE".
+_BEGIN = "spillway_sqlite_begin"
+_SQLITE_PRAGMAS = ("PRAGMA busy_timeout = 10000", "PRAGMA synchronous = NORMAL")
+_WAL_SWITCH_TIMEOUT_S = 10.0
+#: Advisory-lock key for migrations: any fixed bigint unique to this purpose.
+_MIGRATION_LOCK = zlib.crc32(b"spillway.ledger.schema_migrations")
+
+
+class UtcTimestamp(TypeDecorator[datetime]):
+    """A timezone-aware UTC instant: ``timestamptz`` on PostgreSQL, epoch µs on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"ledger times must be timezone-aware, got naive {value}")
+        utc = value.astimezone(UTC)
+        return (utc - _EPOCH) // _MICROSECOND if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, int):
+            return _EPOCH + value * _MICROSECOND
+        assert isinstance(value, datetime)
+        return value.astimezone(UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact amount to a millionth: ``NUMERIC(20, 6)`` on PostgreSQL, TEXT on SQLite."""
+
+    impl = Numeric(20, 6, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(Numeric(20, 6, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal) or not value.is_finite():
+            raise ValueError(f"ledger amounts must be finite Decimals, got {value!r}")
+        if abs(value) >= _MONEY_LIMIT:
+            raise ValueError(f"ledger amount out of range: {value}")
+        exact = value.quantize(AMOUNT_QUANTUM, rounding=ROUND_HALF_EVEN)
+        return str(exact) if dialect.name == "sqlite" else exact
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(value)
+
+
+def _ledger_v1(metadata: MetaData) -> Table:
+    """The ledger table as migration 1 creates it. Keep it frozen: a later schema change is a
+    new migration (and a new shape for ``LEDGER``), never an edit here."""
+    return Table(
+        "ledger",
+        metadata,
+        # TEXT, not VARCHAR(n): a long name must never make a batch fail on PostgreSQL.
+        Column("request_id", Text, primary_key=True),
+        Column("at", UtcTimestamp, nullable=False),
+        Column("tenant", Text, nullable=False),
+        Column("key_id", Text, nullable=False),
+        Column("model", Text, nullable=False),
+        Column("node", Text),
+        Column("source", Text),
+        Column("upstream_model", Text),
+        Column("prompt_tokens", BigInteger, nullable=False),
+        Column("completion_tokens", BigInteger, nullable=False),
+        Column("tokens_estimated", Boolean, nullable=False),
+        Column("cost", Money, nullable=False),
+        Column("reference_cost", Money, nullable=False),
+        Column("currency", Text, nullable=False),
+        Column("latency_ms", BigInteger, nullable=False),
+        Column("ttft_ms", BigInteger),
+        Column("status", Text, nullable=False),
+        Column("error_code", Text),
+        Index("ledger_at", "at"),
+        Index("ledger_key_at", "key_id", "at"),
+    )
+
+
+METADATA = MetaData()
+LEDGER = _ledger_v1(METADATA)
+SCHEMA_MIGRATIONS = Table(
+    "schema_migrations",
+    METADATA,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", UtcTimestamp, nullable=False),
+)
+FIELDS = tuple(f.name for f in fields(LedgerRecord))
+
+
+def _create_ledger_v1(conn: Connection) -> None:
+    _ledger_v1(MetaData()).create(conn)
+
+
+#: Ordered schema migrations: (version, step on a sync connection inside the open transaction).
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _create_ledger_v1),)
+
+
+def _no_lock(conn: Connection) -> None:
+    """SQLite: the migration transaction began with BEGIN IMMEDIATE, which is the lock."""
+
+
+def _advisory_lock(conn: Connection) -> None:
+    """PostgreSQL: serialise concurrent openers until this transaction ends."""
+    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+
+
+def _in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def _enable_wal(url: URL) -> None:
+    """Put the SQLite file in WAL mode (the mode is stored in the file, so once is enough).
+
+    Two connections switching a new file at the same moment deadlock on the lock upgrade, and
+    one would sit out its whole busy timeout; so switch without waiting and retry instead.
+    """
+    path = url.database
+    if path is None or _in_memory(url):
+        return
+    deadline = time.monotonic() + _WAL_SWITCH_TIMEOUT_S
+    while True:
+        with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as db:
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+        time.sleep(0.01)
+
+
+def _sqlite_engine(url: URL) -> AsyncEngine:
+    # An in-memory database lives in one connection, so the pool must hand out only that one.
+    options: dict[str, Any] = {"poolclass": StaticPool} if _in_memory(url) else {}
+    engine = create_async_engine(url, **options)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from the sqlite3 module (it would BEGIN lazily and never
+        # before DDL); the "begin" hook below issues BEGIN itself.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN, "")
+        conn.exec_driver_sql(f"BEGIN {mode}".rstrip())
+
+    return engine
+
+
+def _postgres_engine(url: URL) -> AsyncEngine:
+    # pre-ping: a pooled connection that outlived a server restart is replaced quietly;
+    # timeout: an unreachable server fails a write in 10 s rather than asyncpg's 60.
+    return create_async_engine(url, pool_pre_ping=True, connect_args={"timeout": 10})
+
+
+def _nothing_to_prepare(url: URL) -> None:
+    """PostgreSQL needs no per-file setup."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Flavour:
+    """What differs between the two engines; everything else is one code path."""
+
+    driver: str
+    make_engine: Callable[[URL], AsyncEngine]
+    prepare: Callable[[URL], None]  # blocking, run in a thread by open()
+    insert_ignore: Executable  # INSERT ... ON CONFLICT (request_id) DO NOTHING
+    lock_migrations: Callable[[Connection], None]
+    sums_in_sql: bool  # False on SQLite: SUM over TEXT would go through floats
+
+
+_FLAVOURS = {
+    "sqlite": _Flavour(
+        driver="sqlite+aiosqlite",
+        make_engine=_sqlite_engine,
+        prepare=_enable_wal,
+        insert_ignore=sqlite.insert(LEDGER).on_conflict_do_nothing(index_elements=["request_id"]),
+        lock_migrations=_no_lock,
+        sums_in_sql=False,
+    ),
+    "postgresql": _Flavour(
+        driver="postgresql+asyncpg",
+        make_engine=_postgres_engine,
+        prepare=_nothing_to_prepare,
+        insert_ignore=postgresql.insert(LEDGER).on_conflict_do_nothing(
+            index_elements=["request_id"]
+        ),
+        lock_migrations=_advisory_lock,
+        sums_in_sql=True,
+    ),
+}
+#: URL schemes accepted, by the dialect they name ("postgresql://" gets asyncpg).
+_BACKENDS = {
+    "sqlite": "sqlite",
+    "sqlite+aiosqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "postgresql+asyncpg": "postgresql",
+}
+
+
+def sqlite_url(data_dir: Path) -> str:
+    """The embedded ledger's URL, ``sqlite+aiosqlite:////abs/DATA_DIR/ledger.db`` (creates
+    ``data_dir``)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = (data_dir / "ledger.db").resolve()
+    return URL.create("sqlite+aiosqlite", database=str(path)).render_as_string()
+
+
+class SqlLedgerStore:
+    """``LedgerStore`` on SQLite (``sqlite+aiosqlite:///PATH``) or PostgreSQL
+    (``postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB``). Call ``open()`` first, ``aclose()``
+    last; every method is one transaction."""
+
+    def __init__(self, url: str, clock: Clock | None = None):
+        parsed = make_url(url)
+        backend = _BACKENDS.get(parsed.drivername)
+        if backend is None:
+            raise ValueError(
+                f"ledger URL scheme {parsed.drivername!r} is not supported; "
+                "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DB"
+            )
+        self._flavour = _FLAVOURS[backend]
+        self._clock = clock or SystemClock()
+        self._url = parsed.set(drivername=self._flavour.driver)
+        self._engine = self._flavour.make_engine(self._url)
+
+    async def open(self) -> None:
+        now = datetime.fromtimestamp(self._clock.wall(), UTC)
+        await asyncio.to_thread(self._flavour.prepare, self._url)
+        locked = self._engine.execution_options(**{_BEGIN: "IMMEDIATE"})
+        async with locked.begin() as conn:
+            await conn.run_sync(self._flavour.lock_migrations)
+            await conn.run_sync(_migrate, now)
+
+    async def write(self, records: Sequence[LedgerRecord]) -> None:
+        if not records:
+            return
+        rows = [{name: getattr(rec, name) for name in FIELDS} for rec in records]
+        with _refusals():
+            async with self._engine.begin() as conn:
+                await conn.execute(self._flavour.insert_ignore, rows)
+
+    async def query(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[LedgerRecord]:
+        stmt = select(LEDGER).order_by(LEDGER.c.at, LEDGER.c.request_id)
+        if since is not None:
+            stmt = stmt.where(LEDGER.c.at >= since)
+        if until is not None:
+            stmt = stmt.where(LEDGER.c.at < until)
+        with _refusals():
+            async with self._engine.connect() as conn:
+                result = await conn.execute(stmt)
+                return [LedgerRecord(**{n: row._mapping[n] for n in FIELDS}) for row in result]
+
+    async def spend(self, key_id: str, since: datetime) -> Decimal:
+        mine = (LEDGER.c.key_id == key_id) & (LEDGER.c.at >= since)
+        with _refusals():
+            async with self._engine.connect() as conn:
+                if self._flavour.sums_in_sql:
+                    total = await conn.scalar(select(func.sum(LEDGER.c.cost)).where(mine))
+                else:
+                    costs = await conn.scalars(select(LEDGER.c.cost).where(mine))
+                    total = sum(costs, Decimal(0))
+        return Decimal(total or 0).quantize(AMOUNT_QUANTUM)
+
+    async def delete_before(self, cutoff: datetime) -> int:
+        with _refusals():
+            async with self._engine.begin() as conn:
+                result = await conn.execute(delete(LEDGER).where(LEDGER.c.at < cutoff))
+                return result.rowcount
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """A value our column types refuse (naive time, NaN amount) surfaces as the plain
+    ``ValueError``, not wrapped with the statement and every row's parameters."""
+    try:
+        yield
+    except StatementError as exc:
+        if isinstance(exc.orig, ValueError):
+            raise exc.orig from None
+        raise
+
+
+def _migrate(conn: Connection, now: datetime) -> None:
+    """Apply every migration not yet recorded (the caller holds the migration lock)."""
+    SCHEMA_MIGRATIONS.create(conn, checkfirst=True)
+    applied = set(conn.scalars(select(SCHEMA_MIGRATIONS.c.version)))
+    for version, step in MIGRATIONS:
+        if version not in applied:
+            step(conn)
+            conn.execute(insert(SCHEMA_MIGRATIONS).values(version=version, applied_at=now))

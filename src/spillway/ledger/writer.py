@@ -1,0 +1,216 @@
+"""Write-behind for the ledger: the request path appends, one background task writes.
+
+``record()`` is synchronous and O(1): it appends to an in-memory queue and returns, so a
+response never waits on the disk or the database. A background task writes what is pending
+every ``flush_interval_s``, sooner once ``max_batch`` records wait, in batches of at most
+``max_batch``, oldest first. A batch leaves the queue only after the store has taken it, so a
+failed write loses nothing: the records stay, in order, and the task retries with doubling
+backoff (capped at 5 s), logging the error once per failure streak and once on recovery. A
+retried batch that the store had in fact committed is harmless: the store ignores a
+``request_id`` it already holds.
+
+Graceful shutdown (``aclose()``) lets the task finish its current write, then writes
+everything still pending, retrying for up to ``close_timeout_s`` (10 s) if the store is down,
+and logs how many records could not be written (they are still counted in ``pending``).
+
+What a hard kill (SIGKILL, OOM, power cut) can lose: exactly what was pending, i.e. records
+accepted since the last successful write: about one flush interval's worth (0.5 s by
+default), or everything recorded during a store outage that has not ended yet.
+
+Waits use the event loop's own time, not the injected clock: a ``ManualClock`` shared with the
+request path must not be moved by a background loop. The clock times failure streaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from spillway.clock import Clock
+from spillway.ledger.records import LedgerRecord, LedgerStore
+
+log = logging.getLogger("spillway.ledger")
+
+MAX_BACKOFF_S = 5.0
+CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters for metrics: records written, records waiting, failed write attempts."""
+
+    written: int
+    pending: int
+    failures: int
+
+
+class LedgerWriter:
+    """Buffers ledger records in memory and writes them to a ``LedgerStore`` in the
+    background. ``start()`` once on the event loop, ``record()`` per request, ``aclose()``
+    at shutdown."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        clock: Clock,
+        flush_interval_s: float = 0.5,
+        max_batch: int = 500,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+    ):
+        if flush_interval_s <= 0 or max_batch < 1:
+            raise ValueError("flush_interval_s must be > 0 and max_batch >= 1")
+        self._store = store
+        self._clock = clock
+        self._interval = flush_interval_s
+        self._max_batch = max_batch
+        self._close_timeout = close_timeout_s
+        self._pending: deque[LedgerRecord] = deque()
+        self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one writer at a time keeps the queue's order exact
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._closed = False
+        self._written = 0
+        self._failures = 0
+        self._streak_started: float | None = None  # clock.monotonic() of a streak's 1st failure
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def stats(self) -> WriterStats:
+        return WriterStats(self._written, len(self._pending), self._failures)
+
+    def record(self, rec: LedgerRecord) -> None:
+        """Queue one record; never waits. Raises only on a caller bug (see below)."""
+        if self._closed:
+            raise RuntimeError("ledger writer is closed: record() after aclose() would be lost")
+        if rec.at.tzinfo is None:
+            # Refuse here, where the bug is, rather than stall the queue behind a record
+            # that no store would ever accept.
+            raise ValueError(f"ledger record {rec.request_id}: `at` must be timezone-aware")
+        self._pending.append(rec)
+        if len(self._pending) >= self._max_batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        """Launch the background flush task (on the running event loop)."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def flush(self) -> None:
+        """Write everything pending now; raises what the store raises (records are kept)."""
+        async with self._flushing:
+            while self._pending:
+                batch = list(itertools.islice(self._pending, self._max_batch))
+                await self._store.write(batch)
+                # Flushes never overlap and record() only appends, so the batch is still
+                # the oldest ``len(batch)`` records.
+                for _ in batch:
+                    self._pending.popleft()
+                self._written += len(batch)
+
+    async def aclose(self) -> None:
+        """Stop the task and write everything still pending (retrying up to close_timeout_s)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._close_timeout
+        await self._stop_task(deadline)
+        delay = min(self._interval, MAX_BACKOFF_S)
+        while self._pending:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    await self.flush()
+            except TimeoutError:
+                break
+            except Exception as exc:
+                self._failed(exc)
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        if self._pending:
+            log.error(
+                "ledger: %d records could not be written before shutdown (store unavailable)",
+                len(self._pending),
+            )
+        elif self._streak_started is not None:
+            self._recovered()
+
+    async def _stop_task(self, deadline: float) -> None:
+        """Let the task finish its current write and exit; cancel it if it takes too long."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        _, still_running = await asyncio.wait({task}, timeout=remaining)
+        if still_running:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _run(self) -> None:
+        delay = self._interval
+        while not self._stopping:
+            # While failing, wait out the backoff even if a batch fills up meanwhile.
+            await self._wait(delay, early_on_batch=self._streak_started is None)
+            if self._stopping:
+                return
+            try:
+                await self.flush()
+            except Exception as exc:
+                self._failed(exc)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            else:
+                if self._streak_started is not None:
+                    self._recovered()
+                delay = self._interval
+
+    async def _wait(self, seconds: float, early_on_batch: bool) -> None:
+        """Sleep ``seconds``; wake at once on stop, and on a full batch if ``early_on_batch``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while not self._stopping:
+            if early_on_batch and len(self._pending) >= self._max_batch:
+                return
+            self._wake.clear()
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        if self._streak_started is not None:
+            log.debug("ledger: write failed again: %s", _describe(exc))
+            return
+        self._streak_started = self._clock.monotonic()
+        log.error(
+            "ledger: write failed, keeping %d records and retrying: %s",
+            len(self._pending),
+            _describe(exc),
+        )
+
+    def _recovered(self) -> None:
+        assert self._streak_started is not None
+        down_s = self._clock.monotonic() - self._streak_started
+        self._streak_started = None
+        log.warning("ledger: store writable again after %.1f s; nothing was lost", down_s)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's kind and first line only: driver errors append the SQL and its
+    parameters on later lines, and a log line has no use for either."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

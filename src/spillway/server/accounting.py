@@ -1,0 +1,165 @@
+"""Per-request accounting: reserve against the key's budget, then one ledger record per request.
+
+Every request that reaches a model endpoint gets exactly one record, whatever happens to it:
+answered, refused, failed, cut mid-stream, or abandoned by its client. Writing is
+write-behind (``LedgerWriter``): the response never waits on the disk. Counting tokens for
+a node that reported none runs in a worker thread after the client has its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from spillway.clock import Clock
+from spillway.ledger.budgets import Budgets, Reservation
+from spillway.ledger.costing import Charge, Costing
+from spillway.ledger.records import LedgerRecord, Status
+from spillway.ledger.writer import LedgerWriter
+from spillway.nodes.tokens import EstimatingCounter
+from spillway.routing.router import NodeHandle, Router
+from spillway.server.auth import Principal
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest
+from spillway.wire.streams import Usage
+
+log = logging.getLogger("spillway.ledger")
+
+
+@dataclass
+class Tally:
+    """What accounting learns about one request as it goes."""
+
+    request_id: str
+    principal: Principal
+    started: float  # clock.monotonic()
+    at: datetime
+    model: str = ""
+    handle: NodeHandle | None = None
+    upstream_model: str | None = None
+    ttft_ms: int | None = None
+    usage: Usage | None = None
+    usage_estimated: bool = False
+    #: counts usage in a worker thread when the node reported none
+    count_later: Callable[[], tuple[Usage, bool]] | None = None
+    status: Status = "ok"
+    error_code: str | None = None
+    reservation: Reservation | None = None
+    latency_ms: int = 0
+
+    def answered_by(self, handle: NodeHandle, model: str) -> None:
+        self.handle = handle
+        self.upstream_model = handle.models.get(model)
+
+
+class Accountant:
+    def __init__(
+        self,
+        router: Router,
+        costing: Costing,
+        budgets: Budgets,
+        writer: LedgerWriter | None,
+        clock: Clock,
+        max_output_tokens: int,
+    ):
+        self._router = router
+        self._costing = costing
+        self._budgets = budgets
+        self._writer = writer
+        self._clock = clock
+        self._max_output_tokens = max_output_tokens
+        self._later: set[asyncio.Task[None]] = set()
+
+    def open(self, request_id: str, principal: Principal) -> Tally:
+        now = self._clock.monotonic()
+        at = datetime.fromtimestamp(self._clock.wall(), UTC)
+        return Tally(request_id, principal, now, at)
+
+    def reserve(self, tally: Tally, request: ChatRequest | EmbeddingsRequest) -> None:
+        """Hold the most this request can cost against its key's budget (429 if it can't)."""
+        tally.model = request.model
+        if self._budgets.remaining(tally.principal.key_id) is None:
+            return
+        prompt = EstimatingCounter().prompt_tokens(request.body) + _input_tokens(request)
+        output = 0
+        if isinstance(request, ChatRequest):
+            output = request.max_tokens or self._max_output_tokens
+        handles = self._router.serving(request.model)
+        worst = max(
+            (
+                self._costing.estimate(h.name, prompt, output)
+                for h in handles
+                if h.private or not tally.principal.private_only
+            ),
+            default=Decimal(0),
+        )
+        tally.reservation = self._budgets.reserve(tally.principal.key_id, worst)
+
+    def close(self, tally: Tally) -> None:
+        """The request is over: write its record now, or once its tokens are counted."""
+        tally.latency_ms = int(1000 * (self._clock.monotonic() - tally.started))
+        if tally.count_later is None:
+            self._write(tally)
+            return
+        task = asyncio.create_task(self._count_then_write(tally))
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def aclose(self) -> None:
+        """Shutdown: finish every record still being counted."""
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
+
+    async def _count_then_write(self, tally: Tally) -> None:
+        assert tally.count_later is not None
+        try:
+            tally.usage, tally.usage_estimated = await asyncio.to_thread(tally.count_later)
+        except Exception:
+            log.exception("counting tokens for request %s failed", tally.request_id)
+        self._write(tally)
+
+    def _write(self, tally: Tally) -> None:
+        usage = tally.usage or Usage(0, 0)
+        node = tally.handle.name if tally.handle else None
+        charge = self._costing.charge(node, usage.prompt_tokens, usage.completion_tokens)
+        self._budgets.settle(tally.reservation, charge.cost)
+        if self._writer is None:
+            return
+        try:
+            self._writer.record(self._record(tally, usage, node, charge))
+        except (RuntimeError, ValueError):
+            # Only after shutdown began, or for a record the store could never take.
+            log.exception("ledger record for request %s was not accepted", tally.request_id)
+
+    def _record(self, tally: Tally, usage: Usage, node: str | None, charge: Charge) -> LedgerRecord:
+        return LedgerRecord(
+            request_id=tally.request_id,
+            at=tally.at,
+            tenant=tally.principal.tenant,
+            key_id=tally.principal.key_id,
+            model=tally.model,
+            node=node,
+            source=tally.handle.kind if tally.handle else None,
+            upstream_model=tally.upstream_model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            tokens_estimated=tally.usage_estimated,
+            cost=charge.cost,
+            reference_cost=charge.reference_cost,
+            currency=self._costing.currency,
+            latency_ms=tally.latency_ms,
+            ttft_ms=tally.ttft_ms,
+            status=tally.status,
+            error_code=tally.error_code,
+        )
+
+
+def _input_tokens(request: ChatRequest | EmbeddingsRequest) -> int:
+    if isinstance(request, ChatRequest):
+        return 0
+    value = request.body.get("input")
+    text = value if isinstance(value, str) else " ".join(str(v) for v in value or ())
+    return (len(text) + 3) // 4
