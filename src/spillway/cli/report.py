@@ -55,7 +55,9 @@ def report(
     elif fmt == "csv":
         click.echo(to_csv(rows), nl=False)
     else:
-        Console().print(_table(rows, by, currency, config.ledger.reference))
+        # Piped into a file, a report should not be cut to a terminal's 80 columns.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console.print(_table(rows, by, currency, config.ledger.reference))
     if png is not None:
         spend_chart(records, png, currency)
         click.echo(f"chart written to {png}", err=True)

@@ -31,7 +31,7 @@ def spend_chart(records: Sequence[LedgerRecord], path: Path, currency: str) -> N
     costs.plot(days, reference, color="black", marker="o", label="same tokens at reference price")
     costs.set_title("Cost per day")
     costs.set_ylabel(currency)
-    costs.legend(loc="upper left", fontsize=8)
+    costs.legend(loc="center left", fontsize=8)  # the middle is empty: spend sits far below
     costs.tick_params(axis="x", rotation=30)
     counts = [sum(r.source == s for r in records) for s in SOURCES]
     if sum(counts):
