@@ -8,11 +8,13 @@ errors; nothing above it sees a library exception. One pooled session per node, 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from spillway.config.schema import Timeouts
 from spillway.errors import (
@@ -28,7 +30,7 @@ from spillway.wire.sse import SseDecoder, SseEvent
 
 #: Node answers that mean "your request is wrong": forwarded to the client, never retried.
 REQUEST_ERRORS = frozenset({400, 413, 422})
-_JSON = {"Content-Type": "application/json"}
+_PATHS = ("/chat/completions", "/embeddings", "/models")
 
 
 class HttpNode:
@@ -37,7 +39,11 @@ class HttpNode:
     def __init__(self, name: str, base_url: str, api_key: str | None, max_connections: int):
         self.name = name
         self._base = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Parsed once: on the hot path aiohttp gets ready URL objects.
+        self._urls = {path: URL(self._base + path) for path in _PATHS}
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         # A node may echo its key in an error ("invalid key sk-…"): scrub it right here, at
         # the boundary, so no message built from the node's words can carry it further.
         self._redactor = Redactor([api_key] if api_key else [])
@@ -47,15 +53,15 @@ class HttpNode:
         )
 
     async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
-        return await self._post("/chat/completions", body, timeouts)
+        return await self._post(self._urls["/chat/completions"], body, timeouts)
 
     async def embed(self, body: bytes, timeouts: Timeouts) -> Reply:
-        return await self._post("/embeddings", body, timeouts)
+        return await self._post(self._urls["/embeddings"], body, timeouts)
 
     async def probe(self, timeout_s: float) -> None:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self._session.get(self._base + "/models", timeout=timeout) as resp:
+            async with self._session.get(self._urls["/models"], timeout=timeout) as resp:
                 payload = await resp.read()
                 if resp.status != 200:
                     self._raise_for(resp, payload)
@@ -65,16 +71,14 @@ class HttpNode:
     async def aclose(self) -> None:
         await self._session.close()
 
-    async def _post(self, path: str, body: bytes, t: Timeouts) -> Reply:
+    async def _post(self, url: URL, body: bytes, t: Timeouts) -> Reply:
         try:
-            async with asyncio.timeout(t.total_s):
-                async with self._session.post(
-                    self._base + path, data=body, headers=_JSON, timeout=_connect_timeout(t)
-                ) as resp:
-                    payload = await resp.read()
-                    if resp.status >= 300:
-                        self._raise_for(resp, payload)
-                    return Reply(resp.status, payload, resp.content_type)
+            # aiohttp's own total timeout covers connecting, sending and reading the body.
+            async with self._session.post(url, data=body, timeout=_whole_answer(t)) as resp:
+                payload = await resp.read()
+                if resp.status >= 300:
+                    self._raise_for(resp, payload)
+                return Reply(resp.status, payload, resp.content_type)
         except Exception as exc:
             self._translate(exc, "complete answer", t.total_s, t.connect_s)
 
@@ -87,10 +91,7 @@ class HttpNode:
         try:
             async with asyncio.timeout_at(first_deadline):
                 resp = await self._session.post(
-                    self._base + "/chat/completions",
-                    data=body,
-                    headers=_JSON,
-                    timeout=_connect_timeout(t),
+                    self._urls["/chat/completions"], data=body, timeout=_connect_timeout(t)
                 )
                 if resp.status >= 300:
                     try:
@@ -153,8 +154,14 @@ class HttpNode:
         raise exc
 
 
+@functools.lru_cache(maxsize=256)
 def _connect_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_answer(t: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s)
 
 
 def _error_fields(payload: bytes) -> dict[str, Any]:

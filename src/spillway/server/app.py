@@ -9,7 +9,7 @@ from aiohttp import web
 
 from spillway.clock import Clock, SystemClock
 from spillway.config.schema import Config
-from spillway.server.middleware import auth_middleware, errors_middleware
+from spillway.server.middleware import gateway_middleware
 from spillway.server.routes import admin, chat, info
 from spillway.server.state import gateway_context
 
@@ -19,7 +19,7 @@ log = logging.getLogger("spillway.server")
 def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[gateway_middleware],
     )
     app.cleanup_ctx.append(gateway_context(config, clock or SystemClock()))
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
