@@ -5,6 +5,7 @@ OpenAI error ``type``, and what the router may do about it::
 
     SpillwayError                      500 server_error
     ├── ConfigError                    (start-up only: exit status 2, never an HTTP answer)
+    ├── StartupError                   (start-up only: a managed node or the ledger won't start)
     ├── InvalidRequest                 400 invalid_request_error
     │   ├── PayloadTooLarge            413
     │   └── ModelNotFound              404   code=model_not_found
@@ -63,6 +64,10 @@ class SpillwayError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error asks for (e.g. ``Retry-After``)."""
         return {}
+
+
+class StartupError(SpillwayError):
+    """Something the gateway needs could not be started (a managed node, the ledger store)."""
 
 
 class ConfigError(SpillwayError):

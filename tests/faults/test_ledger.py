@@ -138,3 +138,28 @@ async def test_budget_race_admits_one_request(ups, tmp_path):
     assert spent <= Decimal("0.0025")
     assert remaining is not None and remaining >= 0
     assert sum(r.error_code == "insufficient_quota" for r in rows) == 49
+
+
+async def test_a_repeated_client_request_id_still_gets_one_row_per_request(ups, tmp_path):
+    async with running_gateway(config(ups, tmp_path)) as gw:
+        client = gw.client(KEY).with_options(default_headers={"x-request-id": "job-7"})
+        for _ in range(3):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES
+            )
+            assert raw.headers["x-request-id"] == "job-7"
+    rows = await ledger_rows(tmp_path)
+    assert len(rows) == 3
+    assert {r.client_request_id for r in rows} == {"job-7"}
+    assert len({r.request_id for r in rows}) == 3
+
+
+async def test_unreachable_ledger_database_is_a_clear_startup_error(ups, tmp_path):
+    from spillway.errors import StartupError
+
+    url = "postgresql+asyncpg://spillway:s3cret-pw@127.0.0.1:9/ledger"
+    with pytest.raises(StartupError) as caught:
+        async with running_gateway(config(ups, tmp_path, ledger={"url": url})):
+            pass
+    assert "cannot open the ledger (postgresql+asyncpg)" in caught.value.message
+    assert "s3cret-pw" not in caught.value.message

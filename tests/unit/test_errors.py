@@ -16,6 +16,7 @@ from spillway.errors import (
     PermissionDenied,
     QueueFull,
     SpillwayError,
+    StartupError,
     StreamInterrupted,
     UpstreamConnectError,
     UpstreamError,
@@ -29,6 +30,7 @@ from spillway.errors import (
 EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]] = {
     SpillwayError: (lambda: SpillwayError("x"), 500, "server_error"),
     ConfigError: (lambda: ConfigError("nodes.a", "bad"), 500, "server_error"),
+    StartupError: (lambda: StartupError("x"), 500, "server_error"),
     InvalidRequest: (lambda: InvalidRequest("x", param="p"), 400, "invalid_request_error"),
     PayloadTooLarge: (lambda: PayloadTooLarge("x"), 413, "invalid_request_error"),
     ModelNotFound: (lambda: ModelNotFound("x"), 404, "invalid_request_error"),

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from spillway.cli.common import config_option, load_or_exit, setup_logging
 from spillway.config.schema import Config
-from spillway.nodes.managed import NodeStartError
+from spillway.errors import StartupError
 from spillway.server.app import build_app, open_to_network_warning
 
 log = logging.getLogger("spillway")
@@ -36,7 +36,7 @@ SHUTDOWN_GRACE_S = 30.0
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Gateway processes sharing the port (state per worker: see docs/performance.md).",
+    help="Gateway processes sharing the port (what is per worker: docs/configuration.md).",
 )
 def serve(
     config_path: Path | None,
@@ -60,7 +60,7 @@ def serve(
             from spillway.cli.workers import run_workers
 
             run_workers(config, workers)
-    except NodeStartError as exc:
+    except StartupError as exc:
         log.error("%s", exc.message)
         sys.exit(1)
 

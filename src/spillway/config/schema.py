@@ -20,6 +20,9 @@ from spillway.prices import LIST_PRICES, Currency
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 NodeKind = Literal["private", "cloud"]
+_LEDGER_SCHEMES = frozenset(
+    {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
+)
 LoadSignal = Literal["vllm", "sglang", "llamacpp", "mindie", "none"]
 
 
@@ -135,6 +138,18 @@ class LedgerConfig(_Frozen):
     retention_days: int = Field(default=0, ge=0)  # 0 keeps records forever
     #: output tokens reserved against a budget when a request sets no max_tokens
     max_output_tokens: int = Field(default=4096, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _ledger_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        scheme = value.get_secret_value().split(":", 1)[0]
+        if scheme not in _LEDGER_SCHEMES:
+            raise ValueError(
+                f"unsupported database '{scheme}': use postgresql+asyncpg://… or sqlite:///…"
+            )
+        return value
 
     @field_validator("reference")
     @classmethod

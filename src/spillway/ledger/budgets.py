@@ -22,6 +22,8 @@ from spillway.errors import InsufficientQuota
 from spillway.ledger.records import LedgerStore
 from spillway.prices import Currency, Exchange
 
+_ADJECTIVE = {"day": "daily", "month": "monthly"}
+
 
 def period_start(now: datetime, period: str) -> datetime:
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -75,7 +77,7 @@ class Budgets:
         if account.spent + account.reserved + estimate > account.limit:
             left = max(account.limit - account.spent - account.reserved, Decimal(0))
             raise InsufficientQuota(
-                f"This API key's {account.period}ly budget is spent: {left} left of "
+                f"This API key's {_ADJECTIVE[account.period]} budget is spent: {left} left of "
                 f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens "
                 "or wait for the next period."
             )

@@ -41,6 +41,8 @@ class LedgerRecord:
     ttft_ms: int | None
     status: Status
     error_code: str | None = None
+    #: the x-request-id the client sent, if any (``request_id`` is always spillway's own)
+    client_request_id: str | None = None
 
 
 class LedgerStore(Protocol):

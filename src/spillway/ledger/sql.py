@@ -153,6 +153,8 @@ def _ledger_v1(metadata: MetaData) -> Table:
         Column("ttft_ms", BigInteger),
         Column("status", Text, nullable=False),
         Column("error_code", Text),
+        # The caller's own x-request-id: theirs to repeat, so it is not the key.
+        Column("client_request_id", Text),
         Index("ledger_at", "at"),
         Index("ledger_key_at", "key_id", "at"),
     )

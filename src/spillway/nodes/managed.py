@@ -22,7 +22,7 @@ import aiohttp
 
 from spillway.clock import Clock
 from spillway.config.schema import ManagedNode
-from spillway.errors import SpillwayError
+from spillway.errors import StartupError
 
 log = logging.getLogger("spillway.nodes.managed")
 
@@ -31,7 +31,7 @@ State = Literal["stopped", "starting", "running", "restarting"]
 _PR_SET_PDEATHSIG = 1
 
 
-class NodeStartError(SpillwayError):
+class NodeStartError(StartupError):
     """A managed node could not be started; the message says why and what to install."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ class Tally:
     error_code: str | None = None
     reservation: Reservation | None = None
     latency_ms: int = 0
+    client_request_id: str | None = None
 
     def answered_by(self, handle: NodeHandle, model: str) -> None:
         self.handle = handle
@@ -73,10 +75,13 @@ class Accountant:
         self._max_output_tokens = max_output_tokens
         self._later: set[asyncio.Task[None]] = set()
 
-    def open(self, request_id: str, principal: Principal) -> Tally:
+    def open(self, request_id: str, principal: Principal, client_id: bool = False) -> Tally:
+        """A tally keyed by a fresh id when the client chose ``request_id`` (it may repeat)."""
         now = self._clock.monotonic()
         at = datetime.fromtimestamp(self._clock.wall(), UTC)
-        return Tally(request_id, principal, now, at)
+        if not client_id:
+            return Tally(request_id, principal, now, at)
+        return Tally(os.urandom(16).hex(), principal, now, at, client_request_id=request_id)
 
     def reserve(self, tally: Tally, request: ChatRequest | EmbeddingsRequest) -> None:
         """Hold the most this request can cost against its key's budget (429 if it can't)."""
@@ -86,7 +91,8 @@ class Accountant:
         prompt = EstimatingCounter().prompt_tokens(request.body) + _input_tokens(request)
         output = 0
         if isinstance(request, ChatRequest):
-            output = request.max_tokens or self._max_output_tokens
+            choices = request.body.get("n") or 1
+            output = (request.max_tokens or self._max_output_tokens) * choices
         handles = self._router.serving(request.model)
         worst = max(
             (
@@ -154,12 +160,11 @@ class Accountant:
             ttft_ms=tally.ttft_ms,
             status=tally.status,
             error_code=tally.error_code,
+            client_request_id=tally.client_request_id,
         )
 
 
 def _input_tokens(request: ChatRequest | EmbeddingsRequest) -> int:
     if isinstance(request, ChatRequest):
         return 0
-    value = request.body.get("input")
-    text = value if isinstance(value, str) else " ".join(str(v) for v in value or ())
-    return (len(text) + 3) // 4
+    return (len(request.text()) + 3) // 4

@@ -22,11 +22,17 @@ log = logging.getLogger("spillway.server")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+#: whether REQUEST_ID came from the client (then it may repeat, and the ledger keys its own)
+CLIENT_ID = web.RequestKey("client_id", bool)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def request_id_of(request: web.Request) -> str:
     return request[REQUEST_ID]
+
+
+def client_supplied_id(request: web.Request) -> bool:
+    return CLIENT_ID in request and request[CLIENT_ID]
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -41,6 +47,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     supplied = request.headers.get("x-request-id", "")
     rid = supplied if supplied and _CLIENT_ID.match(supplied) else os.urandom(16).hex()
     request[REQUEST_ID] = rid
+    request[CLIENT_ID] = rid == supplied
     try:
         _authenticate(request)
         response = await handler(request)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
+from spillway.errors import StartupError
 from spillway.ledger.budgets import Budgets
 from spillway.ledger.costing import Costing, hourly_cost
 from spillway.ledger.retention import retention_loop
@@ -111,8 +112,7 @@ async def _accountant(
     writer = None
     if ledger.enabled:
         url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
-        store = SqlLedgerStore(url)
-        await store.open()
+        store = await _open_store(url)
         stack.push_async_callback(store.aclose)
         await budgets.load(store)
         writer = LedgerWriter(store, clock, ledger.flush_interval_s)
@@ -210,3 +210,18 @@ def gateway_context(
             log.info("shutting down: closing nodes")
 
     return context
+
+
+async def _open_store(url: str) -> SqlLedgerStore:
+    store = SqlLedgerStore(url)
+    try:
+        await store.open()
+    except Exception as exc:
+        # The URL may carry a password: name only the scheme and the kind of failure.
+        scheme = url.split(":", 1)[0]
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise StartupError(
+            f"cannot open the ledger ({scheme}): {type(exc).__name__}: {first_line[:200]}; "
+            "check [ledger] url, or set [ledger] enabled = false"
+        ) from None
+    return store

@@ -50,6 +50,13 @@ class EmbeddingsRequest:
     body: dict[str, Any]
     model: str
 
+    def text(self) -> str:
+        """The input as one text (token arrays are counted by their length elsewhere)."""
+        value = self.body.get("input")
+        if isinstance(value, str):
+            return value
+        return " ".join(v for v in value or () if isinstance(v, str))
+
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw:

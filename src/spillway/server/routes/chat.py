@@ -12,7 +12,7 @@ from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
 from spillway.routing.dispatch import RequestContext
 from spillway.routing.router import NodeHandle
 from spillway.server.accounting import Tally
-from spillway.server.middleware import principal_of, request_id_of
+from spillway.server.middleware import client_supplied_id, principal_of, request_id_of
 from spillway.server.responses import route_headers
 from spillway.server.state import GATEWAY, Gateway
 from spillway.server.streaming import relay_stream
@@ -54,11 +54,17 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 @contextmanager
 def accounted(gateway: Gateway, request: web.Request) -> Iterator[Tally]:
     """One ledger record for this request, however it ends."""
-    tally = gateway.accountant.open(request_id_of(request), principal_of(request))
+    tally = gateway.accountant.open(
+        request_id_of(request), principal_of(request), client_supplied_id(request)
+    )
     try:
         yield tally
     except SpillwayError as exc:
         tally.status, tally.error_code = "error", exc.code or exc.error_type
+        raise
+    except web.HTTPException as exc:  # aiohttp's own refusals, e.g. a chunked body too large
+        tally.status = "error"
+        tally.error_code = "payload_too_large" if exc.status == 413 else f"http_{exc.status}"
         raise
     except asyncio.CancelledError:
         # The client went away before its answer began.
@@ -80,6 +86,8 @@ def _note_reply(
         counter = handle.counter
 
         def count() -> tuple[Usage, bool]:
+            if isinstance(request, EmbeddingsRequest):
+                return Usage(counter.completion_tokens(request.text()), 0), not counter.exact
             prompt = counter.prompt_tokens(request.body)
             return Usage(prompt, counter.completion_tokens(reply_text(body))), not counter.exact
 
