@@ -46,6 +46,8 @@ class FakeUpstream:
     cancelled_at: list[float] = field(default_factory=list)
     in_flight: int = 0
     port: int = 0
+    #: served at GET /metrics (Prometheus text), None for a 404 like an engine without metrics
+    metrics_text: str | None = None
     _runner: web.AppRunner | None = None
 
     @property
@@ -61,6 +63,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
         # shutdown_timeout=0: stop() is a crash, not a drain, and in-flight calls are cut.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0)
         await self._runner.setup()
@@ -74,6 +77,11 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": f"{self.name}-model", "object": "model", "owned_by": "fake"}]

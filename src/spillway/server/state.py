@@ -115,7 +115,9 @@ async def _accountant(
         store = await _open_store(url)
         stack.push_async_callback(store.aclose)
         await budgets.load(store)
-        writer = LedgerWriter(store, clock, ledger.flush_interval_s)
+        # Small batches: each flush converts its rows on the event loop, and a short batch
+        # keeps that pause well under a millisecond.
+        writer = LedgerWriter(store, clock, ledger.flush_interval_s, max_batch=128)
         writer.start()
         stack.push_async_callback(writer.aclose)
         if ledger.retention_days:
