@@ -36,7 +36,7 @@ SHUTDOWN_GRACE_S = 30.0
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Gateway processes sharing the port (what is per worker: docs/configuration.md).",
+    help="Gateway processes sharing the port (what is per worker: docs/performance.md).",
 )
 def serve(
     config_path: Path | None,

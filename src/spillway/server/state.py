@@ -115,9 +115,7 @@ async def _accountant(
         store = await _open_store(url)
         stack.push_async_callback(store.aclose)
         await budgets.load(store)
-        # Small batches: each flush converts its rows on the event loop, and a short batch
-        # keeps that pause well under a millisecond.
-        writer = LedgerWriter(store, clock, ledger.flush_interval_s, max_batch=128)
+        writer = LedgerWriter(store, clock, ledger.flush_interval_s)
         writer.start()
         stack.push_async_callback(writer.aclose)
         if ledger.retention_days:
