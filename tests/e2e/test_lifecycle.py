@@ -38,9 +38,12 @@ def wait_until(condition, within_s: float) -> None:  # type: ignore[no-untyped-d
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_graceful_stop_leaves_no_orphan(tmp_path: Path, sig: int):
     gateway = start_gateway(tmp_path)
-    pid = node_pid(gateway)
-    assert alive(pid)
-    assert stop(gateway.proc, sig) == 0
+    try:
+        pid = node_pid(gateway)
+        assert alive(pid)
+    finally:
+        code = stop(gateway.proc, sig)
+    assert code == 0
     wait_until(lambda: not alive(pid), within_s=5)
 
 
@@ -119,14 +122,17 @@ def children_of(pid: int) -> list[int]:
 
 def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path):
     gateway = start_gateway(tmp_path, "--workers", "2")
-    children = children_of(gateway.proc.pid)
-    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
-    assert sum(b"llama_cpp.server" in c for c in commands) == 1, "one managed node, shared"
-    assert sum(b"spawn_main" in c for c in commands) == 2, "two workers"
-    for _ in range(4):
-        answer = gateway.client().chat.completions.create(
-            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-        assert answer.choices
-    assert stop(gateway.proc) == 0
+    try:
+        children = children_of(gateway.proc.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert sum(b"llama_cpp.server" in c for c in commands) == 1, "one managed node, shared"
+        assert sum(b"spawn_main" in c for c in commands) == 2, "two workers"
+        for _ in range(4):
+            answer = gateway.client().chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            assert answer.choices
+    finally:
+        code = stop(gateway.proc)
+    assert code == 0
     wait_until(lambda: not any(alive(pid) for pid in children), within_s=10)
