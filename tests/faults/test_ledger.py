@@ -163,3 +163,21 @@ async def test_unreachable_ledger_database_is_a_clear_startup_error(ups, tmp_pat
             pass
     assert "cannot open the ledger (postgresql+asyncpg)" in caught.value.message
     assert "s3cret-pw" not in caught.value.message
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_broken_tokenizer_still_records_estimated_tokens(ups, tmp_path, include_usage):
+    garbage = tmp_path / "not-a-model.gguf"
+    garbage.write_bytes(b"this is not a GGUF file")
+    ups["priv"].script = Script(send_usage=False)
+    raw = config(ups, tmp_path)
+    raw["nodes"]["priv"]["tokenizer"] = str(garbage)
+    async with running_gateway(raw) as gw:
+        options = {"stream_options": {"include_usage": True}} if include_usage else {}
+        stream = await gw.client(KEY).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, **options
+        )
+        _ = [chunk async for chunk in stream]
+    (row,) = await ledger_rows(tmp_path)
+    assert row.completion_tokens > 0 and row.prompt_tokens > 0
+    assert row.tokens_estimated, "the GGUF tokenizer failed, so the count is an estimate"

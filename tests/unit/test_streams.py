@@ -93,7 +93,7 @@ def test_usage_chunk_reuses_first_chunk_identity() -> None:
     relay = ChunkRelay(include_usage=True)
     relay.observe(chunk({"content": "x"}))
     relay.observe(orjson.dumps({**META, "id": "other", "created": 9, "choices": []}))
-    made = orjson.loads(relay.usage_chunk(Usage(10, 4, counted=True)))
+    made = orjson.loads(relay.usage_chunk(Usage(10, 4)))
     assert made == {
         **META,
         "choices": [],

@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import orjson
-
 from spillway.clock import Clock
 from spillway.config.schema import Timeouts
 from spillway.errors import (
@@ -39,6 +37,7 @@ from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_afte
 from spillway.routing.router import NodeHandle, Router, Slot
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
+from spillway.wire.streams import is_error_payload
 
 log = logging.getLogger("spillway.routing")
 T = TypeVar("T")
@@ -244,14 +243,15 @@ class Dispatcher:
                 )
             ) from None
 
-    def _check_deadline(self, ctx: RequestContext) -> None:
-        if ctx.deadline - self.clock.monotonic() <= 0:
-            raise DeadlineExceeded("The request deadline passed before a node could answer.")
-
-    def _attempt_timeouts(self, handle: NodeHandle, ctx: RequestContext) -> Timeouts:
+    def _check_deadline(self, ctx: RequestContext) -> float:
+        """Seconds left before the deadline; DeadlineExceeded once there are none."""
         remaining = ctx.deadline - self.clock.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("The request deadline passed before a node could answer.")
+        return remaining
+
+    def _attempt_timeouts(self, handle: NodeHandle, ctx: RequestContext) -> Timeouts:
+        remaining = self._check_deadline(ctx)
         if remaining >= handle.timeouts.total_s:
             return handle.timeouts
         return handle.timeouts.model_copy(update={"total_s": remaining})
@@ -265,7 +265,7 @@ class Dispatcher:
         errors.append(exc)
 
     def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
-        eligible = [h for h in self.router.serving(model) if h.private or not ctx.private_only]
+        eligible = self.router.eligible(model, ctx.private_only)
         waits = [self.board.stats(h.name).open_remaining_s for h in eligible]
         retry_after = max(1, int(min(waits, default=1.0) + 0.999))
         scope = "private node" if ctx.private_only else "node"
@@ -294,19 +294,9 @@ async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> S
     first = await anext(events, None)
     if first is None or first.is_done:
         raise UpstreamConnectError(handle.name, "stream ended before its first chunk")
-    if first.event == "error" or _is_error_payload(first.data):
+    if first.event == "error" or is_error_payload(first.data):
         raise UpstreamStatusError(handle.name, 200, "the stream began with an error event")
     return first
-
-
-def _is_error_payload(data: bytes) -> bool:
-    if b'"error"' not in data:
-        return False
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(payload, dict) and bool(payload.get("error"))
 
 
 def _delivered(error: UpstreamError) -> bool:

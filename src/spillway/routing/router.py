@@ -146,20 +146,25 @@ class Router:
             )
         return handles
 
+    def eligible(self, model: str, private_only: bool) -> list[NodeHandle]:
+        """The nodes this request may ever use: a private_only request sees no cloud node."""
+        handles = self.serving(model)
+        return [h for h in handles if h.private] if private_only else handles
+
     def check_eligible(self, model: str, private_only: bool) -> None:
         """Fail at once when the policy leaves no node at all for this request."""
-        if private_only and not any(h.private for h in self.serving(model)):
+        if not self.eligible(model, private_only):
             raise NoEligibleNode(
                 f"No private node serves '{model}', and this API key is private_only, "
                 "so the request was not sent to a cloud node."
             )
 
     def pick(self, model: str, private_only: bool, exclude: Collection[str] = ()) -> Pick:
-        handles = [h for h in self.serving(model) if h.name not in exclude]
+        handles = [h for h in self.eligible(model, private_only) if h.name not in exclude]
         now = self.clock.monotonic()
         usable = [h for h in handles if self.board.state(h.name) is not BreakerState.OPEN]
         private = sorted((h for h in usable if h.private), key=lambda h: self.score(h, now))
-        cloud = [] if private_only else [h for h in usable if not h.private]
+        cloud = [h for h in usable if not h.private]
         for handle in private:
             room = self._has_room(handle, now, ignore_hot=private_only)
             if room and self.board.allow(handle.name):

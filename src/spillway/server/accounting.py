@@ -21,7 +21,7 @@ from spillway.ledger.budgets import Budgets, Reservation
 from spillway.ledger.costing import Charge, Costing
 from spillway.ledger.records import LedgerRecord, Status
 from spillway.ledger.writer import LedgerWriter
-from spillway.nodes.tokens import EstimatingCounter
+from spillway.nodes.tokens import EstimatingCounter, TokenCounter
 from spillway.routing.router import NodeHandle, Router
 from spillway.server.auth import Principal
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest
@@ -44,8 +44,8 @@ class Tally:
     ttft_ms: int | None = None
     usage: Usage | None = None
     usage_estimated: bool = False
-    #: counts usage in a worker thread when the node reported none
-    count_later: Callable[[], tuple[Usage, bool]] | None = None
+    #: counts usage with a token counter when the node reported none (run by ``count_tokens``)
+    count_later: Callable[[TokenCounter], Usage] | None = None
     status: Status = "ok"
     error_code: str | None = None
     reservation: Reservation | None = None
@@ -93,13 +93,9 @@ class Accountant:
         if isinstance(request, ChatRequest):
             choices = request.body.get("n") or 1
             output = (request.max_tokens or self._max_output_tokens) * choices
-        handles = self._router.serving(request.model)
+        handles = self._router.eligible(request.model, tally.principal.private_only)
         worst = max(
-            (
-                self._costing.estimate(h.name, prompt, output)
-                for h in handles
-                if h.private or not tally.principal.private_only
-            ),
+            (self._costing.estimate(h.name, prompt, output) for h in handles),
             default=Decimal(0),
         )
         tally.reservation = self._budgets.reserve(tally.principal.key_id, worst)
@@ -120,11 +116,8 @@ class Accountant:
             await asyncio.gather(*self._later, return_exceptions=True)
 
     async def _count_then_write(self, tally: Tally) -> None:
-        assert tally.count_later is not None
-        try:
-            tally.usage, tally.usage_estimated = await asyncio.to_thread(tally.count_later)
-        except Exception:
-            log.exception("counting tokens for request %s failed", tally.request_id)
+        assert tally.count_later is not None and tally.handle is not None
+        tally.usage, tally.usage_estimated = await count_tokens(tally.handle, tally.count_later)
         self._write(tally)
 
     def _write(self, tally: Tally) -> None:
@@ -164,7 +157,20 @@ class Accountant:
         )
 
 
+async def count_tokens(
+    handle: NodeHandle, count: Callable[[TokenCounter], Usage]
+) -> tuple[Usage, bool]:
+    """(usage, estimated): ``count`` with the node's tokenizer in a worker thread, or, if
+    that tokenizer fails, with the estimate, so a broken tokenizer never costs a usage figure."""
+    counter = handle.counter
+    try:
+        return await asyncio.to_thread(count, counter), not counter.exact
+    except Exception:
+        log.exception("token counting failed for node %s; estimating", handle.name)
+        return count(EstimatingCounter()), True
+
+
 def _input_tokens(request: ChatRequest | EmbeddingsRequest) -> int:
     if isinstance(request, ChatRequest):
         return 0
-    return (len(request.text()) + 3) // 4
+    return EstimatingCounter().completion_tokens(request.text())

@@ -8,16 +8,15 @@ away cancels this handler, which closes the upstream request at once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
 from spillway.errors import StreamInterrupted, UpstreamError
-from spillway.nodes.tokens import EstimatingCounter, TokenCounter
+from spillway.nodes.tokens import TokenCounter
 from spillway.routing.dispatch import OpenStream
 from spillway.secrets import Redactor
-from spillway.server.accounting import Tally
+from spillway.server.accounting import Tally, count_tokens
 from spillway.server.responses import error_body
 from spillway.wire.requests import ChatRequest
 from spillway.wire.sse import DONE_EVENT, SseEvent, encode_data, encode_error
@@ -47,7 +46,7 @@ async def relay_stream(
         await response.prepare(request)
         outcome = await _pump(response, stream, relay)
         if outcome is None:
-            await _finish(response, stream, chat, relay)
+            await _finish(response, stream, chat, relay, tally)
             tally.status = "ok"
         else:
             stream.broke()
@@ -65,14 +64,12 @@ async def relay_stream(
 
 def _settle_usage(tally: Tally, stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> None:
     """The node's usage if it sent one (or we counted it already), else count it later."""
-    if relay.usage is not None:
-        tally.usage, tally.usage_estimated = (
-            relay.usage,
-            relay.usage.counted and not (stream.handle.counter.exact),
-        )
+    if tally.usage is not None:
         return
-    counter = stream.handle.counter
-    tally.count_later = lambda: (_count(counter, chat, relay), not counter.exact)
+    if relay.usage is not None:
+        tally.usage = relay.usage
+        return
+    tally.count_later = lambda counter: _count(counter, chat, relay)
 
 
 async def _pump(
@@ -103,25 +100,20 @@ async def _pump(
 
 
 async def _finish(
-    response: web.StreamResponse, stream: OpenStream, chat: ChatRequest, relay: ChunkRelay
+    response: web.StreamResponse,
+    stream: OpenStream,
+    chat: ChatRequest,
+    relay: ChunkRelay,
+    tally: Tally,
 ) -> None:
     if chat.include_usage and relay.usage is None:
-        usage = await count_usage(stream, chat, relay)
-        relay.usage = usage
-        await response.write(encode_data(relay.usage_chunk(usage)))
+        # The node sent no usage: count it now, the client asked for it before [DONE].
+        tally.usage, tally.usage_estimated = await count_tokens(
+            stream.handle, lambda counter: _count(counter, chat, relay)
+        )
+        await response.write(encode_data(relay.usage_chunk(tally.usage)))
     await response.write(DONE_EVENT)
     await response.write_eof()
-
-
-async def count_usage(stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> Usage:
-    """Usage for a node that streamed none: its tokenizer, or an estimate."""
-
-    try:
-        return await asyncio.to_thread(_count, stream.handle.counter, chat, relay)
-    except Exception:
-        # A broken tokenizer must not cost the client its answer's end: estimate instead.
-        log.exception("token counting failed for node %s; estimating", stream.handle.name)
-        return _count(EstimatingCounter(), chat, relay)
 
 
 def _count(counter: TokenCounter, chat: ChatRequest, relay: ChunkRelay) -> Usage:
@@ -131,4 +123,4 @@ def _count(counter: TokenCounter, chat: ChatRequest, relay: ChunkRelay) -> Usage
         completion = chat.max_tokens  # the node stopped exactly at the limit
     else:
         completion = counter.completion_tokens(relay.text)
-    return Usage(prompt, completion, counted=True)
+    return Usage(prompt, completion)

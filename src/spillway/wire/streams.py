@@ -18,8 +18,6 @@ import orjson
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    #: counted or estimated by spillway rather than reported by the node
-    counted: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -86,7 +84,7 @@ class ChunkRelay:
             return data  # not ours to judge; pass it on as the node sent it
         if not isinstance(chunk, dict):
             return data
-        if chunk.get("error"):
+        if _is_error(chunk):
             self.error_message = _error_message(chunk["error"])
             return None
         self.chunks += 1
@@ -149,3 +147,18 @@ def _error_message(error: Any) -> str:
     if isinstance(message, str):
         return message
     return str(error)[:300]
+
+
+def is_error_payload(data: bytes) -> bool:
+    """Is this SSE data an in-band error (``{"error": {...}}``) rather than a chunk?"""
+    if b'"error"' not in data:
+        return False
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return _is_error(payload)
+
+
+def _is_error(payload: Any) -> bool:
+    return isinstance(payload, dict) and bool(payload.get("error"))

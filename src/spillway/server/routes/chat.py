@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from aiohttp import web
 
 from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
+from spillway.nodes.tokens import TokenCounter
 from spillway.routing.dispatch import RequestContext
 from spillway.routing.router import NodeHandle
 from spillway.server.accounting import Tally
@@ -83,13 +84,12 @@ def _note_reply(
     tally.answered_by(handle, request.model)
     tally.usage = reply_usage(body)
     if tally.usage is None:  # the node reported none: count it once the client has its answer
-        counter = handle.counter
 
-        def count() -> tuple[Usage, bool]:
+        def count(counter: TokenCounter) -> Usage:
             if isinstance(request, EmbeddingsRequest):
-                return Usage(counter.completion_tokens(request.text()), 0), not counter.exact
+                return Usage(counter.completion_tokens(request.text()), 0)
             prompt = counter.prompt_tokens(request.body)
-            return Usage(prompt, counter.completion_tokens(reply_text(body))), not counter.exact
+            return Usage(prompt, counter.completion_tokens(reply_text(body)))
 
         tally.count_later = count
 
