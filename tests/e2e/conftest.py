@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,12 @@ import openai
 import pytest
 
 from spillway.config.defaults import CLOUD_PROVIDERS
-from spillway.nodes.managed import default_model_path
+from spillway.nodes.managed import default_model_path, free_loopback_port
 
 SPILLWAY = Path(sys.executable).with_name("spillway")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = free_loopback_port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from spillway.nodes.managed import free_loopback_port
+
 Mode = Literal["ok", "status", "stall", "cut", "slow", "interrupted"]
 
 
@@ -225,9 +227,4 @@ def _abort(request: web.Request) -> None:
 
 def closed_port() -> int:
     """A loopback port with nothing listening (connection refused)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return free_loopback_port()  # bound for a moment, then released
