@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from spillway.config.schema import Config
 
@@ -27,6 +28,13 @@ class Redactor:
     def for_config(cls, config: Config) -> Redactor:
         secrets = [k.key.get_secret_value() for k in config.keys]
         secrets += [n.api_key.get_secret_value() for n in config.nodes.values() if n.api_key]
+        cache = config.cache
+        if cache.secret is not None:
+            secrets.append(cache.secret.get_secret_value())
+        for url in (cache.redis_url, cache.pgvector_url, config.ledger.url):
+            password = urlsplit(url.get_secret_value()).password if url else None
+            if password:
+                secrets.append(password)
         return cls(secrets)
 
     def scrub(self, text: str) -> str:

@@ -24,6 +24,9 @@ _LEDGER_SCHEMES = frozenset(
     {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
 )
 LoadSignal = Literal["vllm", "sglang", "llamacpp", "mindie", "none"]
+CacheMode = Literal["off", "exact", "semantic"]
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_PG_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
 
 
 class _Frozen(BaseModel):
@@ -90,11 +93,90 @@ class BreakerConfig(_Frozen):
 
 
 class ModelPolicy(_Frozen):
-    """Per public model: when a private node counts as too busy to take more."""
+    """Per public model: when a private node counts as too busy, and how it is cached."""
 
     #: a private node whose smoothed time to first token exceeds this while its engine
     #: reports waiting requests is treated as full; it counts as free again below half of it
     spill_wait_s: float = Field(default=5.0, gt=0)
+    #: overrides of [cache] mode, ttl_s and threshold for this model
+    cache: CacheMode | None = None
+    cache_ttl_s: float | None = Field(default=None, gt=0)
+    cache_threshold: float | None = Field(default=None, gt=0, le=1)
+
+
+class CacheConfig(_Frozen):
+    """The response cache (docs/cache.md): what is cached, for how long, and where."""
+
+    #: for every model without its own ``[models.NAME] cache``
+    mode: CacheMode = "exact"
+    ttl_s: float = Field(default=86_400.0, gt=0)
+    #: the semantic hit threshold; None: the verifier's own default (or required for a
+    #: node embedder, where it is a plain cosine threshold)
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    #: cache only requests that ask for temperature 0; false caches sampled answers too
+    deterministic_only: bool = True
+    #: also cache answers that call tools
+    cache_tool_calls: bool = False
+    #: the HMAC key that scopes entries per tenant; default: generated once and kept in
+    #: DATA_DIR/cache.key. Set it (the same everywhere) when replicas share Redis/PostgreSQL.
+    secret: SecretStr | None = None
+    store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: SecretStr | None = None
+    max_entries: int = Field(default=100_000, ge=1)
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    index: Literal["numpy", "pgvector"] = "numpy"
+    pgvector_url: SecretStr | None = None
+    #: "local" (all-MiniLM-L6-v2 in-process) or the name of a node serving /v1/embeddings
+    embedder: str = "local"
+    #: the model to ask that node for (its own name for it); required for a node embedder
+    embedding_model: str | None = None
+    embedding_dim: int = Field(default=384, ge=1, le=16_384)
+    #: nearest cached prompts the verifier looks at
+    neighbours: int = Field(default=5, ge=1, le=100)
+    #: a lookup that takes longer (store, index or embedder slow or down) counts as a miss
+    lookup_timeout_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, _REDIS_SCHEMES, "redis://host:6379/0")
+
+    @field_validator("pgvector_url")
+    @classmethod
+    def _pg_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme(value, _PG_SCHEMES, "postgresql://user:password@host:5432/db")
+
+    @model_validator(mode="after")
+    def _backends(self) -> CacheConfig:
+        if self.store == "redis" and self.redis_url is None:
+            raise ValueError("store = 'redis' needs redis_url")
+        if self.index == "pgvector" and self.pgvector_url is None:
+            raise ValueError("index = 'pgvector' needs pgvector_url")
+        if self.embedder != "local" and self.embedding_model is None:
+            raise ValueError("a node embedder needs embedding_model (the node's model name)")
+        if self.embedder != "local" and self.threshold is None:
+            raise ValueError(
+                "a node embedder needs threshold: the cosine similarity at which a cached "
+                "prompt counts as the same (the shipped verifier knows only the local model)"
+            )
+        if self.secret is not None and len(self.secret.get_secret_value()) < 16:
+            raise ValueError("secret: too short, use at least 16 characters")
+        return self
+
+    @property
+    def local_embedder(self) -> bool:
+        return self.embedder == "local"
+
+
+def _check_scheme(
+    value: SecretStr | None, schemes: frozenset[str], example: str
+) -> SecretStr | None:
+    if value is None:
+        return None
+    scheme = value.get_secret_value().split(":", 1)[0]
+    if scheme not in schemes:
+        raise ValueError(f"unsupported URL scheme '{scheme}': use {example}")
+    return value
 
 
 class PriceConfig(_Frozen):
@@ -278,6 +360,7 @@ class Config(_Frozen):
     timeouts: Timeouts = Timeouts()
     routing: RoutingConfig = RoutingConfig()
     ledger: LedgerConfig = LedgerConfig()
+    cache: CacheConfig = CacheConfig()
     breaker: BreakerConfig = BreakerConfig()
     models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]
@@ -310,6 +393,9 @@ class Config(_Frozen):
         for name in self.models:
             if name not in served:
                 raise ValueError(f"models.{name}: no node serves this model")
+        embedder = self.cache.embedder
+        if embedder != "local" and embedder not in self.nodes:
+            raise ValueError(f"cache.embedder: no node named '{embedder}' (or use 'local')")
         return self
 
     def policy_for(self, model: str) -> ModelPolicy:

@@ -74,7 +74,12 @@ class ChunkRelay:
     error_message: str | None = None
     chunks: int = 0
     finish_reasons: list[str] = field(default_factory=list)
+    #: False once the stream carried anything beyond one choice's plain text (tool calls,
+    #: log-probabilities, reasoning, a refusal, a second choice): it cannot be replayed
+    #: faithfully from the text alone, so the cache leaves it alone
+    plain_text: bool = True
     _text: list[str] = field(default_factory=list)
+    _content: list[str] = field(default_factory=list)
     _meta: dict[str, Any] = field(default_factory=dict)
 
     def observe(self, data: bytes) -> bytes | None:
@@ -107,6 +112,16 @@ class ChunkRelay:
     def text(self) -> str:
         return "".join(self._text)
 
+    @property
+    def content(self) -> str:
+        """The answer's message content (no tool-call arguments or reasoning)."""
+        return "".join(self._content)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """id, created, model... as the node sent them in its first chunk."""
+        return dict(self._meta)
+
     def usage_chunk(self, usage: Usage) -> bytes:
         """A final usage chunk in the node's own id/model, for nodes that sent none."""
         chunk = dict(self._meta)
@@ -123,14 +138,20 @@ class ChunkRelay:
                 continue
             if isinstance(choice.get("finish_reason"), str):
                 self.finish_reasons.append(choice["finish_reason"])
+            if choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
+                self.plain_text = False
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 self._gather_delta(delta)
 
     def _gather_delta(self, delta: dict[str, Any]) -> None:
+        if isinstance(delta.get("content"), str):
+            self._content.append(delta["content"])
         for key in ("content", "reasoning_content", "refusal"):
             if isinstance(delta.get(key), str):
                 self._text.append(delta[key])
+        if any(delta.get(k) for k in _NOT_PLAIN):
+            self.plain_text = False
         for call in delta.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
@@ -140,6 +161,7 @@ class ChunkRelay:
 
 
 _META_FIELDS = ("id", "object", "created", "model", "system_fingerprint")
+_NOT_PLAIN = ("tool_calls", "function_call", "reasoning_content", "refusal", "audio")
 
 
 def _error_message(error: Any) -> str:

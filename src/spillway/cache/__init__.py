@@ -1,0 +1,1 @@
+"""The response cache: exact and semantic, scoped per tenant (see docs/cache.md)."""
