@@ -326,3 +326,37 @@ async def test_in_memory_sqlite_works_across_calls() -> None:
     await store.write([make_record(1)])
     assert len(await store.query()) == 1
     await store.aclose()
+
+
+async def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger written before the cache (migration 1 only) gains ``avoided_cost`` = 0."""
+    import spillway.ledger.sql as sql
+
+    old = SqlLedgerStore(url)
+    monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS[:1])
+    await old.open()
+    async with old._engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "INSERT INTO ledger (request_id, at, tenant, key_id, model, prompt_tokens, "
+            "completion_tokens, tokens_estimated, cost, reference_cost, currency, latency_ms, "
+            "status) VALUES ('old-1', 0, 't', 'k', 'm', 1, 2, false, '0.5', '1', 'USD', 3, 'ok')"
+            if url.startswith("sqlite")
+            else "INSERT INTO ledger (request_id, at, tenant, key_id, model, prompt_tokens, "
+            "completion_tokens, tokens_estimated, cost, reference_cost, currency, latency_ms, "
+            "status) VALUES ('old-1', now(), 't', 'k', 'm', 1, 2, false, 0.5, 1, 'USD', 3, 'ok')"
+        )
+    await old.aclose()
+    monkeypatch.undo()
+    assert await migration_rows(url) == [1]
+    new = SqlLedgerStore(url)
+    await new.open()
+    try:
+        await new.write([make_record(2, avoided_cost=Decimal("0.25"))])
+        rows = {r.request_id: r for r in await new.query()}
+    finally:
+        await new.aclose()
+    assert rows["old-1"].avoided_cost == 0 and rows["old-1"].cost == Decimal("0.5")
+    assert rows["req-00002"].avoided_cost == Decimal("0.25")
+    assert await migration_rows(url) == [1, 2]

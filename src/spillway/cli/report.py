@@ -102,6 +102,7 @@ def _table(rows: list[Summary], by: str, currency: str, reference: str) -> Table
         "private",
         "cloud",
         "cache hits",
+        "cache saved",
         "p50 ms",
         "p95 ms",
         "TTFT p50",
@@ -113,7 +114,7 @@ def _table(rows: list[Summary], by: str, currency: str, reference: str) -> Table
             row.group, str(row.requests), str(row.errors + row.incomplete),
             _money(row.cost), _money(row.reference_cost), _money(row.savings),
             _pct(row.private_share), _pct(row.cloud_share), _pct(row.cache_hit_rate),
-            _ms(row.latency_p50_ms), _ms(row.latency_p95_ms),
+            _money(row.cache_avoided), _ms(row.latency_p50_ms), _ms(row.latency_p95_ms),
             _ms(row.ttft_p50_ms), _ms(row.ttft_p95_ms),
             style="bold" if row.group == "total" else None,
         )  # fmt: skip

@@ -18,7 +18,9 @@ class LedgerRecord:
 
     ``cost`` is what the answer cost on the node that served it; ``reference_cost`` is what the
     same tokens would have cost at the reference price (GPT-4.1 by default), so
-    ``reference_cost - cost`` is what private serving or the cache saved. Amounts are in the
+    ``reference_cost - cost`` is what private serving or the cache saved against the
+    reference; for a cache hit (``source`` "cache", ``cost`` 0) ``avoided_cost`` is what it
+    saved against serving it again where it was first served. Amounts are in the
     ledger currency (``currency``). Tokens are ints; ``tokens_estimated`` says they were
     estimated rather than reported by the node or counted with its tokenizer.
     """
@@ -43,6 +45,8 @@ class LedgerRecord:
     error_code: str | None = None
     #: the x-request-id the client sent, if any (``request_id`` is always spillway's own)
     client_request_id: str | None = None
+    #: a cache hit: what answering it again on the node that first answered would have cost
+    avoided_cost: Decimal = Decimal(0)
 
 
 class LedgerStore(Protocol):

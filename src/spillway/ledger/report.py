@@ -36,6 +36,8 @@ class Summary:
     private_share: float  # of answered requests
     cloud_share: float
     cache_hit_rate: float
+    #: what cache hits saved against serving them again where they were first served
+    cache_avoided: Decimal
     latency_p50_ms: int | None
     latency_p95_ms: int | None
     ttft_p50_ms: int | None
@@ -74,6 +76,7 @@ def summary_of(group: str, records: Sequence[LedgerRecord]) -> Summary:
         private_share=_share(answered, "private"),
         cloud_share=_share(answered, "cloud"),
         cache_hit_rate=_share(answered, "cache"),
+        cache_avoided=sum((r.avoided_cost for r in records), Decimal(0)),
         latency_p50_ms=percentile(latencies, 0.50),
         latency_p95_ms=percentile(latencies, 0.95),
         ttft_p50_ms=percentile(ttfts, 0.50),

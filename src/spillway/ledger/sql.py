@@ -15,12 +15,16 @@ Storage choices, the same on both engines as seen from Python:
   processes may open the same database at once.
 - SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a process crash, and
   the last transactions (not the file) can be lost only to a power cut or OS crash.
+- Writes to a SQLite file bypass SQLAlchemy: plain ``sqlite3`` in one thread of their own
+  (``sqlite_writes.py``), so neither converting rows nor SQLite's work runs on the event loop.
+  Reads, migrations and retention, and everything on PostgreSQL, use the async engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import sqlite3
 import time
 import zlib
@@ -59,6 +63,7 @@ from sqlalchemy.types import TypeDecorator
 
 from spillway.clock import Clock, SystemClock
 from spillway.ledger.records import LedgerRecord
+from spillway.ledger.sqlite_writes import SqliteBatchWriter
 from spillway.prices import AMOUNT_QUANTUM
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -164,8 +169,15 @@ def _ledger_v1(metadata: MetaData) -> Table:
     )
 
 
+def _ledger_v2(metadata: MetaData) -> Table:
+    """Migration 2 adds ``avoided_cost``: what a cache hit saved (0 for every other row)."""
+    table = _ledger_v1(metadata)
+    table.append_column(Column("avoided_cost", Money, nullable=False, server_default="0"))
+    return table
+
+
 METADATA = MetaData()
-LEDGER = _ledger_v1(METADATA)
+LEDGER = _ledger_v2(METADATA)
 SCHEMA_MIGRATIONS = Table(
     "schema_migrations",
     METADATA,
@@ -173,17 +185,29 @@ SCHEMA_MIGRATIONS = Table(
     Column("applied_at", UtcTimestamp, nullable=False),
 )
 FIELDS = tuple(f.name for f in fields(LedgerRecord))
-_AT, _COST, _REFERENCE, _ESTIMATED = (
-    FIELDS.index(n) for n in ("at", "cost", "reference_cost", "tokens_estimated")
-)
+_VALUES = operator.attrgetter(*FIELDS)  # a record's fields as a tuple, in one C call
+_AT, _ESTIMATED = (FIELDS.index(n) for n in ("at", "tokens_estimated"))
+_MONEY_FIELDS = tuple(FIELDS.index(n) for n in ("cost", "reference_cost", "avoided_cost"))
 
 
 def _create_ledger_v1(conn: Connection) -> None:
     _ledger_v1(MetaData()).create(conn)
 
 
+def _add_avoided_cost(conn: Connection) -> None:
+    money = (
+        "TEXT NOT NULL DEFAULT '0'"
+        if conn.dialect.name == "sqlite"
+        else ("NUMERIC(20, 6) NOT NULL DEFAULT 0")
+    )
+    conn.exec_driver_sql(f"ALTER TABLE ledger ADD COLUMN avoided_cost {money}")
+
+
 #: Ordered schema migrations: (version, step on a sync connection inside the open transaction).
-MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _create_ledger_v1),)
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
+    (1, _create_ledger_v1),
+    (2, _add_avoided_cost),
+)
 
 
 def _no_lock(conn: Connection) -> None:
@@ -263,10 +287,10 @@ def _insert_sql(placeholder: Callable[[int], str]) -> str:
 
 def _row(rec: LedgerRecord, sqlite: bool) -> tuple[Any, ...]:
     """One record as the driver takes it, converted exactly as the column types do."""
-    values = [getattr(rec, name) for name in FIELDS]
+    values = list(_VALUES(rec))
     values[_AT] = _bind_time(rec.at, sqlite)
-    values[_COST] = _bind_money(rec.cost, sqlite)
-    values[_REFERENCE] = _bind_money(rec.reference_cost, sqlite)
+    for i in _MONEY_FIELDS:
+        values[i] = _bind_money(values[i], sqlite)
     if sqlite:
         values[_ESTIMATED] = int(rec.tokens_estimated)
     return tuple(values)
@@ -346,6 +370,13 @@ class SqlLedgerStore:
         self._clock = clock or SystemClock()
         self._url = parsed.set(drivername=self._flavour.driver)
         self._engine = self._flavour.make_engine(self._url)
+        # A SQLite file is written with plain sqlite3 in a thread of its own (sqlite_writes.py);
+        # an in-memory database exists only inside the engine's one connection, so it cannot.
+        self._direct: SqliteBatchWriter | None = None
+        if backend == "sqlite" and self._url.database and not _in_memory(self._url):
+            self._direct = SqliteBatchWriter(
+                self._url.database, self._flavour.insert_sql, self._flavour.row, _SQLITE_PRAGMAS
+            )
 
     async def open(self) -> None:
         now = datetime.fromtimestamp(self._clock.wall(), UTC)
@@ -357,6 +388,9 @@ class SqlLedgerStore:
 
     async def write(self, records: Sequence[LedgerRecord]) -> None:
         if not records:
+            return
+        if self._direct is not None:
+            await self._direct.write(records)
             return
         # The driver's executemany over plain tuples: per row this costs a few microseconds,
         # where SQLAlchemy's per-row parameter processing cost ~25 (and the GIL with it).
@@ -396,6 +430,8 @@ class SqlLedgerStore:
                 return result.rowcount
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
         await self._engine.dispose()
 
 

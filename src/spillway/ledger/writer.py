@@ -37,6 +37,10 @@ log = logging.getLogger("spillway.ledger")
 
 MAX_BACKOFF_S = 5.0
 CLOSE_TIMEOUT_S = 10.0
+#: Records per write. Large, so that under load a write happens about once per flush interval,
+#: not once per few hundred requests: each write has a fixed cost (a hand-off to the store's
+#: thread or connection, a transaction), and records in memory are cheap.
+MAX_BATCH = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class LedgerWriter:
         store: LedgerStore,
         clock: Clock,
         flush_interval_s: float = 0.5,
-        max_batch: int = 500,
+        max_batch: int = MAX_BATCH,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
     ):
         if flush_interval_s <= 0 or max_batch < 1:
