@@ -22,6 +22,8 @@ SPILLWAY = Path(sys.executable).with_name("spillway")
 
 
 free_port = free_loopback_port
+#: For tests that compare what the node itself does (a cache hit would answer instead).
+NO_CACHE = {"x-spillway-cache": "off"}
 
 
 def clean_env(**extra: str) -> dict[str, str]:

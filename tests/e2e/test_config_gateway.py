@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from spillway.nodes.managed import default_model_path
-from tests.e2e.conftest import Gateway, free_port, start_gateway, stop
+from tests.e2e.conftest import NO_CACHE, Gateway, free_port, start_gateway, stop
 
 pytestmark = pytest.mark.e2e
 HI: Any = [{"role": "user", "content": "Say hi"}]
@@ -88,7 +88,9 @@ def test_valid_keys_are_served_by_the_private_node(gateway: Gateway, key: str):
 
 def test_configured_tokenizer_gives_exact_stream_usage(gateway: Gateway):
     client = gateway.client(TEAM_KEY)
-    plain = client.chat.completions.create(model="chat", messages=HI, max_tokens=30, temperature=0)
+    plain = client.chat.completions.create(
+        model="chat", messages=HI, max_tokens=30, temperature=0, extra_headers=NO_CACHE
+    )
     chunks = list(
         client.chat.completions.create(
             model="chat",
@@ -97,6 +99,7 @@ def test_configured_tokenizer_gives_exact_stream_usage(gateway: Gateway):
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            extra_headers=NO_CACHE,
         )
     )
     assert plain.usage is not None

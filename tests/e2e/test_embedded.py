@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import NO_CACHE, Gateway
 
 pytestmark = pytest.mark.e2e
 HI: Any = [{"role": "user", "content": "Say hi"}]
@@ -17,7 +18,7 @@ HI: Any = [{"role": "user", "content": "Say hi"}]
 
 def stream_text_and_last(client: openai.OpenAI, **kwargs: Any) -> tuple[str, Any, list[Any]]:
     chunks = list(client.chat.completions.create(model="default", messages=HI, stream=True,
-                                                 **kwargs))  # fmt: skip
+                                                 extra_headers=NO_CACHE, **kwargs))  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks[-1], chunks
 
@@ -28,7 +29,7 @@ def test_models_lists_the_public_name(embedded: Gateway):
 
 def test_non_streaming_answer_and_headers(embedded: Gateway):
     raw = embedded.client().chat.completions.with_raw_response.create(
-        model="default", messages=HI, max_tokens=20, temperature=0
+        model="default", messages=HI, max_tokens=20, temperature=0, extra_headers=NO_CACHE
     )
     completion = raw.parse()
     assert completion.choices[0].message.content
@@ -41,7 +42,7 @@ def test_non_streaming_answer_and_headers(embedded: Gateway):
 def test_stream_matches_the_non_streaming_answer(embedded: Gateway):
     client = embedded.client()
     plain = client.chat.completions.create(
-        model="default", messages=HI, max_tokens=24, temperature=0
+        model="default", messages=HI, max_tokens=24, temperature=0, extra_headers=NO_CACHE
     )
     text, _, chunks = stream_text_and_last(client, max_tokens=24, temperature=0)
     assert text == plain.choices[0].message.content
@@ -49,11 +50,31 @@ def test_stream_matches_the_non_streaming_answer(embedded: Gateway):
     assert all(c.usage is None for c in chunks), "no usage chunk unless asked for"
 
 
+def test_a_repeated_deterministic_request_is_answered_from_the_cache(embedded: Gateway):
+    client = embedded.client()
+    prompt: Any = [{"role": "user", "content": "Name a large ocean."}]
+    asked = {"model": "default", "messages": prompt, "max_tokens": 16, "temperature": 0}
+    first = client.chat.completions.with_raw_response.create(**asked)
+    time.sleep(0.3)  # the answer is stored after the response
+    again = client.chat.completions.with_raw_response.create(**asked)
+    streamed = client.chat.completions.with_raw_response.create(**asked, stream=True)
+    assert first.headers["x-spillway-cache"] == "miss"
+    assert (again.headers["x-spillway-cache"], again.headers["x-spillway-source"]) == (
+        "hit-exact",
+        "cache",
+    )
+    answer = first.parse().choices[0].message.content
+    assert again.parse().choices[0].message.content == answer
+    assert streamed.headers["x-spillway-cache"] == "hit-exact"
+    text = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    assert text == answer
+
+
 def test_include_usage_matches_the_nodes_own_count(embedded: Gateway):
     client = embedded.client()
     prompt: Any = [{"role": "user", "content": "Name three colours, briefly."}]
     plain = client.chat.completions.create(
-        model="default", messages=prompt, max_tokens=40, temperature=0
+        model="default", messages=prompt, max_tokens=40, temperature=0, extra_headers=NO_CACHE
     )
     chunks = list(
         client.chat.completions.create(
@@ -63,6 +84,7 @@ def test_include_usage_matches_the_nodes_own_count(embedded: Gateway):
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            extra_headers=NO_CACHE,
         )
     )
     usage = chunks[-1].usage

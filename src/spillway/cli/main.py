@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from spillway.cli.cache_cmd import cache_group
 from spillway.cli.config_cmd import config_group
 from spillway.cli.nodes import nodes
 from spillway.cli.planner_cmds import plan, roi
@@ -23,6 +24,7 @@ cli.add_command(nodes)
 cli.add_command(roi)
 cli.add_command(plan)
 cli.add_command(report)
+cli.add_command(cache_group)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from spillway.cache.answers import CachedAnswer
 from spillway.clock import Clock
 from spillway.ledger.budgets import Budgets, Reservation
 from spillway.ledger.costing import Charge, Costing
@@ -51,6 +52,8 @@ class Tally:
     reservation: Reservation | None = None
     latency_ms: int = 0
     client_request_id: str | None = None
+    #: set when the answer came from the cache (a hit, or an identical request's answer)
+    from_cache: CachedAnswer | None = None
 
     def answered_by(self, handle: NodeHandle, model: str) -> None:
         self.handle = handle
@@ -121,19 +124,28 @@ class Accountant:
         self._write(tally)
 
     def _write(self, tally: Tally) -> None:
-        usage = tally.usage or Usage(0, 0)
+        cached = tally.from_cache
+        usage = cached.usage if cached else tally.usage or Usage(0, 0)
         node = tally.handle.name if tally.handle else None
         charge = self._costing.charge(node, usage.prompt_tokens, usage.completion_tokens)
         self._budgets.settle(tally.reservation, charge.cost)
         if self._writer is None:
             return
+        avoided = Decimal(0)
+        if cached is not None and cached.node is not None:
+            avoided = self._costing.estimate(
+                cached.node, usage.prompt_tokens, usage.completion_tokens
+            )
         try:
-            self._writer.record(self._record(tally, usage, node, charge))
+            self._writer.record(self._record(tally, usage, node, charge, avoided))
         except (RuntimeError, ValueError):
             # Only after shutdown began, or for a record the store could never take.
             log.exception("ledger record for request %s was not accepted", tally.request_id)
 
-    def _record(self, tally: Tally, usage: Usage, node: str | None, charge: Charge) -> LedgerRecord:
+    def _record(
+        self, tally: Tally, usage: Usage, node: str | None, charge: Charge, avoided: Decimal
+    ) -> LedgerRecord:
+        source = "cache" if tally.from_cache else tally.handle.kind if tally.handle else None
         return LedgerRecord(
             request_id=tally.request_id,
             at=tally.at,
@@ -141,7 +153,7 @@ class Accountant:
             key_id=tally.principal.key_id,
             model=tally.model,
             node=node,
-            source=tally.handle.kind if tally.handle else None,
+            source=source,
             upstream_model=tally.upstream_model,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -154,6 +166,7 @@ class Accountant:
             status=tally.status,
             error_code=tally.error_code,
             client_request_id=tally.client_request_id,
+            avoided_cost=avoided,
         )
 
 

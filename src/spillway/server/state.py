@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from spillway.cache.service import ResponseCache
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
 from spillway.errors import StartupError
@@ -33,6 +34,7 @@ from spillway.routing.router import NodeHandle, Router
 from spillway.secrets import Redactor
 from spillway.server.accounting import Accountant
 from spillway.server.auth import KeyRing, key_id
+from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
 
 log = logging.getLogger("spillway.server")
@@ -48,6 +50,7 @@ class Gateway:
     redactor: Redactor
     health: HealthBoard
     accountant: Accountant
+    cache: ResponseCache
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -80,6 +83,7 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
     monitor.start()
     stack.push_async_callback(monitor.aclose)
     accountant = await _accountant(config, router, clock, stack)
+    cache = await build_cache(config, router, clock, stack)
     return Gateway(
         config=config,
         clock=clock,
@@ -89,6 +93,7 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
         redactor=Redactor.for_config(config),
         health=HealthBoard(router, managed, clock),
         accountant=accountant,
+        cache=cache,
     )
 
 

@@ -38,9 +38,10 @@ async def relay_stream(
     headers: dict[str, str],
     redactor: Redactor,
     tally: Tally,
+    relay: ChunkRelay,
 ) -> web.StreamResponse:
+    """Relay the stream; ``relay`` (made by the caller) keeps what the stream said."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    relay = ChunkRelay(include_usage=chat.include_usage)
     tally.status = "incomplete"  # until the stream really ends well
     try:
         await response.prepare(request)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from aiohttp import web
 
+from spillway.cache.answers import CachedAnswer, from_reply, from_stream
+from spillway.cache.merging import wait_for_leader
+from spillway.cache.service import Hit, Probe
 from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
 from spillway.nodes.tokens import TokenCounter
 from spillway.routing.dispatch import RequestContext
 from spillway.routing.router import NodeHandle
 from spillway.server.accounting import Tally
+from spillway.server.cached import CACHE_HEADER, Sharing, replay
 from spillway.server.middleware import client_supplied_id, principal_of, request_id_of
 from spillway.server.responses import route_headers
 from spillway.server.state import GATEWAY, Gateway
 from spillway.server.streaming import relay_stream
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, parse_chat, parse_embeddings
-from spillway.wire.streams import Usage, reply_text, reply_usage
+from spillway.wire.streams import ChunkRelay, Usage, reply_text, reply_usage
 
 #: A client may shorten the request's deadline (all attempts included) with this header.
 TIMEOUT_HEADER = "x-spillway-timeout"
@@ -28,17 +33,92 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     with accounted(gateway, request) as tally:
         chat = parse_chat(await read_body(request, gateway))
-        gateway.accountant.reserve(tally, chat)
+        tally.model = chat.model
         ctx = _context(request, gateway)
-        if not chat.stream:
-            answer = await gateway.dispatcher.complete(chat, ctx)
-            _note_reply(tally, answer.handle, chat, answer.reply.body)
-            return _json(answer.reply.body, route_headers(answer.handle, ctx.request_id))
-        stream = await gateway.dispatcher.open_stream(chat, ctx)
-        tally.answered_by(stream.handle, chat.model)
-        tally.ttft_ms = int(1000 * (gateway.clock.monotonic() - tally.started))
-        headers = route_headers(stream.handle, ctx.request_id)
-        return await relay_stream(request, stream, chat, headers, gateway.redactor, tally)
+        # An unknown model is a 404 even when an old entry for it is still in the cache.
+        gateway.router.check_eligible(chat.model, ctx.private_only)
+        probe = gateway.cache.probe(
+            chat.body, request.headers, ctx.tenant, chat.model, ctx.private_only
+        )
+        if probe.keys is None:
+            return await _upstream(request, gateway, chat, ctx, tally, None)
+        return await _cached_or_upstream(request, gateway, chat, ctx, tally, probe)
+
+
+async def _cached_or_upstream(
+    request: web.Request,
+    gateway: Gateway,
+    chat: ChatRequest,
+    ctx: RequestContext,
+    tally: Tally,
+    probe: Probe,
+) -> web.StreamResponse:
+    """A hit; else the answer of an identical request in flight; else our own upstream call."""
+    assert probe.keys is not None
+    cache, clock = gateway.cache, gateway.clock
+    lookup = await cache.lookup(probe)
+    if lookup.hit is not None:
+        return await _from_cache(request, gateway, chat, ctx, tally, lookup.hit, merged=False)
+    leader = cache.merger.follow(probe.keys.exact)
+    if leader is not None:
+        shared = await wait_for_leader(leader, ctx.deadline - clock.monotonic())
+        if shared is not None:
+            cache.count_merged()
+            hit = Hit("exact", CachedAnswer.from_bytes(shared))
+            return await _from_cache(request, gateway, chat, ctx, tally, hit, merged=True)
+    sharing = Sharing(cache, probe, lookup.vector, leads=leader is None, now=clock.wall())
+    try:
+        return await _upstream(request, gateway, chat, ctx, tally, sharing)
+    finally:
+        sharing.settle()
+
+
+async def _from_cache(
+    request: web.Request,
+    gateway: Gateway,
+    chat: ChatRequest,
+    ctx: RequestContext,
+    tally: Tally,
+    hit: Hit,
+    merged: bool,
+) -> web.StreamResponse:
+    tally.from_cache = hit.answer
+    now = gateway.clock.wall()
+    return await replay(request, hit, chat, ctx.request_id, now, merged)
+
+
+async def _upstream(
+    request: web.Request,
+    gateway: Gateway,
+    chat: ChatRequest,
+    ctx: RequestContext,
+    tally: Tally,
+    sharing: Sharing | None,
+) -> web.StreamResponse:
+    """Dispatch to the fleet; with ``sharing``, offer the answer to the cache afterwards."""
+    gateway.accountant.reserve(tally, chat)
+    cache_status = {CACHE_HEADER: "bypass" if sharing is None else "miss"}
+    tools = gateway.config.cache.cache_tool_calls
+    if not chat.stream:
+        answer = await gateway.dispatcher.complete(chat, ctx)
+        body, handle = answer.reply.body, answer.handle
+        _note_reply(tally, handle, chat, body)
+        if sharing is not None:
+            now = gateway.clock.wall()
+            build = partial(from_reply, body, node=handle.name, now=now, tools=tools)
+            sharing.offer(build, tally.usage, handle, tally.count_later)
+        return _json(body, {**route_headers(handle, ctx.request_id), **cache_status})
+    stream = await gateway.dispatcher.open_stream(chat, ctx)
+    tally.answered_by(stream.handle, chat.model)
+    tally.ttft_ms = int(1000 * (gateway.clock.monotonic() - tally.started))
+    headers = {**route_headers(stream.handle, ctx.request_id), **cache_status}
+    relay = ChunkRelay(include_usage=chat.include_usage)
+    response = await relay_stream(request, stream, chat, headers, gateway.redactor, tally, relay)
+    if sharing is not None and tally.status == "ok":
+        now = gateway.clock.wall()
+        build = partial(from_stream, relay, node=stream.handle.name, now=now)
+        sharing.offer(build, tally.usage, stream.handle, tally.count_later)
+    return response
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:

@@ -33,7 +33,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 only when every public model has at least one node answering right now."""
-    ready, body = await request.app[GATEWAY].health.readiness()
+    gateway = request.app[GATEWAY]
+    ready, body = await gateway.health.readiness()
+    body["cache"] = gateway.cache.describe()
     return web.Response(
         body=orjson.dumps(body), status=200 if ready else 503, content_type="application/json"
     )

@@ -1,0 +1,160 @@
+"""Building the response cache from ``[cache]``: its secret, store, index and embedder.
+
+A cache backend that is down at start-up does not stop the gateway: it is logged, and the
+cache serves misses until the backend answers (each lookup tries again, within its timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from spillway.cache.cosine import CosineMatcher
+from spillway.cache.remote_embedder import NodeEmbedder
+from spillway.cache.service import ResponseCache, Semantic
+from spillway.cache.stores import CacheStore
+from spillway.cache.vectors import VectorIndex
+from spillway.clock import Clock
+from spillway.config.schema import CacheConfig, Config
+from spillway.routing.router import Router
+
+log = logging.getLogger("spillway.cache")
+
+SECRET_FILE = "cache.key"
+
+
+async def build_cache(
+    config: Config, router: Router, clock: Clock, stack: AsyncExitStack
+) -> ResponseCache:
+    settings, data_dir = config.cache, config.server.data_dir
+    store = await _started(make_store(settings, data_dir, clock), "store")
+    semantic = None
+    if uses_semantic(config):
+        semantic = await _semantic(settings, data_dir, router, clock, stack)
+    cache = ResponseCache(
+        settings, config.policy_for, cache_secret(settings, data_dir), store, semantic, clock
+    )
+    stack.push_async_callback(cache.aclose)
+    return cache
+
+
+def uses_semantic(config: Config) -> bool:
+    """Semantic machinery (an embedder, an index) loads only when some model asks for it."""
+    modes = {config.cache.mode, *(p.cache for p in config.models.values())}
+    return "semantic" in modes
+
+
+def cache_secret(settings: CacheConfig, data_dir: Path) -> bytes:
+    """``[cache] secret``, else a random key made once in DATA_DIR/cache.key (mode 0600),
+    shared by every worker and restart that uses the same data dir."""
+    if settings.secret is not None:
+        return settings.secret.get_secret_value().encode()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_secret(path)
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(32).hex().encode())
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> bytes:
+    # Another worker may have created the file a moment ago and still be writing it.
+    for _ in range(100):
+        secret = path.read_bytes().strip()
+        if len(secret) >= 32:
+            return secret
+        time.sleep(0.01)
+    raise OSError(f"{path} holds no usable cache secret; delete it to make a new one")
+
+
+def make_store(settings: CacheConfig, data_dir: Path, clock: Clock) -> CacheStore:
+    if settings.store == "redis":
+        from spillway.cache.redis_store import RedisCacheStore
+
+        assert settings.redis_url is not None  # the schema requires it
+        return RedisCacheStore(settings.redis_url.get_secret_value(), clock)
+    from spillway.cache.sqlite_store import SqliteCacheStore
+
+    return SqliteCacheStore(data_dir / "cache.db", clock, settings.max_entries, settings.max_bytes)
+
+
+def make_index(settings: CacheConfig, data_dir: Path, clock: Clock) -> VectorIndex:
+    dim = settings.embedding_dim
+    if settings.index == "pgvector":
+        from spillway.cache.pgvector_index import PgVectorIndex
+
+        assert settings.pgvector_url is not None  # the schema requires it
+        return PgVectorIndex(settings.pgvector_url.get_secret_value(), clock, dim)
+    from spillway.cache.numpy_index import NumpyIndex, one_blas_thread
+
+    if not one_blas_thread():
+        log.warning("threadpoolctl is missing: numpy's BLAS threads may slow semantic lookups")
+    return NumpyIndex(data_dir / "semantic.db", clock, dim, max_entries=settings.max_entries)
+
+
+async def _semantic(
+    settings: CacheConfig, data_dir: Path, router: Router, clock: Clock, stack: AsyncExitStack
+) -> Semantic:
+    index = await _started(make_index(settings, data_dir, clock), "semantic index")
+    if settings.local_embedder:
+        return _local(settings, index, stack)
+    handle = next(h for h in router.handles if h.name == settings.embedder)
+    assert settings.embedding_model is not None and settings.threshold is not None
+    embedder = NodeEmbedder(handle.node, settings.embedding_model, handle.private, handle.timeouts)
+    matcher = CosineMatcher()
+    return Semantic(index, embedder, matcher, settings.neighbours, settings.threshold)
+
+
+def _local(settings: CacheConfig, index: VectorIndex, stack: AsyncExitStack) -> Semantic:
+    """all-MiniLM-L6-v2 with the trained verifier; the model loads in the background (a few
+    seconds) and semantic lookups are misses until it has."""
+    from spillway.cache.local_embedder import LocalMiniLM
+    from spillway.cache.verifier import DEFAULT_THRESHOLD, SemanticMatcher, Verifier
+
+    embedder = LocalMiniLM()
+    warming = asyncio.create_task(embedder.warm())
+    warming.add_done_callback(_report_warm)
+    stack.callback(warming.cancel)
+    matcher = SemanticMatcher(Verifier.load())
+    return Semantic(
+        index, embedder, matcher, settings.neighbours, DEFAULT_THRESHOLD, _loaded(warming)
+    )
+
+
+def _loaded(task: asyncio.Task[None]) -> Callable[[], bool]:
+    return lambda: task.done() and not task.cancelled() and task.exception() is None
+
+
+def _report_warm(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        reason = task.exception()
+        log.error("semantic cache disabled: the local embedder failed to load: %s", reason)
+    else:
+        log.info("semantic cache ready (local all-MiniLM-L6-v2)")
+
+
+class _Opens(Protocol):
+    async def open(self) -> None: ...
+
+
+_B = TypeVar("_B", bound=_Opens)
+
+
+async def _started(backend: _B, what: str) -> _B:
+    try:
+        await backend.open()
+    except Exception as exc:
+        reason = type(exc).__name__
+        log.warning("cache %s unavailable at start-up (%s); misses until it answers", what, reason)
+    return backend
