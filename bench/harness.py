@@ -9,7 +9,8 @@ BENCH_WARMUP_SECONDS (default 3; smoke 1), BENCH_SETTLE_SECONDS (pause before ea
 phase, default 1.5; smoke 0.5), BENCH_LATENCY_RUNS (c=1 runs averaged, default 2;
 smoke 1), BENCH_TTFT_N (default 300; smoke 30), BENCH_START_TIMEOUT (seconds a candidate has to
 answer, default 180), BENCH_CANDIDATES (comma-separated subset of direct, spillway-1w,
-spillway-2w, litellm, floor), BENCH_OUT (default bench/results, smoke: bench/results/smoke).
+spillway-2w, spillway-hit, litellm, floor), BENCH_OUT (default bench/results, smoke:
+bench/results/smoke).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import litellm_config
 import procs
 import report
 
@@ -36,11 +36,12 @@ ROOT = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
 LITELLM_BIN = BENCH / ".venv-litellm" / "bin"
 KEY = "sk-bench-2f6c1e0b9a4d47c3"  # the one client key every candidate gets (LiteLLM: master key)
-CANDIDATES = ("direct", "spillway-1w", "spillway-2w", "litellm", "floor")
+CANDIDATES = ("direct", "spillway-1w", "spillway-2w", "spillway-hit", "litellm", "floor")
 LABELS = {
     "direct": "direct (nginx)",
     "spillway-1w": "spillway, 1 worker",
     "spillway-2w": "spillway, 2 workers",
+    "spillway-hit": "spillway, 1 worker, exact cache hits",
     "litellm": "LiteLLM proxy 1.80.0, 1 worker",
     "floor": "floor (bare aiohttp proxy)",
 }
@@ -109,6 +110,8 @@ class Target:
     stream_model: str = "bench-stream"
     proc: procs.Proc | None = None  # None: nothing of its own to stop (direct)
     memory_pid: int = 0  # the root of the process tree whose memory counts
+    #: a header every measured answer must carry after the warm-up (name, value prefix)
+    expect_header: tuple[str, str] | None = None
 
 
 @dataclass
@@ -176,7 +179,10 @@ def spillway_has_workers() -> bool:
     return "--workers" in out.stdout
 
 
-def cand_spillway(ctx: Context, name: str, workers: int) -> Target:
+def cand_spillway(ctx: Context, name: str, workers: int, cache: str = "off") -> Target:
+    """spillway with auth and the ledger on. The response cache is off (``cache="off"``) for
+    the proxy figures: every wrk request is the same temperature-0 body, which the default
+    exact cache would answer after the first. ``cache="exact"`` measures those hits."""
     if workers > 1 and not spillway_has_workers():
         raise Skipped("--workers not available (spillway serve --help does not list it)")
     port = procs.free_port()
@@ -188,6 +194,9 @@ access_log = false
 
 [ledger]
 enabled = true          # the default: SQLite at DATA_DIR/ledger.db
+
+[cache]
+mode = "{cache}"
 
 [nodes.upstream]
 kind = "private"
@@ -219,7 +228,10 @@ tenant = "bench"
     if workers > 1:
         argv += ["--workers", str(workers)]
     proc = procs.start(name, argv, ctx.workdir, env=_clean_env())
-    return Target(base=f"http://127.0.0.1:{port}", proc=proc, memory_pid=proc.pid)
+    target = Target(base=f"http://127.0.0.1:{port}", proc=proc, memory_pid=proc.pid)
+    if cache != "off":
+        target.expect_header = ("x-spillway-cache", "hit-")
+    return target
 
 
 def cand_litellm(ctx: Context, name: str) -> Target:
@@ -227,46 +239,12 @@ def cand_litellm(ctx: Context, name: str) -> Target:
     if not litellm.exists():
         raise CandidateFailed(f"{litellm} not found (bench/run creates bench/.venv-litellm)")
     port = procs.free_port()
-    upstream = {"model": "openai/gpt-4o-mini", "api_key": "sk-upstream-dummy"}
-    config = {  # YAML is a superset of JSON
-        "model_list": [
-            {
-                "model_name": "bench",
-                "litellm_params": upstream | {"api_base": f"{ctx.nginx_base}/v1"},
-            },
-            {
-                "model_name": "bench-stream",
-                "litellm_params": upstream | {"api_base": f"{ctx.nginx_base}/sse/v1"},
-            },
-        ],
-        "general_settings": {
-            "master_key": KEY,
-            "disable_spend_logs": True,
-            "disable_error_logs": True,
-        },
-        "litellm_settings": {
-            "set_verbose": False,
-            "json_logs": False,
-            "telemetry": False,
-            "callbacks": [],
-            "success_callback": [],
-            "failure_callback": [],
-            "service_callback": [],
-            "turn_off_message_logging": True,
-            "disable_streaming_logging": True,
-            "disable_token_counter": True,
-            "disable_end_user_cost_tracking": True,
-            "disable_hf_tokenizer_download": True,
-            "suppress_debug_info": True,
-            "drop_params": True,
-            "request_timeout": 600,
-        },
-    }
+    config = litellm_config.proxy_config(ctx.nginx_base, KEY)
     path = ctx.workdir / f"{name}.yaml"
     path.write_text(json.dumps(config, indent=2))
     # uvicorn's access log off, the rest at WARNING (LITELLM_LOG does not reach uvicorn)
     log_config = ctx.workdir / f"{name}-logging.json"
-    log_config.write_text(json.dumps(UVICORN_QUIET_LOGGING, indent=2))
+    log_config.write_text(json.dumps(litellm_config.UVICORN_QUIET_LOGGING, indent=2))
     argv = [
         str(litellm),
         "--config",
@@ -294,25 +272,6 @@ def cand_litellm(ctx: Context, name: str) -> Target:
     return Target(base=f"http://127.0.0.1:{port}", proc=proc, memory_pid=proc.pid)
 
 
-UVICORN_QUIET_LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {
-        "stderr": {
-            "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "stream": "ext://sys.stderr",
-        }
-    },
-    "loggers": {
-        "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
-        "uvicorn.error": {"level": "WARNING"},
-        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
-    },
-}
-
-
 def cand_floor(ctx: Context, name: str) -> Target:
     port = procs.free_port()
     argv = [
@@ -333,6 +292,7 @@ STARTERS: dict[str, Callable[[Context, str], Target]] = {
     "direct": cand_direct,
     "spillway-1w": lambda ctx, name: cand_spillway(ctx, name, 1),
     "spillway-2w": lambda ctx, name: cand_spillway(ctx, name, 2),
+    "spillway-hit": lambda ctx, name: cand_spillway(ctx, name, 1, cache="exact"),
     "litellm": cand_litellm,
     "floor": cand_floor,
 }
@@ -350,22 +310,6 @@ def _clean_env() -> dict[str, str]:
 # --- checks ----------------------------------------------------------------------------------
 
 
-def _request(
-    url: str, key: str, body: dict[str, object] | None = None, timeout: float = 10
-) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers=headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def wait_ready(proc: procs.Proc | None, url: str, timeout_s: float, key: str = KEY) -> float:
     """Poll ``url`` until it answers 200; the seconds that took."""
     start = time.monotonic()
@@ -377,7 +321,7 @@ def wait_ready(proc: procs.Proc | None, url: str, timeout_s: float, key: str = K
                 + proc.log_tail()
             )
         try:
-            status, body = _request(url, key, timeout=5)
+            status, body = procs.http_request(url, key, timeout=5)
             if status == 200:
                 return time.monotonic() - start
             last = f"HTTP {status}: {body[:200]!r}"
@@ -388,11 +332,35 @@ def wait_ready(proc: procs.Proc | None, url: str, timeout_s: float, key: str = K
     raise CandidateFailed(f"did not answer {url} within {timeout_s:.0f} s ({last})\n{tail}")
 
 
+def check_header(target: Target) -> None:
+    """The wrk request (bench/chat.lua's body) gets the header the candidate promises."""
+    if target.expect_header is None:
+        return
+    name, prefix = target.expect_header
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."},
+    ]
+    body: dict[str, object] = {
+        "model": target.chat_model,
+        "messages": messages,
+        "max_tokens": 64,
+        "temperature": 0,
+    }
+    headers: dict[str, str] = {}
+    status, _ = procs.http_request(target.base + target.chat_path, KEY, body, headers_out=headers)
+    if status != 200 or not headers.get(name, "").startswith(prefix):
+        raise CandidateFailed(
+            f"expected {name}: {prefix}… after the warm-up, got HTTP {status}, "
+            f"{name}: {headers.get(name)!r}"
+        )
+
+
 def check_answers(target: Target) -> None:
     """One ordinary and one streaming completion must come back whole."""
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     body: dict[str, object] = {"model": target.chat_model, "messages": messages, "max_tokens": 64}
-    status, raw = _request(target.base + target.chat_path, KEY, body)
+    status, raw = procs.http_request(target.base + target.chat_path, KEY, body)
     if status != 200 or b'"choices"' not in raw:
         raise CandidateFailed(f"chat completion: HTTP {status}: {raw[:300]!r}")
     stream = body | {
@@ -400,7 +368,7 @@ def check_answers(target: Target) -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    status, raw = _request(target.base + target.stream_path, KEY, stream)
+    status, raw = procs.http_request(target.base + target.stream_path, KEY, stream)
     if status != 200 or b"data: [DONE]" not in raw or b'"usage"' not in raw:
         raise CandidateFailed(f"streaming completion: HTTP {status}: {raw[:300]!r}")
 
@@ -483,6 +451,7 @@ def measure(ctx: Context, name: str) -> Result:
         say(f"  {name}: answering after {result.start_s:.1f} s; warming up")
         wrk(target, 2, 64, settings.warmup_s)
         wrk(target, 1, 1, settings.warmup_s)
+        check_header(target)
 
         runs = []
         for _ in range(settings.latency_runs):

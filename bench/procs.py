@@ -5,11 +5,14 @@ the memory of its process tree read from /proc."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +187,27 @@ class OtherLoad:
         ours1 = tree_ticks(os.getpid())
         other = (busy1 - busy0) - (ours1 - ours0)
         return max(0.0, 100.0 * other / max(1, total1 - total0))
+
+
+def http_request(
+    url: str,
+    key: str,
+    body: dict[str, object] | None = None,
+    timeout: float = 10,
+    headers_out: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """GET (or POST ``body`` as JSON) with a Bearer ``key``, never through a proxy: (status,
+    body); the response headers, lower-cased, go into ``headers_out``."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            if headers_out is not None:
+                headers_out.update((k.lower(), v) for k, v in response.headers.items())
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -70,8 +71,10 @@ def run_server(config: Config, reuse_port: bool = False) -> None:
     if reuse_port:
         setup_logging(config)  # a spawned worker starts with fresh logging
     server = config.server
+    app = build_app(config)
+    app.on_startup.append(_freeze_startup_objects)  # after the gateway is built
     web.run_app(
-        build_app(config),
+        app,
         host=server.host,
         port=server.port,
         reuse_port=reuse_port or None,
@@ -86,6 +89,14 @@ def run_server(config: Config, reuse_port: bool = False) -> None:
             ", ".join(config.public_models()),
         ),
     )
+
+
+async def _freeze_startup_objects(_app: web.Application) -> None:
+    """Move everything built at start-up (modules, config, SQLAlchemy's and pydantic's
+    machinery: about 100,000 objects) out of the garbage collector's sight. They live as long
+    as the process, and a full collection scanning them took 60 ms on the 2-core benchmark
+    machine: a stall for every request in flight, every few tens of thousands of requests."""
+    gc.freeze()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

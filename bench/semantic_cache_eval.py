@@ -1,0 +1,294 @@
+"""How well the semantic cache's hit decision does on held-out Quora question pairs.
+
+For every held-out pair (a, b) the gateway's own code decides: ``LocalMiniLM`` embeds both
+texts, ``a`` plays the stored prompt (the only neighbour, with its cosine) and
+``SemanticMatcher.best`` decides whether ``b`` may be answered from it. A hit on a pair labelled
+duplicate is right, any other hit serves a wrong answer. Reported: precision and recall of hits
+at a range of thresholds, the shipped default marked, against the cosine-only baseline (its
+best recall at the same precision).
+
+The data (``../shared/data/qqp-dev.jsonl.gz``, 60,903 human-labelled pairs) is split by pair
+hash: about 30 % is the held-out *test* part, never used for training or tuning; the rest is
+the *tune* part that ``bench/train_verifier.py`` learns from. ``split_of`` is the one place that
+decides, and both scripts call it.
+
+Run:  .venv/bin/python bench/semantic_cache_eval.py [--limit N] [--data PATH] [--no-cache]
+Writes bench/results/semantic_cache_eval.{md,png,json}. Embeddings are cached under
+/tmp/qqp-cache/ (never in the repository: the data may not be copied into it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spillway.cache.local_embedder import LocalMiniLM
+from spillway.cache.vectors import Neighbour
+from spillway.cache.verifier import SemanticMatcher, Verifier, analyse, vetoed
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "qqp-dev.jsonl.gz"
+RESULTS = ROOT / "bench" / "results"
+CACHE = Path("/tmp/qqp-cache/local-minilm.npz")
+TEST_BYTE = 77  # first hash byte below this: held-out (77/256 = 30 %)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.95, 0.96, 0.97, 0.98)
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    a: str
+    b: str
+    duplicate: bool
+
+
+def split_of(a: str, b: str) -> str:
+    """'test' (held out, ~30 %) or 'tune', by a hash of the pair: stable across runs."""
+    digest = hashlib.sha256((a + "\x00" + b).encode()).digest()
+    return "test" if digest[0] < TEST_BYTE else "tune"
+
+
+def load_pairs(path: Path = DATA) -> dict[str, list[Pair]]:
+    """Every pair of the file, by split, in file order."""
+    parts: dict[str, list[Pair]] = {"test": [], "tune": []}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            pair = Pair(row["a"], row["b"], bool(row["duplicate"]))
+            parts[split_of(pair.a, pair.b)].append(pair)
+    return parts
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_cache(cache: Path | None) -> dict[str, np.ndarray]:
+    if cache is None or not cache.exists():
+        return {}
+    with np.load(cache, allow_pickle=False) as data:
+        return dict(zip(data["keys"].tolist(), data["vecs"], strict=True))
+
+
+def _write_cache(cache: Path, known: dict[str, np.ndarray]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(known)
+    np.savez(cache, keys=np.array(keys), vecs=np.stack([known[k] for k in keys]))
+
+
+async def embed_all(
+    texts: Sequence[str], cache: Path | None, embedder: LocalMiniLM
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """Vectors by text (unique texts only), the number newly embedded and the seconds it took.
+
+    Cached vectors were made by this same embedder; new ones are added to the cache file.
+    """
+    known = _read_cache(cache)
+    unique = sorted(set(texts))
+    todo = [t for t in unique if _text_key(t) not in known]
+    started = time.perf_counter()
+    for i in range(0, len(todo), 2048):
+        chunk = todo[i : i + 2048]
+        for text, vec in zip(chunk, await embedder.embed(chunk), strict=True):
+            known[_text_key(text)] = vec
+    seconds = time.perf_counter() - started
+    if cache is not None and todo:
+        _write_cache(cache, known)
+    return {t: known[_text_key(t)] for t in unique}, len(todo), seconds
+
+
+def effective_scores(
+    verifier: Verifier, pairs: Sequence[Pair], vecs: dict[str, np.ndarray], floor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: the highest threshold at which ``best`` would hit (-1 if never), the raw
+    model score, and the cosine. Vectorised; ``check_against_matcher`` ties it to ``best``."""
+    lex = {t: analyse(t) for p in pairs for t in (p.a, p.b)}
+    u = np.stack([vecs[p.a] for p in pairs])
+    v = np.stack([vecs[p.b] for p in pairs])
+    cos = np.einsum("ij,ij->i", u, v)
+    raw = verifier.judge([lex[p.a] for p in pairs], u, [lex[p.b] for p in pairs], v)
+    veto = np.array([vetoed(lex[p.b], lex[p.a], verifier.guards) is not None for p in pairs])
+    eff = np.where(veto | (cos < floor), -1.0, raw)
+    return eff, raw, cos
+
+
+def check_against_matcher(
+    matcher: SemanticMatcher, pairs: Sequence[Pair], vecs: dict[str, np.ndarray], eff: np.ndarray,
+    threshold: float,
+) -> float:  # fmt: skip
+    """Run ``SemanticMatcher.best`` itself on every pair; fail if it disagrees with ``eff``.
+    Returns the mean microseconds per call."""
+    started = time.perf_counter()
+    for i, p in enumerate(pairs):
+        va, vb = vecs[p.a], vecs[p.b]
+        near = [Neighbour(key=str(i), text=p.a, vector=va, similarity=float(va @ vb))]
+        hit = matcher.best(p.b, vb, near, threshold) is not None
+        if hit != bool(eff[i] >= threshold):
+            raise AssertionError(f"SemanticMatcher.best disagrees on pair {i}: {p}")
+    return (time.perf_counter() - started) / max(len(pairs), 1) * 1e6
+
+
+def pr_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    hits = scores >= threshold
+    n, tp = int(hits.sum()), int((hits & labels).sum())
+    return {
+        "threshold": threshold,
+        "hits": n,
+        "precision": tp / n if n else 1.0,
+        "recall": tp / max(int(labels.sum()), 1),
+    }
+
+
+def pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Precision, recall, threshold and hits at every distinct score, highest threshold first."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp, n = np.cumsum(y), np.arange(1, len(y) + 1)
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold takes every tie at once
+    return tp[last] / n[last], tp[last] / max(int(labels.sum()), 1), s[last], n[last]
+
+
+def baseline_recall(cos: np.ndarray, labels: np.ndarray, precision: float) -> tuple[float, float]:
+    """The cosine threshold's best recall at precision >= ``precision``, and that threshold."""
+    prec, rec, thr, _ = pr_curve(cos, labels)
+    ok = prec >= precision
+    if not ok.any():
+        return 0.0, float("nan")
+    i = int(np.argmax(np.where(ok, rec, -1.0)))
+    return float(rec[i]), float(thr[i])
+
+
+def figures(eff: np.ndarray, cos: np.ndarray, labels: np.ndarray, default: float) -> dict[str, Any]:
+    rows = []
+    for t in sorted({*THRESHOLDS, default}):
+        row = pr_at(eff, labels, t)
+        row["baseline_recall"], row["baseline_cosine"] = baseline_recall(
+            cos, labels, row["precision"]
+        )
+        row["ratio"] = row["recall"] / row["baseline_recall"] if row["baseline_recall"] else None
+        row["default"] = t == default
+        rows.append(row)
+    cosine_rows = [pr_at(cos, labels, t) for t in (0.9, 0.95, 0.98)]
+    return {"rows": rows, "cosine": cosine_rows, "pairs": len(labels),
+            "duplicates": int(labels.sum())}  # fmt: skip
+
+
+def markdown(fig: dict[str, Any], title: str) -> str:
+    lines = [
+        f"### {title}: {fig['pairs']} pairs, {fig['duplicates']} duplicates",
+        "",
+        "| threshold | hits | precision | recall | cosine baseline recall @ ≥ precision "
+        "(cosine thr) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in fig["rows"]:
+        mark = " **(default)**" if r["default"] else ""
+        ratio = "∞" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        lines.append(
+            f"| {r['threshold']:.3f}{mark} | {r['hits']} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['baseline_recall']:.3f} ({r['baseline_cosine']:.3f}) | "
+            f"{ratio} |"
+        )
+    lines += ["", "| cosine only | hits | precision | recall |", "|---:|---:|---:|---:|"]
+    lines += [
+        f"| ≥ {r['threshold']:.2f} | {r['hits']} | {r['precision']:.3f} | {r['recall']:.3f} |"
+        for r in fig["cosine"]
+    ]
+    return "\n".join(lines)
+
+
+def plot(path: Path, eff: np.ndarray, raw: np.ndarray, cos: np.ndarray, labels: np.ndarray,
+         default: float) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for scores, label in ((eff, "verifier + guards"), (raw, "verifier, no guards"),
+                          (cos, "cosine only")):  # fmt: skip
+        prec, rec, _, _ = pr_curve(scores, labels)
+        keep = rec > 0.005  # the first few hits are noise
+        ax.plot(rec[keep], prec[keep], label=label)
+    point = pr_at(eff, labels, default)
+    ax.scatter([point["recall"]], [point["precision"]], color="black", zorder=3,
+               label=f"default ({default:.3f})")  # fmt: skip
+    ax.axhline(0.95, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="recall (duplicates served from cache)", ylabel="precision of hits",
+           xlim=(0, 1), ylim=(0.6, 1.0), title="Semantic cache hits, held-out QQP")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+async def main(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    parts = load_pairs(args.data)
+    test = parts["test"][: args.limit] if args.limit else parts["test"]
+    tune_texts = {t for p in parts["tune"] for t in (p.a, p.b)}
+    embedder = LocalMiniLM()
+    await embedder.warm()
+    try:
+        texts = [t for p in test for t in (p.a, p.b)]
+        vecs, fresh, embed_s = await embed_all(texts, None if args.no_cache else CACHE, embedder)
+    finally:
+        await embedder.aclose()
+    matcher = SemanticMatcher(Verifier.load())
+    verifier, default = matcher.verifier, matcher.verifier.threshold
+    eff, raw, cos = effective_scores(verifier, test, vecs, matcher.floor)
+    best_us = check_against_matcher(matcher, test, vecs, eff, default)
+    labels = np.array([p.duplicate for p in test])
+    unseen = np.array([p.a not in tune_texts and p.b not in tune_texts for p in test])
+    result: dict[str, Any] = {
+        "held_out": figures(eff, cos, labels, default),
+        "held_out_unseen_texts": figures(eff[unseen], cos[unseen], labels[unseen], default),
+        "default_threshold": default,
+        "guards": list(verifier.guards),
+        "floor": matcher.floor,
+        "verifier": {k: verifier.meta[k] for k in ("version", "hidden", "train_pairs")},
+        "embedded_sentences": fresh,
+        "embed_seconds": round(embed_s, 1),
+        "sentences_per_second": round(fresh / embed_s, 1) if fresh else None,
+        "best_us_per_call_one_neighbour": round(best_us, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "limit": args.limit,
+    }
+    report = "\n\n".join([
+        "## Semantic cache hit decision — held-out QQP",
+        f"Default threshold {default:.3f}; guards: {', '.join(verifier.guards) or 'none'}; "
+        f"cosine floor {matcher.floor:.2f}. `SemanticMatcher.best` was run on every pair and "
+        f"agreed with the table ({best_us:.0f} µs per call, one neighbour).",
+        "The baseline column is the best recall any cosine threshold reaches at the row's "
+        "precision or better; a cosine threshold of 1.000 means only identical strings get "
+        "there, so the ratio is large because the baseline is nearly zero. The second table "
+        "keeps only pairs whose two texts appear nowhere in tune (QQP questions recur across "
+        "pairs, and a model can learn a question it has seen).",
+        markdown(result["held_out"], "Held-out pairs"),
+        markdown(result["held_out_unseen_texts"], "Held-out pairs whose texts never occur in tune"),
+    ])  # fmt: skip
+    print(report)
+    print(f"\nembedded {fresh} sentences in {embed_s:.1f}s; total {result['seconds']}s")
+    out = RESULTS / ("smoke" if args.limit else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "semantic_cache_eval.md").write_text(report + "\n")
+    (out / "semantic_cache_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(out / "semantic_cache_eval.png", eff, raw, cos, labels, default)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=0, help="only the first N held-out pairs")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--no-cache", action="store_true", help="embed everything afresh")
+    asyncio.run(main(parser.parse_args()))
