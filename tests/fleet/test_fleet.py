@@ -98,7 +98,13 @@ async def test_killing_one_of_three_private_nodes_under_load(fleet, ups, stream,
     success = sum(o.complete for o in outcomes) / len(outcomes)
     readmitted = ups["p2"].calls - calls_at_restart
     failed = len(outcomes) - sum(o.complete for o in outcomes)
-    assert success >= 0.999
+    # A stream p2 had already begun when it was stopped cannot move (the commit point): it
+    # ends with an error event. Those are the only failures allowed, at most one per worker;
+    # usually there are none (the fake answers in one burst), and the target is 99.9 %.
+    cut = [o for o in outcomes if not o.complete and o.status == 200 and o.node == "p2"]
+    others = [(o.status, o.node) for o in outcomes if not o.complete and o not in cut]
+    assert not others, f"failures other than p2's cut streams: {others}"
+    assert len(cut) <= 6 and (success >= 0.999 or stream)
     assert errors_to_eject <= 5
     assert readmitted > 0
     assert key == OPEN_KEY or ups["cloud"].calls == 0
