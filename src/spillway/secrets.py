@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from spillway.config.schema import Config
 
@@ -62,3 +62,14 @@ class RedactingFilter(logging.Filter):
             )
             record.exc_info = None
         return True
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password masked, in the authority or as ``?password=``: fit for an
+    error message or a log line (Redis and PostgreSQL URLs alike)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:{MASK}@{netloc.rpartition('@')[2]}"
+    query = re.sub(r"(^|&)password=[^&]*", rf"\1password={MASK}", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spillway.cache.pgvector_index import PgVectorIndex, from_text, redacted_dsn, to_text
+from spillway.cache.pgvector_index import PgVectorIndex, from_text, to_text
 from spillway.clock import ManualClock
+from spillway.secrets import redacted_url as redacted_dsn
 from tests.cache_helpers import DIM, needs_postgres, opening, unit
 from tests.cache_helpers import nearest_keys as keys
 from tests.cache_helpers import vector_entry as entry

@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from spillway.cache.redis_store import RedisCacheStore, redacted_url, tag
+from spillway.cache.keys import tag
+from spillway.cache.redis_store import RedisCacheStore
 from spillway.cache.stores import Entry, ScopeStats
 from spillway.clock import ManualClock
+from spillway.secrets import redacted_url
 from tests.cache_helpers import answer_entry as entry
 from tests.redis_server import RedisServer, redis_server
 

@@ -31,14 +31,14 @@ import re
 import zlib
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import numpy as np
 
 from spillway.cache.vectors import Neighbour, Vector, VectorEntry
 from spillway.clock import Clock
-from spillway.secrets import MASK, Redactor
+from spillway.secrets import Redactor, redacted_url
 
 ADMIN_TIMEOUT_S = 30.0
 POOL_SIZE = 4
@@ -52,16 +52,6 @@ _SCHEMES = ("postgresql+asyncpg://", "postgres+asyncpg://")
 #: Advisory-lock key for the schema: any fixed bigint unique to this purpose.
 _SCHEMA_LOCK = zlib.crc32(b"spillway.cache.pgvector_index.schema")
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-def redacted_dsn(dsn: str) -> str:
-    """``dsn`` with its password (in the authority or as ``?password=``) masked."""
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:{MASK}@{netloc.rpartition('@')[2]}"
-    query = re.sub(r"(^|&)password=[^&]*", rf"\1password={MASK}", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def to_text(vector: Vector) -> str:
@@ -93,7 +83,7 @@ class PgVectorIndex:
             if dsn.startswith(scheme):
                 dsn = "postgresql://" + dsn.removeprefix(scheme)
         self._dsn = dsn
-        self._where = redacted_dsn(dsn)
+        self._where = redacted_url(dsn)
         query_password = re.search(r"(?:^|&)password=([^&]*)", urlsplit(dsn).query)
         secrets = [urlsplit(dsn).password, query_password and query_password.group(1)]
         self._redactor = Redactor([s for s in secrets if s])

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from spillway.cache.keys import tag
 from spillway.cache.stores import Entry, ScopeStats
 from spillway.clock import Clock
-from spillway.secrets import MASK, Redactor
+from spillway.secrets import Redactor, redacted_url
 
 POOL_SIZE = 32
 _SCAN_BATCH = 1_000
@@ -45,16 +45,6 @@ local v = redis.call('HGET', KEYS[1], 'v')
 if v then redis.call('HINCRBY', KEYS[1], 'h', 1) end
 return v
 """
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 
 def _text(value: bytes | str) -> str:

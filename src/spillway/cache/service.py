@@ -171,9 +171,6 @@ class ResponseCache:
             **asdict(self.statistics()),
         }
 
-    def count_merged(self) -> None:
-        self.merger.count_merged()
-
     def statistics(self) -> CacheStats:
         v = self._counters.values
         return CacheStats(

@@ -35,8 +35,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chat = parse_chat(await read_body(request, gateway))
         tally.model = chat.model
         ctx = _context(request, gateway)
-        # An unknown model is a 404 even when an old entry for it is still in the cache.
-        gateway.router.check_eligible(chat.model, ctx.private_only)
         probe = gateway.cache.probe(
             chat.body, request.headers, ctx.tenant, chat.model, ctx.private_only
         )
@@ -55,6 +53,9 @@ async def _cached_or_upstream(
 ) -> web.StreamResponse:
     """A hit; else the answer of an identical request in flight; else our own upstream call."""
     assert probe.keys is not None
+    # An unknown model is a 404 even when an old entry for it is still in the cache (on the
+    # bypass path the dispatcher makes this check itself).
+    gateway.router.check_eligible(chat.model, ctx.private_only)
     cache, clock = gateway.cache, gateway.clock
     lookup = await cache.lookup(probe)
     if lookup.hit is not None:
@@ -63,7 +64,7 @@ async def _cached_or_upstream(
     if leader is not None:
         shared = await wait_for_leader(leader, ctx.deadline - clock.monotonic())
         if shared is not None:
-            cache.count_merged()
+            cache.merger.count_merged()
             hit = Hit("exact", CachedAnswer.from_bytes(shared))
             return await _from_cache(request, gateway, chat, ctx, tally, hit, merged=True)
     sharing = Sharing(cache, probe, lookup.vector, leads=leader is None, now=clock.wall())
