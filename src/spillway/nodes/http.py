@@ -1,20 +1,17 @@
 """The one HTTP client for every OpenAI-compatible node.
 
-This module is the boundary where aiohttp, OSError and asyncio timeouts become spillway
-errors; nothing above it sees a library exception. One pooled session per node, TCP_NODELAY
-(aiohttp's default), and the node's API key kept in the session headers only.
+This module is the boundary where the HTTP client's errors, OSError and asyncio timeouts
+become spillway errors; nothing above it sees a library exception. One keep-alive pool per
+node (``h1.Pool``, with TCP_NODELAY), and the node's API key kept in the pool's headers only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from spillway.config.schema import Timeouts
 from spillway.errors import (
@@ -25,12 +22,13 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
+from spillway.nodes.h1 import ConnectFailed, ConnectTimedOut, H1Error, Response
+from spillway.nodes.pool import Pool
 from spillway.secrets import Redactor
 from spillway.wire.sse import SseDecoder, SseEvent
 
 #: Node answers that mean "your request is wrong": forwarded to the client, never retried.
 REQUEST_ERRORS = frozenset({400, 413, 422})
-_PATHS = ("/chat/completions", "/embeddings", "/models")
 
 
 class HttpNode:
@@ -38,49 +36,44 @@ class HttpNode:
 
     def __init__(self, name: str, base_url: str, api_key: str | None, max_connections: int):
         self.name = name
-        self._base = base_url.rstrip("/")
-        # Parsed once: on the hot path aiohttp gets ready URL objects.
-        self._urls = {path: URL(self._base + path) for path in _PATHS}
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         # A node may echo its key in an error ("invalid key sk-…"): scrub it right here, at
         # the boundary, so no message built from the node's words can carry it further.
         self._redactor = Redactor([api_key] if api_key else [])
-        connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector, headers=headers, trust_env=False, raise_for_status=False
-        )
+        self._pool = Pool(base_url, headers=headers, max_connections=max_connections)
 
     async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
-        return await self._post(self._urls["/chat/completions"], body, timeouts)
+        return await self._post("/chat/completions", body, timeouts)
 
     async def embed(self, body: bytes, timeouts: Timeouts) -> Reply:
-        return await self._post(self._urls["/embeddings"], body, timeouts)
+        return await self._post("/embeddings", body, timeouts)
 
     async def probe(self, timeout_s: float) -> None:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self._session.get(self._urls["/models"], timeout=timeout) as resp:
+            async with asyncio.timeout(timeout_s):
+                resp = await self._pool.request("GET", "/models", None, connect_timeout_s=timeout_s)
                 payload = await resp.read()
-                if resp.status != 200:
-                    self._raise_for(resp, payload)
         except Exception as exc:
             self._translate(exc, "answer to GET /models", timeout_s, timeout_s)
+        if resp.status != 200:
+            self._raise_for(resp, payload)
 
     async def aclose(self) -> None:
-        await self._session.close()
+        await self._pool.aclose()
 
-    async def _post(self, url: URL, body: bytes, t: Timeouts) -> Reply:
+    async def _post(self, path: str, body: bytes, t: Timeouts) -> Reply:
         try:
-            # aiohttp's own total timeout covers connecting, sending and reading the body.
-            async with self._session.post(url, data=body, timeout=_whole_answer(t)) as resp:
+            # The total timeout covers connecting, sending and reading the whole answer.
+            async with asyncio.timeout(t.total_s):
+                resp = await self._pool.request("POST", path, body, connect_timeout_s=t.connect_s)
                 payload = await resp.read()
-                if resp.status >= 300:
-                    self._raise_for(resp, payload)
-                return Reply(resp.status, payload, resp.content_type)
         except Exception as exc:
             self._translate(exc, "complete answer", t.total_s, t.connect_s)
+        if resp.status >= 300:
+            self._raise_for(resp, payload)
+        return Reply(resp.status, payload, resp.content_type)
 
     async def stream(self, body: bytes, t: Timeouts) -> AsyncIterator[SseEvent]:
         loop = asyncio.get_running_loop()
@@ -90,22 +83,18 @@ class HttpNode:
         phase, deadline = "first token", first_deadline
         try:
             async with asyncio.timeout_at(first_deadline):
-                resp = await self._session.post(
-                    self._urls["/chat/completions"], data=body, timeout=_connect_timeout(t)
+                resp = await self._pool.request(
+                    "POST", "/chat/completions", body, connect_timeout_s=t.connect_s
                 )
                 if resp.status >= 300:
-                    try:
-                        self._raise_for(resp, await resp.read())
-                    finally:
-                        resp.close()
+                    self._raise_for(resp, await resp.read())
         except Exception as exc:
             self._translate(exc, "first token", t.first_token_s, t.connect_s)
         try:
             decoder = SseDecoder()
-            chunks = resp.content.iter_any()
             while True:
                 async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks, None)
+                    chunk = await resp.next_chunk()
                 events = decoder.feed(chunk) if chunk is not None else decoder.close()
                 for event in events:
                     yield event
@@ -120,7 +109,7 @@ class HttpNode:
         finally:
             resp.close()
 
-    def _raise_for(self, resp: aiohttp.ClientResponse, payload: bytes) -> NoReturn:
+    def _raise_for(self, resp: Response, payload: bytes) -> NoReturn:
         status = resp.status
         error = _error_fields(payload)
         text = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
@@ -129,7 +118,7 @@ class HttpNode:
             raise UpstreamRejected(
                 self.name, status, message, param=error.get("param"), code=error.get("code")
             )
-        retry_after = resp.headers.get("Retry-After")
+        retry_after = resp.headers.get("retry-after")
         raise UpstreamStatusError(self.name, status, message, retry_after=retry_after)
 
     def _translate(
@@ -137,31 +126,19 @@ class HttpNode:
     ) -> NoReturn:
         if isinstance(exc, UpstreamError):
             raise exc
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, ConnectTimedOut):
             raise UpstreamTimeout(self.name, "connection", connect_s) from None
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(self.name, phase, seconds) from None
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            # The OS error's text names the node's address; clients need only the kind.
-            reason = type(exc.os_error).__name__
+        if isinstance(exc, ConnectFailed):
+            # The reason names only the kind of failure, never the node's address.
             raise UpstreamConnectError(
-                self.name, f"cannot connect ({reason})", delivered=False
+                self.name, f"cannot connect ({exc.reason})", delivered=False
             ) from None
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            raise UpstreamConnectError(
-                self.name, f"connection failed: {type(exc).__name__}"
-            ) from None
+        if isinstance(exc, H1Error | OSError):
+            reason = exc.reason if isinstance(exc, H1Error) else type(exc).__name__
+            raise UpstreamConnectError(self.name, f"connection failed: {reason}") from None
         raise exc
-
-
-@functools.lru_cache(maxsize=256)
-def _connect_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, connect=t.connect_s, sock_connect=t.connect_s)
-
-
-@functools.lru_cache(maxsize=256)
-def _whole_answer(t: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=t.total_s, connect=t.connect_s, sock_connect=t.connect_s)
 
 
 def _error_fields(payload: bytes) -> dict[str, Any]:

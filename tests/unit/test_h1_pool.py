@@ -1,0 +1,349 @@
+"""The lean HTTP/1.1 client (``nodes.h1`` and ``nodes.pool``) against scripted servers.
+
+Every test runs on both event loops spillway meets (``both_loops``): asyncio's and uvloop's
+(``spillway serve``), whose transports differ (uvloop's are not asyncio.Transport objects).
+The servers speak real HTTP/1.1 over real sockets; each test scripts how they answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from spillway.nodes.h1 import PAUSE_AT, ConnectFailed, ConnectionBroke, ConnectTimedOut
+from spillway.nodes.pool import Pool
+
+OK_BODY = b'{"ok":true}'
+Answer = Callable[[asyncio.StreamWriter, "Seen"], Awaitable[None]]
+
+
+pytestmark = pytest.mark.both_loops
+
+
+@dataclass
+class Seen:
+    """What the server saw: one entry per request, the connection it came on."""
+
+    connections: int = 0
+    requests: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (conn, head, body)
+    disconnects: int = 0
+
+
+@dataclass
+class Server:
+    port: int
+    seen: Seen
+    answers: list[Answer]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    """Answers each request with the next scripted answer (the last one repeats)."""
+    seen = Seen()
+    srv = Server(0, seen, [])
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.connections += 1
+        conn = seen.connections
+        try:
+            while (request := await _read_request(reader)) is not None:
+                seen.requests.append((conn, *request))
+                answer = srv.answers[min(len(seen.requests), len(srv.answers)) - 1]
+                await answer(writer, seen)
+                if writer.is_closing():
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            seen.disconnects += 1
+            writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    srv.port = listener.sockets[0].getsockname()[1]
+    yield srv
+    listener.close()
+
+
+def reply(
+    body: bytes = OK_BODY, status: str = "200 OK", headers: str = "", *, close: bool = False
+) -> Answer:
+    async def answer(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        extra = "Connection: close\r\n" if close else ""
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        if close:
+            writer.close()
+
+    return answer
+
+
+def pool_for(server: Server, **kwargs: object) -> Pool:
+    options: dict[str, object] = {"headers": {"Authorization": "Bearer sk-x"}, "max_connections": 4}
+    options.update(kwargs)
+    return Pool(f"http://127.0.0.1:{server.port}/v1", **options)  # type: ignore[arg-type]
+
+
+async def post(pool: Pool, body: bytes = b'{"q":1}') -> tuple[int, bytes]:
+    response = await pool.request("POST", "/chat/completions", body, connect_timeout_s=2)
+    return response.status, await response.read()
+
+
+async def test_a_request_carries_its_path_headers_and_body(server: Server) -> None:
+    server.answers = [reply()]
+    pool = pool_for(server)
+    assert await post(pool) == (200, OK_BODY)
+    _, head, body = server.seen.requests[0]
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}" in lines
+    assert "Authorization: Bearer sk-x" in lines
+    assert "Content-Length: 7" in lines
+    assert body == b'{"q":1}'
+    await pool.aclose()
+
+
+async def test_connections_are_kept_alive_and_reused(server: Server) -> None:
+    server.answers = [reply()]
+    pool = pool_for(server)
+    for _ in range(3):
+        assert await post(pool) == (200, OK_BODY)
+    assert server.seen.connections == 1
+    await pool.aclose()
+
+
+async def test_connection_close_is_honoured(server: Server) -> None:
+    server.answers = [reply(close=True)]
+    pool = pool_for(server)
+    for _ in range(2):
+        assert await post(pool) == (200, OK_BODY)
+    assert server.seen.connections == 2
+    await pool.aclose()
+
+
+async def test_a_stale_kept_alive_connection_is_retried_once_on_a_fresh_one(
+    server: Server,
+) -> None:
+    async def answer_then_hang_up(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        # keep-alive promised, but the server drops the connection at the next request
+        if len(seen.requests) == 2:
+            writer.close()
+            return
+        await reply()(writer, seen)
+
+    server.answers = [answer_then_hang_up]
+    pool = pool_for(server)
+    assert await post(pool) == (200, OK_BODY)
+    assert await post(pool) == (200, OK_BODY)
+    assert [conn for conn, _, _ in server.seen.requests] == [1, 1, 2]
+    await pool.aclose()
+
+
+async def test_a_fresh_connection_that_breaks_is_not_sent_twice(server: Server) -> None:
+    async def hang_up(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.close()
+
+    server.answers = [hang_up]
+    pool = pool_for(server)
+    with pytest.raises(ConnectionBroke) as caught:
+        await post(pool)
+    assert caught.value.answered is False
+    assert len(server.seen.requests) == 1
+    await pool.aclose()
+
+
+async def test_an_answer_cut_mid_body_is_a_broken_connection_and_not_retried(
+    server: Server,
+) -> None:
+    async def cut(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial":')
+        await writer.drain()
+        writer.close()
+
+    server.answers = [reply(), cut]
+    pool = pool_for(server)
+    await post(pool)  # leaves a kept-alive connection: the cut must still not be resent
+    with pytest.raises(ConnectionBroke) as caught:
+        await post(pool)
+    assert caught.value.answered is True
+    assert len(server.seen.requests) == 2
+    await pool.aclose()
+
+
+async def test_refused_connection_is_connect_failed() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    pool = Pool(f"http://127.0.0.1:{port}/v1", headers={}, max_connections=2)
+    with pytest.raises(ConnectFailed) as caught:
+        await pool.request("GET", "/models", None, connect_timeout_s=2)
+    assert caught.value.reason == "ConnectionRefusedError"
+    assert "127.0.0.1" not in str(caught.value)  # the node's address is not the client's business
+    await pool.aclose()
+
+
+async def test_chunked_answer_streams_piece_by_piece(server: Server) -> None:
+    release = asyncio.Event()
+
+    async def chunked(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+
+    server.answers = [chunked]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    assert await response.next_chunk() == b"first"  # before the rest was even sent
+    release.set()
+    assert await response.next_chunk() == b"second"
+    assert await response.next_chunk() is None
+    assert await post(pool) == (200, b"firstsecond")  # the connection went back to the pool
+    assert server.seen.connections == 1
+    await pool.aclose()
+
+
+async def test_body_until_close_and_gzip_are_read(server: Server) -> None:
+    packed = gzip.compress(OK_BODY)
+
+    async def until_close(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n" + packed)
+        await writer.drain()
+        writer.close()
+
+    server.answers = [until_close]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    assert response.headers["content-encoding"] == "gzip"
+    assert await response.read() == OK_BODY
+    await pool.aclose()
+
+
+async def test_status_headers_and_content_type(server: Server) -> None:
+    server.answers = [reply(status="429 Too Many Requests", headers="Retry-After: 7\r\n")]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    assert (response.status, response.headers["retry-after"]) == (429, "7")
+    assert response.content_type == "application/json"
+    await response.read()
+    await pool.aclose()
+
+
+async def test_a_malformed_answer_is_a_broken_connection(server: Server) -> None:
+    async def garbage(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    server.answers = [garbage]
+    pool = pool_for(server)
+    with pytest.raises(ConnectionBroke, match="malformed"):
+        await post(pool)
+    await pool.aclose()
+
+
+async def test_requests_beyond_the_limit_wait_for_a_connection(server: Server) -> None:
+    async def slow(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await asyncio.sleep(0.05)
+        await reply()(writer, seen)
+
+    server.answers = [slow]
+    pool = pool_for(server, max_connections=1)
+    results = await asyncio.gather(*(post(pool) for _ in range(5)))
+    assert results == [(200, OK_BODY)] * 5
+    assert server.seen.connections == 1
+    await pool.aclose()
+
+
+async def test_waiting_for_a_busy_pool_is_bounded_by_the_connect_timeout(server: Server) -> None:
+    stall = asyncio.Event()
+
+    async def stalled(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await stall.wait()
+
+    server.answers = [stalled]
+    pool = pool_for(server, max_connections=1)
+    first = asyncio.create_task(post(pool))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ConnectTimedOut):
+        await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=0.1)
+    first.cancel()
+    stall.set()
+    await pool.aclose()
+
+
+async def test_an_abandoned_answer_closes_its_connection(server: Server) -> None:
+    stall = asyncio.Event()
+
+    async def headers_only(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        if len(seen.requests) > 1:
+            await reply()(writer, seen)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{")
+        await writer.drain()
+        await stall.wait()
+
+    server.answers = [headers_only]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await response.read()
+    assert await post(pool) == (200, OK_BODY)
+    assert server.seen.connections == 2  # the half-read connection was not reused
+    stall.set()
+    await pool.aclose()
+
+
+async def test_a_slow_reader_pauses_the_socket_instead_of_buffering(server: Server) -> None:
+    piece = b"x" * 65536
+    total = 64 * len(piece)  # 4 MiB
+
+    async def big(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())
+        for _ in range(64):
+            writer.write(piece)
+            await writer.drain()
+
+    server.answers = [big]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    first = await response.next_chunk()
+    assert first
+    await asyncio.sleep(0.2)  # the server would have sent it all by now if we kept reading
+    # Reading stops past PAUSE_AT; one more socket read (at most 256 KiB) may land first.
+    assert response._buffered <= PAUSE_AT + 256 * 1024 < total
+    received = len(first)
+    while (chunk := await response.next_chunk()) is not None:
+        received += len(chunk)
+    assert received == total
+    await pool.aclose()
+
+
+async def test_https_url_uses_tls_and_default_port() -> None:
+    pool = Pool("https://api.example.invalid/v1", headers={}, max_connections=1)
+    assert pool._port == 443 and pool._ssl is not None
+    assert pool._encode("GET", "/models", None).startswith(
+        b"GET /v1/models HTTP/1.1\r\nHost: api.example.invalid\r\n"
+    )
+    await pool.aclose()
