@@ -22,6 +22,7 @@ LAYERS = {
     "spillway.config": 0,
     "spillway.secrets": 0,
     "spillway.prices": 0,
+    "spillway.ids": 0,
     "spillway.wire": 1,
     "spillway.nodes": 2,
     "spillway.resilience": 2,

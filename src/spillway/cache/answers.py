@@ -8,13 +8,13 @@ the content, the finish chunk, a usage chunk when the client asked for one, then
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from spillway.ids import random_hex
 from spillway.wire.sse import DONE_EVENT, encode_json
 from spillway.wire.streams import ChunkRelay, Usage
 
@@ -145,4 +145,4 @@ def _choice(delta: dict[str, Any], finish: Any) -> dict[str, Any]:
 
 
 def _fresh_identity(now: float) -> dict[str, Any]:
-    return {"id": "chatcmpl-" + os.urandom(12).hex(), "created": int(now)}
+    return {"id": "chatcmpl-" + random_hex(12), "created": int(now)}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from spillway import ids
 from spillway.cache.answers import CachedAnswer
 from spillway.clock import Clock
 from spillway.ledger.budgets import Budgets, Reservation
@@ -84,7 +84,7 @@ class Accountant:
         at = datetime.fromtimestamp(self._clock.wall(), UTC)
         if not client_id:
             return Tally(request_id, principal, now, at)
-        return Tally(os.urandom(16).hex(), principal, now, at, client_request_id=request_id)
+        return Tally(ids.request_id(), principal, now, at, client_request_id=request_id)
 
     def reserve(self, tally: Tally, request: ChatRequest | EmbeddingsRequest) -> None:
         """Hold the most this request can cost against its key's budget (429 if it can't)."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from spillway import ids
 from spillway.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -45,7 +45,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     into the OpenAI error envelope. One middleware rather than three: each is a coroutine
     frame on every request."""
     supplied = request.headers.get("x-request-id", "")
-    rid = supplied if supplied and _CLIENT_ID.match(supplied) else os.urandom(16).hex()
+    rid = supplied if supplied and _CLIENT_ID.match(supplied) else ids.request_id()
     request[REQUEST_ID] = rid
     request[CLIENT_ID] = rid == supplied
     try:
