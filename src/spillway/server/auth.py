@@ -26,7 +26,7 @@ class KeyRing:
     """Looks keys up by their SHA-256, so the secret itself is never a dict key or log field."""
 
     def __init__(self, keys: tuple[KeyConfig, ...]):
-        self._by_digest = {_digest(k.key.get_secret_value()): k for k in keys}
+        self._by_digest = {_digest(k.key.get_secret_value()): _principal(k) for k in keys}
 
     @property
     def open(self) -> bool:
@@ -46,11 +46,15 @@ class KeyRing:
             )
         # A lookup by digest leaks nothing useful through timing: a caller cannot steer
         # the digest of a guess towards a stored one.
-        digest = _digest(token.strip())
-        entry = self._by_digest.get(digest)
-        if entry is None:
+        principal = self._by_digest.get(_digest(token.strip()))
+        if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(entry.tenant, entry.private_only, entry.admin, key_id_of(digest))
+        return principal
+
+
+def _principal(key: KeyConfig) -> Principal:
+    digest = _digest(key.key.get_secret_value())
+    return Principal(key.tenant, key.private_only, key.admin, key_id_of(digest))
 
 
 def _digest(secret: str) -> bytes:
