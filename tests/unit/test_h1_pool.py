@@ -347,3 +347,44 @@ async def test_https_url_uses_tls_and_default_port() -> None:
         b"GET /v1/models HTTP/1.1\r\nHost: api.example.invalid\r\n"
     )
     await pool.aclose()
+
+
+async def test_an_interim_1xx_answer_is_skipped(server: Server) -> None:
+    async def early_hints(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        await reply()(writer, seen)
+
+    server.answers = [early_hints]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    assert response.status == 200 and "link" not in response.headers
+    assert await response.read() == OK_BODY
+    assert await post(pool) == (200, OK_BODY)  # and the connection is still in step
+    assert server.seen.connections == 1
+    await pool.aclose()
+
+
+async def test_failed_and_cut_short_connects_free_their_slot(server: Server) -> None:
+    server.answers = [reply()]
+    refused = Pool("http://127.0.0.1:9/v1", headers={}, max_connections=1)
+    for _ in range(2):  # with the slot leaked, the second would wait, then time out
+        with pytest.raises(ConnectFailed) as caught:
+            await refused.request("GET", "/models", None, connect_timeout_s=1)
+        assert type(caught.value) is ConnectFailed
+    pool = pool_for(server, max_connections=1)
+    with pytest.raises(ConnectTimedOut):  # no time at all: the connect is cancelled mid-way
+        await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=0)
+    await asyncio.sleep(0.05)
+    assert (refused._open, pool._open) == (0, 0)
+    assert await post(pool) == (200, OK_BODY)
+    await refused.aclose()
+    await pool.aclose()
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        Pool(
+            "http://127.0.0.1:1/v1",
+            headers={"Authorization": "Bearer x\r\nX: y"},
+            max_connections=1,
+        )

@@ -211,6 +211,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._open = False
         self._paused = False
+        self._informational = False  # parsing a 1xx interim answer
 
     @property
     def usable(self) -> bool:
@@ -287,13 +288,21 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.current is not None
-        self.current._headers_done(self._parser.get_status_code())
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # "100 Continue", "103 Early Hints": the answer comes next
+            self._informational = True
+            self.current.headers.clear()
+            return
+        self.current._headers_done(status)
 
     def on_body(self, body: bytes) -> None:
         assert self.current is not None
         self.current._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
         exchange, self.current = self.current, None
         assert exchange is not None
         keep = self._parser.should_keep_alive() and exchange._error is None

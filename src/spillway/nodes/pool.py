@@ -41,6 +41,8 @@ class Pool:
             "Accept-Encoding": "identity",
             **headers,
         }
+        if any(c in item for pair in fixed.items() for item in pair for c in "\r\n"):
+            raise ValueError("a node header name or value contains a line break")
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
         self._limit = max_connections
         self._idle_s = idle_s
@@ -114,25 +116,22 @@ class Pool:
         if self._closed:
             raise ConnectFailed("the node's client is closed")
         self._open += 1
-        loop = asyncio.get_running_loop()
+        made = Connection(self)  # counts against the limit until discounted, exactly once
         hostname = self._host if self._ssl is not None else None
         try:
             async with asyncio.timeout(timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(self), self._host, self._port,
-                    ssl=self._ssl, server_hostname=hostname,
-                )  # fmt: skip
-        except TimeoutError:
-            self._slot_freed()
-            raise ConnectTimedOut(f"no connection within {timeout_s:g} s") from None
-        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
-            self._slot_freed()
-            raise ConnectFailed(type(exc).__name__) from None
-        except BaseException:
-            self._slot_freed()
+                await asyncio.get_running_loop().create_connection(
+                    lambda: made, self._host, self._port, ssl=self._ssl, server_hostname=hostname
+                )
+        except BaseException as exc:
+            made.close()  # a transport made before a cancellation is closed too
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimedOut(f"no connection within {timeout_s:g} s") from None
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (SSLError is one)
+                raise ConnectFailed(type(exc).__name__) from None
             raise
-        self._all.add(conn)
-        return conn
+        self._all.add(made)
+        return made
 
     def _take_idle(self) -> Connection | None:
         if not self._idle:
