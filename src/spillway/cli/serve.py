@@ -91,12 +91,23 @@ def run_server(config: Config, reuse_port: bool = False) -> None:
     )
 
 
+#: Net new container objects between young collections (CPython's default is 700).
+YOUNG_GC_THRESHOLD = 20_000
+
+
 async def _freeze_startup_objects(_app: web.Application) -> None:
     """Move everything built at start-up (modules, config, SQLAlchemy's and pydantic's
     machinery: about 100,000 objects) out of the garbage collector's sight. They live as long
     as the process, and a full collection scanning them took 60 ms on the 2-core benchmark
-    machine: a stall for every request in flight, every few tens of thousands of requests."""
+    machine: a stall for every request in flight, every few tens of thousands of requests.
+
+    Then collect the young generation far less often. A request's objects are freed by
+    reference counting when it ends; at the default threshold the collector still ran
+    about once per 30 requests under load, each time tracing every in-flight request's
+    objects: 15 µs per request in all (bench, c=64). At 20,000 it did not run once in 35,000
+    requests; garbage in reference cycles (rare on the request path) waits a little longer."""
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
