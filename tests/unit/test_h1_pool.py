@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from spillway.nodes.h1 import PAUSE_AT, ConnectFailed, ConnectionBroke, ConnectTimedOut
-from spillway.nodes.pool import Pool
+from spillway.nodes.pool import STALE_WITHIN_S, Pool
 
 OK_BODY = b'{"ok":true}'
 Answer = Callable[[asyncio.StreamWriter, "Seen"], Awaitable[None]]
@@ -388,3 +390,96 @@ def test_a_header_with_a_line_break_is_refused() -> None:
             headers={"Authorization": "Bearer x\r\nX: y"},
             max_connections=1,
         )
+
+
+async def test_a_connection_lost_after_the_node_worked_on_it_is_not_resent(
+    server: Server,
+) -> None:
+    async def work_then_drop(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        if len(seen.requests) == 2:
+            await asyncio.sleep(STALE_WITHIN_S + 0.2)  # generating, then the node dies
+            writer.transport.abort()
+            return
+        await reply()(writer, seen)
+
+    server.answers = [work_then_drop]
+    pool = pool_for(server)
+    await post(pool)
+    with pytest.raises(ConnectionBroke) as caught:
+        await post(pool)
+    assert caught.value.answered is False
+    assert len(server.seen.requests) == 2  # sent once: the node may have done the work
+    await pool.aclose()
+
+
+async def test_bytes_beyond_an_answer_retire_the_connection(server: Server) -> None:
+    async def too_long(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokXX")
+        await writer.drain()
+
+    server.answers = [too_long, reply()]
+    pool = pool_for(server)
+    assert await post(pool) == (200, b"ok")
+    assert await post(pool) == (200, OK_BODY)  # on a new connection, answered in step
+    assert server.seen.connections == 2
+    await pool.aclose()
+
+
+async def test_the_connection_limit_holds_when_connections_close(server: Server) -> None:
+    server.answers = [reply(close=True)]
+    pool = pool_for(server, max_connections=2)
+    peak = 0
+
+    async def worker() -> None:
+        nonlocal peak
+        for _ in range(5):
+            await post(pool)
+            peak = max(peak, pool._open)
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    assert peak <= 2 and pool._open == 0
+    await pool.aclose()
+
+
+async def test_a_body_until_close_cut_by_a_reset_is_an_error(server: Server) -> None:
+    async def reset_mid_body(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with linger 0: a reset, not a clean close
+
+    server.answers = [reset_mid_body]
+    pool = pool_for(server)
+    response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+    with pytest.raises(ConnectionBroke):
+        await response.read()
+    await pool.aclose()
+
+
+async def test_a_truncated_gzip_body_is_an_error(server: Server) -> None:
+    packed = gzip.compress(OK_BODY * 50)
+
+    async def cut(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        half = packed[: len(packed) // 2]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(half)
+            + half
+        )
+        await writer.drain()
+
+    server.answers = [cut]
+    pool = pool_for(server)
+    with pytest.raises(ConnectionBroke, match="cut short"):
+        await post(pool)
+    await pool.aclose()
+
+
+def test_node_urls_and_headers_http_cannot_carry_are_refused() -> None:
+    for url in ("http://user:pw@node:8000/v1", "http://node:8000/v1?x=1"):
+        with pytest.raises(ValueError, match="must not carry"):
+            Pool(url, headers={}, max_connections=1)
+    with pytest.raises(ValueError, match="cannot carry") as caught:
+        Pool("http://node:8000/v1", headers={"Authorization": "Bearer sk-é…"}, max_connections=1)
+    assert "sk-" not in str(caught.value)

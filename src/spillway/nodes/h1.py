@@ -123,7 +123,7 @@ class Response:
             raise
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
-        if self._buffered < RESUME_AT:
+        if self._buffered < RESUME_AT and not self._done:  # done: the socket is another's now
             self._conn.resume()
         return chunk
 
@@ -152,7 +152,7 @@ class Response:
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header
         elif encoding != "identity":
-            self._fail(ConnectionBroke(f"unsupported content-encoding {encoding}", answered=True))
+            self._fail(ConnectionBroke("unsupported content-encoding", answered=True))
             return
         framed = "content-length" in self.headers or "transfer-encoding" in self.headers
         self._until_eof = not framed and status not in (204, 304)
@@ -180,6 +180,9 @@ class Response:
             return
         if self._decoder is not None:
             tail = self._decoder.flush()
+            if not self._decoder.eof:
+                self._fail(ConnectionBroke("compressed body cut short", answered=True))
+                return
             if tail:
                 self._chunks.append(tail)
         self._done = True
@@ -191,8 +194,8 @@ class Response:
             self._conn.close()
             self._wake()
 
-    def _connection_lost(self) -> None:
-        if self._until_eof and self.status:
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._until_eof and self.status and exc is None:  # a clean close ends such a body
             self._complete()
         else:
             self._fail(ConnectionBroke("connection closed by the node", answered=self.answered))
@@ -212,6 +215,8 @@ class Connection(asyncio.Protocol):
         self._open = False
         self._paused = False
         self._informational = False  # parsing a 1xx interim answer
+        self._ended: bool | None = None  # an answer ended in this read: may the socket stay?
+        self._stray = False  # the node sent bytes beyond its answer
 
     @property
     def usable(self) -> bool:
@@ -224,6 +229,8 @@ class Connection(asyncio.Protocol):
 
     async def exchange(self, data: bytes) -> Response:
         """Send one request; return once the answer's status and headers are in."""
+        if not self.usable:  # closed by the node between our taking it and this write
+            raise ConnectionBroke("connection closed by the node", answered=False)
         assert self.transport is not None
         response = self.current = Response(self)
         self.transport.write(data)
@@ -272,15 +279,27 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             exchange._fail(ConnectionBroke(f"malformed answer ({exc})", answered=True))
+            self.close()  # the parser is stuck in its error state: never reuse it
+            return
+        if self._ended is not None:  # the answer ended in this read: only now, after parsing
+            keep, self._ended = self._ended, None  # every byte of it, may the socket be reused
+            if keep and not self._stray:
+                self._pool.release(self)
+            else:
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
         self._pool.discount(self)
         exchange, self.current = self.current, None
         if exchange is not None:
-            exchange._connection_lost()
+            exchange._connection_lost(exc)
 
     # --- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.current is None:  # bytes after the answer: a node out of step with us
+            self._stray = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
@@ -305,10 +324,6 @@ class Connection(asyncio.Protocol):
             return
         exchange, self.current = self.current, None
         assert exchange is not None
-        keep = self._parser.should_keep_alive() and exchange._error is None
+        self._ended = self._parser.should_keep_alive() and exchange._error is None
         exchange._complete()
         self.resume()
-        if keep:
-            self._pool.release(self)
-        else:
-            self.close()

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 from collections.abc import Mapping
 
+import aiohappyeyeballs
 from yarl import URL
 
 from spillway.nodes.h1 import ConnectFailed, Connection, ConnectionBroke, ConnectTimedOut, Response
+
+#: A kept-alive connection that fails this soon after a request was written to it, before
+#: any answer, had been closed by the node (idle timeout, restart): the node cannot have
+#: taken the request, so it is sent again on a fresh connection. Later than this, the node
+#: may have been working on it (a generation sends nothing until it ends): never resent.
+STALE_WITHIN_S = 0.5
 
 
 class Pool:
@@ -31,6 +39,8 @@ class Pool:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.raw_host:
             raise ValueError(f"node URL must be http(s)://host[:port]/path, not {url.scheme}://")
+        if url.raw_user or url.raw_password or url.raw_query_string or url.raw_fragment:
+            raise ValueError("node URL must not carry user:password@, a ?query or a #fragment")
         self._host = url.raw_host
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
@@ -43,7 +53,12 @@ class Pool:
         }
         if any(c in item for pair in fixed.items() for item in pair for c in "\r\n"):
             raise ValueError("a node header name or value contains a line break")
-        self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
+        try:  # encoded once; the message never echoes the value (it may be the node's key)
+            self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a node header has characters HTTP cannot carry (not latin-1)"
+            ) from None
         self._limit = max_connections
         self._idle_s = idle_s
         self._open = 0
@@ -58,10 +73,12 @@ class Pool:
         """Send one request; return once the answer's status and headers are in."""
         data = self._encode(method, path, body)
         conn = await self._acquire(connect_timeout_s)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             return await conn.exchange(data)
         except ConnectionBroke as exc:
-            if not conn.used or exc.answered:
+            if not conn.used or exc.answered or loop.time() - sent > STALE_WITHIN_S:
                 raise
         # The kept-alive connection had gone stale: once more on a fresh one.
         return await (await self._acquire(connect_timeout_s, fresh=True)).exchange(data)
@@ -77,10 +94,10 @@ class Pool:
                 waiter.set_exception(ConnectFailed("the node's client is closed"))
 
     def _encode(self, method: str, path: str, body: bytes | None) -> bytes:
-        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._fixed}"
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
         if body is None:
-            return (head + "\r\n").encode("latin-1")
-        return (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+            return head + b"\r\n"
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
     async def _acquire(self, timeout_s: float, *, fresh: bool = False) -> Connection:
         """An idle connection (unless ``fresh``), a new one, or the next one released."""
@@ -88,6 +105,7 @@ class Pool:
         if conn is not None:
             return conn
         if self._open < self._limit:
+            self._open += 1
             return await self._connect(timeout_s)
         waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -99,6 +117,11 @@ class Pool:
             if isinstance(exc, TimeoutError):
                 raise ConnectTimedOut("every connection to the node stayed busy") from None
             raise
+        if handed is not None and fresh:  # take over its slot, but not the socket
+            handed.counted = False
+            self._all.discard(handed)
+            handed.close()
+            handed = None
         return handed if handed is not None else await self._connect(timeout_s)
 
     def _return_unclaimed(self, waiter: asyncio.Future[Connection | None]) -> None:
@@ -108,21 +131,19 @@ class Pool:
             if handed is not None:
                 self.release(handed)
             else:
-                self._wake_one()
+                self._slot_freed()  # the slot reserved for this waiter
         elif waiter in self._waiters:
             self._waiters.remove(waiter)
 
     async def _connect(self, timeout_s: float) -> Connection:
+        """A new connection in a slot already counted in ``_open`` (freed if this fails)."""
+        made = Connection(self)  # holds that slot until discounted, exactly once
         if self._closed:
+            made.close()
             raise ConnectFailed("the node's client is closed")
-        self._open += 1
-        made = Connection(self)  # counts against the limit until discounted, exactly once
-        hostname = self._host if self._ssl is not None else None
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.get_running_loop().create_connection(
-                    lambda: made, self._host, self._port, ssl=self._ssl, server_hostname=hostname
-                )
+                await self._open_socket(made)
         except BaseException as exc:
             made.close()  # a transport made before a cancellation is closed too
             if isinstance(exc, TimeoutError):
@@ -132,6 +153,21 @@ class Pool:
             raise
         self._all.add(made)
         return made
+
+    async def _open_socket(self, made: Connection) -> None:
+        """Happy eyeballs (RFC 8305) over the node's addresses, as aiohttp's connector does:
+        with a dead IPv6 route, IPv4 is tried after 0.25 s instead of after the timeout."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25)
+        hostname = self._host if self._ssl is not None else None
+        try:
+            await loop.create_connection(
+                lambda: made, sock=sock, ssl=self._ssl, server_hostname=hostname
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     def _take_idle(self) -> Connection | None:
         if not self._idle:
@@ -172,8 +208,10 @@ class Pool:
         self._wake_one()
 
     def _wake_one(self) -> None:
-        while self._waiters:
+        """Room for one more connection: reserve it for the oldest waiter, if any."""
+        while self._waiters and self._open < self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # no connection, but room to open one
+                self._open += 1
+                waiter.set_result(None)  # no connection, but a slot to open one in
                 return
