@@ -436,6 +436,24 @@ async def test_spent_retry_budget_leaves_one_attempt_per_request(clock: ManualCl
     assert stats.retries_granted == 2
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda name: UpstreamConnectError(name, "cannot connect", delivered=False),
+        lambda name: UpstreamTimeout(name, "connection", 3),
+    ],
+    ids=["refused", "connect-timeout"],
+)
+async def test_a_failure_to_connect_fails_over_without_the_retry_budget(
+    clock: ManualClock, fault: Fault
+) -> None:
+    a, b = FakeNode("a", always=fault), FakeNode("b")
+    budget = RetryBudget(ratio=0.0, min_retries=0, burst=0)  # never grants a retry
+    d = build(clock, private(a), private(b), budget=budget)
+    assert (await d.complete(chat(), context(clock))).handle.name == "b"
+    assert budget.stats().retries_granted == 0
+
+
 # --- private_only ---------------------------------------------------------------------------
 
 

@@ -300,4 +300,8 @@ async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> S
 
 
 def _delivered(error: UpstreamError) -> bool:
+    """Did the failed attempt reach the node? Not if it could not connect (refused, DNS, TLS,
+    or no connection within ``connect_s``): retrying elsewhere then adds no load anywhere."""
+    if isinstance(error, UpstreamTimeout):
+        return error.phase != "connection"
     return not isinstance(error, UpstreamConnectError) or error.delivered

@@ -183,7 +183,10 @@ def _handle(
     stack: AsyncExitStack,
 ) -> NodeHandle:
     api_key = spec.api_key.get_secret_value() if spec.api_key else None
-    node = HttpNode(name, base_url, api_key, max_connections=max(2 * spec.max_concurrency, 32))
+    try:
+        node = HttpNode(name, base_url, api_key, max_connections=max(2 * spec.max_concurrency, 32))
+    except ValueError as exc:  # a URL or key HTTP cannot carry; the message never echoes a key
+        raise StartupError(f"nodes.{name}: {exc}") from None
     stack.push_async_callback(node.aclose)
     signal_url = spec.metrics_url
     if signal_url is None and spec.load_signal != "none":
