@@ -77,6 +77,7 @@ class Outcome:
     node: str | None
     latency_s: float
     complete: bool  # 200, and a stream that ended with [DONE]
+    error: str = ""  # the error's message, for a failure
 
 
 async def call(
@@ -90,7 +91,8 @@ async def call(
         node_name = r.headers.get("x-spillway-node")
     latency = time.monotonic() - started
     complete = r.status == 200 and (not stream or data.endswith(b"data: [DONE]\n\n"))
-    return Outcome(r.status, node_name, latency, complete)
+    error = "" if complete else data[-300:].decode("utf-8", "replace")
+    return Outcome(r.status, node_name, latency, complete, error)
 
 
 async def load(

@@ -102,7 +102,7 @@ async def test_killing_one_of_three_private_nodes_under_load(fleet, ups, stream,
     # ends with an error event. Those are the only failures allowed, at most one per worker;
     # usually there are none (the fake answers in one burst), and the target is 99.9 %.
     cut = [o for o in outcomes if not o.complete and o.status == 200 and o.node == "p2"]
-    others = [(o.status, o.node) for o in outcomes if not o.complete and o not in cut]
+    others = [(o.status, o.node, o.error) for o in outcomes if not o.complete and o not in cut]
     assert not others, f"failures other than p2's cut streams: {others}"
     assert len(cut) <= 6 and (success >= 0.999 or stream)
     assert errors_to_eject <= 5
