@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from spillway.config.schema import Timeouts
+from spillway.errors import UpstreamConnectError
 from spillway.nodes.h1 import PAUSE_AT, ConnectFailed, ConnectionBroke, ConnectTimedOut
+from spillway.nodes.http import HttpNode
 from spillway.nodes.pool import STALE_WITHIN_S, Pool
 
 OK_BODY = b'{"ok":true}'
@@ -168,9 +171,16 @@ async def test_a_fresh_connection_that_breaks_is_not_sent_twice(server: Server) 
     pool = pool_for(server)
     with pytest.raises(ConnectionBroke) as caught:
         await post(pool)
-    assert caught.value.answered is False
+    assert (caught.value.answered, caught.value.refused) == (False, True)
     assert len(server.seen.requests) == 1
     await pool.aclose()
+    # The node's boundary: closed under the request at once, so another node may take it
+    # without the retry budget (the node cannot have taken it).
+    node = HttpNode("n", f"http://127.0.0.1:{server.port}/v1", None, 4)
+    with pytest.raises(UpstreamConnectError) as failed:
+        await node.chat(b"{}", Timeouts())
+    assert failed.value.delivered is False
+    await node.aclose()
 
 
 async def test_an_answer_cut_mid_body_is_a_broken_connection_and_not_retried(
@@ -407,7 +417,7 @@ async def test_a_connection_lost_after_the_node_worked_on_it_is_not_resent(
     await post(pool)
     with pytest.raises(ConnectionBroke) as caught:
         await post(pool)
-    assert caught.value.answered is False
+    assert (caught.value.answered, caught.value.refused) == (False, False)
     assert len(server.seen.requests) == 2  # sent once: the node may have done the work
     await pool.aclose()
 

@@ -60,6 +60,9 @@ class ConnectionBroke(H1Error):
         super().__init__(reason)
         #: whether any byte of the answer had arrived
         self.answered = answered
+        #: closed with no answer so soon after the write that the node cannot have taken the
+        #: request (set by the pool; see ``pool.STALE_WITHIN_S``)
+        self.refused = False
 
 
 class Response:

@@ -22,7 +22,13 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
-from spillway.nodes.h1 import ConnectFailed, ConnectTimedOut, H1Error, Response
+from spillway.nodes.h1 import (
+    ConnectFailed,
+    ConnectionBroke,
+    ConnectTimedOut,
+    H1Error,
+    Response,
+)
 from spillway.nodes.pool import Pool
 from spillway.secrets import Redactor
 from spillway.wire.sse import SseDecoder, SseEvent
@@ -134,6 +140,10 @@ class HttpNode:
             # The reason names only the kind of failure, never the node's address.
             raise UpstreamConnectError(
                 self.name, f"cannot connect ({exc.reason})", delivered=False
+            ) from None
+        if isinstance(exc, ConnectionBroke) and exc.refused:
+            raise UpstreamConnectError(
+                self.name, "connection closed before any answer", delivered=False
             ) from None
         if isinstance(exc, H1Error | OSError):
             reason = exc.reason if isinstance(exc, H1Error) else type(exc).__name__

@@ -13,11 +13,24 @@ from yarl import URL
 
 from spillway.nodes.h1 import ConnectFailed, Connection, ConnectionBroke, ConnectTimedOut, Response
 
-#: A kept-alive connection that fails this soon after a request was written to it, before
-#: any answer, had been closed by the node (idle timeout, restart): the node cannot have
-#: taken the request, so it is sent again on a fresh connection. Later than this, the node
-#: may have been working on it (a generation sends nothing until it ends): never resent.
+#: A connection that fails this soon after a request was written to it, before any answer,
+#: was closed under the request: a kept-alive one the node had closed (idle timeout,
+#: restart), or a new one the node accepted while going down. The node cannot have taken
+#: the request: on a kept-alive connection it is sent again on a fresh one, and either way
+#: the failure counts as never delivered. Later than this, the node may have been working
+#: on it (a generation sends nothing until it ends): never resent, and delivered.
 STALE_WITHIN_S = 0.5
+
+
+async def _send(conn: Connection, data: bytes) -> Response:
+    """``conn.exchange``, marking a failure that came with no answer within STALE_WITHIN_S."""
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    try:
+        return await conn.exchange(data)
+    except ConnectionBroke as exc:
+        exc.refused = not exc.answered and loop.time() - sent <= STALE_WITHIN_S
+        raise
 
 
 class Pool:
@@ -73,15 +86,13 @@ class Pool:
         """Send one request; return once the answer's status and headers are in."""
         data = self._encode(method, path, body)
         conn = await self._acquire(connect_timeout_s)
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
         try:
-            return await conn.exchange(data)
+            return await _send(conn, data)
         except ConnectionBroke as exc:
-            if not conn.used or exc.answered or loop.time() - sent > STALE_WITHIN_S:
+            if not (conn.used and exc.refused):
                 raise
         # The kept-alive connection had gone stale: once more on a fresh one.
-        return await (await self._acquire(connect_timeout_s, fresh=True)).exchange(data)
+        return await _send(await self._acquire(connect_timeout_s, fresh=True), data)
 
     async def aclose(self) -> None:
         self._closed = True
