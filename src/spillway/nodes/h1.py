@@ -12,9 +12,9 @@ exact account of *where* a failure happened, which failover depends on:
 - ``ConnectionBroke``: the connection failed once the request was on its way.
 
 A request written to a kept-alive connection that the node had already closed (it idled out,
-or the node restarted) fails before one byte of answer. It is sent again, once, on a fresh
-connection, as browsers do: the node cannot have answered on a closed socket, and if the node
-is gone the fresh connection fails to connect, which is then rightly "never delivered".
+or the node restarted) fails at once, before one byte of answer: the pool sends it again, once,
+on a fresh connection (``pool.STALE_WITHIN_S`` says how soon "at once" is, and why a later
+failure is never resent).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import socket
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -99,14 +100,7 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body (decoded if the node compressed it)."""
-        try:
-            while not self._done and self._error is None:
-                await self._wait()
-            if self._error is not None:
-                raise self._error
-        except BaseException:
-            self.close()
-            raise
+        await self.wait_until(lambda: self._done)
         body = b"".join(self._chunks)
         self._chunks.clear()
         return body
@@ -114,16 +108,9 @@ class Response:
     async def next_chunk(self) -> bytes | None:
         """The next piece of the body as it arrived, or None at its end."""
         self._streaming = True
-        try:
-            while not self._chunks:
-                if self._done:
-                    return None
-                if self._error is not None:
-                    raise self._error
-                await self._wait()
-        except BaseException:
-            self.close()
-            raise
+        await self.wait_until(lambda: bool(self._chunks) or self._done)
+        if not self._chunks:
+            return None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._buffered < RESUME_AT and not self._done:  # done: the socket is another's now
@@ -135,12 +122,21 @@ class Response:
         if not self._done:
             self._conn.close()
 
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+    async def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Wait for the connection to make ``ready()`` true; raise its error if it fails first.
+        A wait given up (cancelled, timed out) abandons the answer, closing the connection."""
         try:
-            await self._waiter
-        finally:
-            self._waiter = None
+            while not ready():
+                if self._error is not None:
+                    raise self._error
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        except BaseException:
+            self.close()
+            raise
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -237,14 +233,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         response = self.current = Response(self)
         self.transport.write(data)
-        try:
-            while not response.status:
-                if response._error is not None:
-                    raise response._error
-                await response._wait()
-        except BaseException:
-            response.close()
-            raise
+        await response.wait_until(lambda: response.status != 0)
         return response
 
     def pause(self) -> None:

@@ -57,12 +57,8 @@ class HttpNode:
         return await self._post("/embeddings", body, timeouts)
 
     async def probe(self, timeout_s: float) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                resp = await self._pool.request("GET", "/models", None, connect_timeout_s=timeout_s)
-                payload = await resp.read()
-        except Exception as exc:
-            self._translate(exc, "answer to GET /models", timeout_s, timeout_s)
+        phase = "answer to GET /models"
+        resp, payload = await self._fetch("GET", "/models", None, timeout_s, timeout_s, phase)
         if resp.status != 200:
             self._raise_for(resp, payload)
 
@@ -70,16 +66,25 @@ class HttpNode:
         await self._pool.aclose()
 
     async def _post(self, path: str, body: bytes, t: Timeouts) -> Reply:
-        try:
-            # The total timeout covers connecting, sending and reading the whole answer.
-            async with asyncio.timeout(t.total_s):
-                resp = await self._pool.request("POST", path, body, connect_timeout_s=t.connect_s)
-                payload = await resp.read()
-        except Exception as exc:
-            self._translate(exc, "complete answer", t.total_s, t.connect_s)
+        resp, payload = await self._fetch(
+            "POST", path, body, t.total_s, t.connect_s, "complete answer"
+        )
         if resp.status >= 300:
             self._raise_for(resp, payload)
         return Reply(resp.status, payload, resp.content_type)
+
+    async def _fetch(
+        self, method: str, path: str, body: bytes | None, total_s: float, connect_s: float,
+        phase: str,
+    ) -> tuple[Response, bytes]:  # fmt: skip
+        """Status, headers and the whole body; ``total_s`` covers connecting, sending and
+        reading it all."""
+        try:
+            async with asyncio.timeout(total_s):
+                resp = await self._pool.request(method, path, body, connect_timeout_s=connect_s)
+                return resp, await resp.read()
+        except Exception as exc:
+            self._translate(exc, phase, total_s, connect_s)
 
     async def stream(self, body: bytes, t: Timeouts) -> AsyncIterator[SseEvent]:
         loop = asyncio.get_running_loop()
