@@ -70,7 +70,8 @@ class Pool:
             self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(
-                "a node header has characters HTTP cannot carry (not latin-1)"
+                "a node header has characters HTTP cannot carry (not latin-1): look for pasted"
+                " non-ASCII characters (such as … or curly quotes) in the node's api_key"
             ) from None
         self._limit = max_connections
         self._idle_s = idle_s
