@@ -175,52 +175,61 @@ def neighbours(q: np.ndarray, items: list[tuple[str, str, float]]) -> list[Neigh
     return out
 
 
-def test_matcher_picks_the_best_scoring() -> None:
+async def test_matcher_picks_the_best_scoring() -> None:
     q = unit(3)
     found = neighbours(q, [("a", "how to boil eggs", 0.93), ("b", "boiling eggs how", 0.97),
                            ("c", "how do i boil eggs", 0.95)])  # fmt: skip
-    hit = SemanticMatcher(toy_verifier()).best("how do you boil eggs", q, found, 0.5)
+    hit = await SemanticMatcher(toy_verifier()).best("how do you boil eggs", q, found, 0.5)
     assert hit is not None and hit.key == "b"
 
 
-def test_matcher_returns_none_below_threshold_or_empty() -> None:
+async def test_matcher_returns_none_below_threshold_or_empty() -> None:
     q = unit(3)
     matcher = SemanticMatcher(toy_verifier())
-    assert matcher.best("q", q, [], 0.5) is None
+    assert await matcher.best("q", q, [], 0.5) is None
     assert (
-        matcher.best("how do you boil eggs", q, neighbours(q, [("a", "eggs", 0.85)]), 0.5) is None
+        await matcher.best("how do you boil eggs", q, neighbours(q, [("a", "eggs", 0.85)]), 0.5)
+        is None
     )
     found = neighbours(q, [("a", "how to boil eggs", 0.93)])
-    assert matcher.best("how do i boil eggs", q, found, 0.5) is not None
-    assert matcher.best("how do i boil eggs", q, found, 0.99) is None
+    assert await matcher.best("how do i boil eggs", q, found, 0.5) is not None
+    assert await matcher.best("how do i boil eggs", q, found, 0.99) is None
 
 
-def test_matcher_skips_a_vetoed_best_for_the_next() -> None:
+async def test_matcher_skips_a_vetoed_best_for_the_next() -> None:
     q = unit(4)
     found = neighbours(q, [("2017", "top 10 films of 2017", 0.99),
                            ("2016", "best 10 films of 2016", 0.95)])  # fmt: skip
-    hit = SemanticMatcher(toy_verifier()).best("top 10 films of 2016", q, found, 0.5)
+    hit = await SemanticMatcher(toy_verifier()).best("top 10 films of 2016", q, found, 0.5)
     assert hit is not None and hit.key == "2016"
-    unguarded = SemanticMatcher(toy_verifier(guards=())).best("top 10 films of 2016", q, found, 0.5)
+    unguarded = await SemanticMatcher(toy_verifier(guards=())).best(
+        "top 10 films of 2016", q, found, 0.5
+    )
     assert unguarded is not None and unguarded.key == "2017"
 
 
-def test_matcher_floor_skips_far_neighbours() -> None:
+async def test_matcher_floor_skips_far_neighbours() -> None:
     q = unit(5)
     found = neighbours(q, [("a", "how to boil eggs", 0.93)])
-    assert SemanticMatcher(toy_verifier(floor=0.95)).best("how to boil eggs", q, found, 0.5) is None
     assert (
-        SemanticMatcher(toy_verifier(), floor=0.95).best("how to boil eggs", q, found, 0.5) is None
+        await SemanticMatcher(toy_verifier(floor=0.95)).best("how to boil eggs", q, found, 0.5)
+        is None
+    )
+    assert (
+        await SemanticMatcher(toy_verifier(), floor=0.95).best("how to boil eggs", q, found, 0.5)
+        is None
     )
 
 
-def test_shipped_matcher_end_to_end(shipped: Verifier) -> None:
+async def test_shipped_matcher_end_to_end(shipped: Verifier) -> None:
     q = unit(6)
     matcher = SemanticMatcher(shipped)
     same = neighbours(q, [("k", "How do I improve my English?", 1.0)])
-    assert matcher.best("How do I improve my English?", q, same, DEFAULT_THRESHOLD) is not None
+    assert (
+        await matcher.best("How do I improve my English?", q, same, DEFAULT_THRESHOLD) is not None
+    )
     other_year = neighbours(q, [("k", "Best movies of 2015?", 0.99)])
-    assert matcher.best("Best movies of 2016?", q, other_year, 0.0) is None or (
+    assert await matcher.best("Best movies of 2016?", q, other_year, 0.0) is None or (
         "numbers" not in shipped.guards
     )
 

@@ -17,7 +17,7 @@ VETOES = ("numbers", "negation", "entities")
 
 
 class CosineMatcher:
-    def best(
+    async def best(
         self, query: str, qvec: Vector, neighbours: list[Neighbour], threshold: float
     ) -> Neighbour | None:
         """The most similar neighbour at or over ``threshold`` that no veto rules out."""

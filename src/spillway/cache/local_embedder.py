@@ -15,8 +15,9 @@ cores anyway).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,7 @@ from spillway.errors import StartupError
 
 DIM = 384
 _EXTRA_HINT = "pip install 'spillway[semantic]'"
+T = TypeVar("T")
 
 
 class LocalMiniLM:
@@ -66,6 +68,12 @@ class LocalMiniLM:
         self._closed = True
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
         self._model = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread. The cross-encoder runs here too: torch's
+        thread setting is process-wide, and two passes at once would only share the cores."""
+        result: T = await self._run(fn, *args)
+        return result
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self._closed:

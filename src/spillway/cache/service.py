@@ -32,7 +32,7 @@ HitKind = Literal["exact", "semantic"]
 class Matcher(Protocol):
     """Decides which (if any) nearby cached prompt means the same as the query."""
 
-    def best(
+    async def best(
         self, query: str, qvec: Vector, neighbours: list[Neighbour], threshold: float
     ) -> Neighbour | None: ...
 
@@ -203,7 +203,7 @@ class ResponseCache:
         found.vector = (await semantic.embedder.embed([probe.keys.prompt]))[0]
         near = await semantic.index.search(probe.keys.scope, found.vector, semantic.neighbours)
         threshold = probe.plan.threshold or semantic.default_threshold
-        best = semantic.matcher.best(probe.keys.prompt, found.vector, near, threshold)
+        best = await semantic.matcher.best(probe.keys.prompt, found.vector, near, threshold)
         if best is None:
             return None
         raw = await self.store.get(best.key)

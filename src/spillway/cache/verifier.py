@@ -322,6 +322,11 @@ class Verifier:
             raise ValueError(f"verifier weights name unknown guards: {sorted(unknown)}")
         return cls(mean, scale, members, idf, meta)
 
+    def member(self, k: int) -> Verifier:
+        """Member k alone. It never saw tune fold k, so on that fold its scores are the
+        honest out-of-fold ones (``bench/train_cross_encoder.py`` calibrates on fold 0)."""
+        return Verifier(self._mean, self._scale, [self._members[k]], self.idf, self.meta)
+
     def judge(
         self, lex_a: Sequence[Lexical], u: npt.NDArray[Any], lex_b: Sequence[Lexical],
         v: npt.NDArray[Any],
@@ -378,7 +383,7 @@ class SemanticMatcher:
         self.verifier = verifier or Verifier.load()
         self.floor = max(floor, float(self.verifier.meta.get("floor", 0.0)))
 
-    def best(
+    async def best(
         self, query: str, qvec: npt.NDArray[Any], neighbours: list[Neighbour], threshold: float
     ) -> Neighbour | None:
         """The highest-scoring neighbour that scores >= ``threshold`` and passes the guards."""
