@@ -13,16 +13,21 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from spillway.cache import cross_matcher
 from spillway.cache.cosine import CosineMatcher
+from spillway.cache.cross_matcher import CrossEncoderMatcher
 from spillway.cache.remote_embedder import NodeEmbedder
-from spillway.cache.service import ResponseCache, Semantic
+from spillway.cache.service import Matcher, ResponseCache, Semantic
 from spillway.cache.stores import CacheStore
 from spillway.cache.vectors import VectorIndex
 from spillway.clock import Clock
 from spillway.config.schema import CacheConfig, Config
 from spillway.routing.router import Router
+
+if TYPE_CHECKING:
+    from spillway.cache.local_embedder import LocalMiniLM
 
 log = logging.getLogger("spillway.cache")
 
@@ -115,19 +120,32 @@ async def _semantic(
 
 
 def _local(settings: CacheConfig, index: VectorIndex, stack: AsyncExitStack) -> Semantic:
-    """all-MiniLM-L6-v2 with the trained verifier; the model loads in the background (a few
-    seconds) and semantic lookups are misses until it has."""
+    """all-MiniLM-L6-v2 finds candidates; the verifier, and unless turned off the
+    cross-encoder, judge them. The models load in the background (a few seconds) and semantic
+    lookups are misses until they have."""
     from spillway.cache.local_embedder import LocalMiniLM
-    from spillway.cache.verifier import DEFAULT_THRESHOLD, SemanticMatcher, Verifier
 
     embedder = LocalMiniLM()
-    warming = asyncio.create_task(embedder.warm())
+    matcher, threshold = _local_matcher(settings, embedder)
+    warming = asyncio.create_task(_warm(embedder, matcher))
     warming.add_done_callback(_report_warm)
     stack.callback(warming.cancel)
-    matcher = SemanticMatcher(Verifier.load())
-    return Semantic(
-        index, embedder, matcher, settings.neighbours, DEFAULT_THRESHOLD, _loaded(warming)
-    )
+    return Semantic(index, embedder, matcher, settings.neighbours, threshold, _loaded(warming))
+
+
+def _local_matcher(settings: CacheConfig, embedder: LocalMiniLM) -> tuple[Matcher, float]:
+    """The matcher and its default threshold (a blended score, or the verifier's alone)."""
+    if settings.cross_encoder:
+        return CrossEncoderMatcher(embedder), cross_matcher.DEFAULT_THRESHOLD
+    from spillway.cache import verifier
+
+    return verifier.SemanticMatcher(verifier.Verifier.load()), verifier.DEFAULT_THRESHOLD
+
+
+async def _warm(embedder: LocalMiniLM, matcher: Matcher) -> None:
+    await embedder.warm()
+    if isinstance(matcher, CrossEncoderMatcher):  # its model loads on the embedder's thread
+        await matcher.warm()
 
 
 def _loaded(task: asyncio.Task[None]) -> Callable[[], bool]:
