@@ -132,7 +132,8 @@ async def test_overload_at_twice_private_capacity(fleet, ups, stream, key):
     p50 = percentile([o.latency_s for o in answered], 0.50)
     p99 = percentile([o.latency_s for o in answered], 0.99)
     if key == OPEN_KEY:
-        assert len(answered) == len(outcomes)
+        unanswered = [(o.status, o.node, o.error) for o in outcomes if not o.complete]
+        assert not unanswered, f"{len(unanswered)} not answered: {unanswered[:5]}"
         assert 0.40 <= spilled <= 0.60, "the excess over private capacity is half the load"
         assert p99 < 1.0, "spilling keeps interactive latency bounded (deadline 5 s)"
     else:
