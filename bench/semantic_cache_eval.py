@@ -2,17 +2,19 @@
 
 For every held-out pair (a, b) the gateway's own code decides: ``LocalMiniLM`` embeds both
 texts, ``a`` plays the stored prompt (the only neighbour, with its cosine) and
-``SemanticMatcher.best`` decides whether ``b`` may be answered from it. A hit on a pair labelled
+``CrossEncoderMatcher.best``, with the shipped cross-encoder, decides whether ``b`` may be
+answered from it. A hit on a pair labelled
 duplicate is right, any other hit serves a wrong answer. Reported: precision and recall of hits
 at a range of thresholds, the shipped default marked, against the cosine-only baseline (its
 best recall at the same precision).
 
 The data (``../shared/data/qqp-dev.jsonl.gz``, 60,903 human-labelled pairs) is split by pair
 hash: about 30 % is the held-out *test* part, never used for training or tuning; the rest is
-the *tune* part that ``bench/train_verifier.py`` learns from. ``split_of`` is the one place that
-decides, and both scripts call it.
+the *tune* part that ``bench/train_cross_encoder.py`` learns from and sets the threshold on.
+``split_of`` is the one place that decides, and both scripts call it.
 
 Run:  .venv/bin/python bench/semantic_cache_eval.py [--limit N] [--data PATH] [--no-cache]
+(about 5 minutes on 2 cores with the embeddings cached, 15 without).
 Writes bench/results/semantic_cache_eval.{md,png,json}. Embeddings are cached under
 /tmp/qqp-cache/ (never in the repository: the data may not be copied into it).
 """
@@ -25,16 +27,18 @@ import gzip
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from spillway.cache.cross_encoder import CrossEncoder
+from spillway.cache.cross_matcher import CrossEncoderMatcher, blend
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.vectors import Neighbour
-from spillway.cache.verifier import SemanticMatcher, Verifier, analyse, vetoed
+from spillway.cache.verifier import Verifier, analyse, vetoed
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "qqp-dev.jsonl.gz"
@@ -42,6 +46,7 @@ RESULTS = ROOT / "bench" / "results"
 CACHE = Path("/tmp/qqp-cache/local-minilm.npz")
 TEST_BYTE = 77  # first hash byte below this: held-out (77/256 = 30 %)
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.93, 0.95, 0.96, 0.97, 0.98)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,35 +111,46 @@ async def embed_all(
     return {t: known[_text_key(t)] for t in unique}, len(todo), seconds
 
 
-def effective_scores(
-    verifier: Verifier, pairs: Sequence[Pair], vecs: dict[str, np.ndarray], floor: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pair: the highest threshold at which ``best`` would hit (-1 if never), the raw
-    model score, and the cosine. Vectorised; ``check_against_matcher`` ties it to ``best``."""
-    lex = {t: analyse(t) for p in pairs for t in (p.a, p.b)}
-    u = np.stack([vecs[p.a] for p in pairs])
-    v = np.stack([vecs[p.b] for p in pairs])
+class Inline:
+    """The model thread, run inline: the eval is the only thing running."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+
+def decisions(
+    pairs: list[Pair], cross: np.ndarray, verifier: Verifier, vecs: dict[str, np.ndarray],
+    prescreen: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per pair (cached ``a``, query ``b``): the highest threshold at which
+    ``CrossEncoderMatcher.best`` would hit (-1: never; 1: the same prompt), and the verifier's
+    score. ``check_against_matcher`` ties it to ``best`` itself."""
+    lex_a, lex_b = [analyse(p.a) for p in pairs], [analyse(p.b) for p in pairs]
+    u, v = np.stack([vecs[p.a] for p in pairs]), np.stack([vecs[p.b] for p in pairs])
+    scores = verifier.judge(lex_a, u, lex_b, v)
     cos = np.einsum("ij,ij->i", u, v)
-    raw = verifier.judge([lex[p.a] for p in pairs], u, [lex[p.b] for p in pairs], v)
-    veto = np.array([vetoed(lex[p.b], lex[p.a], verifier.guards) is not None for p in pairs])
-    eff = np.where(veto | (cos < floor), -1.0, raw)
-    return eff, raw, cos
+    lex = list(zip(lex_a, lex_b, strict=True))
+    veto = np.array([vetoed(b, a, verifier.guards) is not None for a, b in lex])
+    same = np.array([a.normal == b.normal for a, b in lex])
+    eff = np.where(scores < prescreen, -1.0, blend(scores, cross))
+    eff = np.where(same, 1.0, eff)
+    return np.where(veto | (cos < float(verifier.meta["floor"])), -1.0, eff), scores
 
 
-def check_against_matcher(
-    matcher: SemanticMatcher, pairs: Sequence[Pair], vecs: dict[str, np.ndarray], eff: np.ndarray,
-    threshold: float,
+async def check_against_matcher(
+    matcher: CrossEncoderMatcher, pairs: Sequence[Pair], vecs: dict[str, np.ndarray],
+    eff: np.ndarray, threshold: float,
 ) -> float:  # fmt: skip
-    """Run ``SemanticMatcher.best`` itself on every pair; fail if it disagrees with ``eff``.
-    Returns the mean microseconds per call."""
+    """Run ``CrossEncoderMatcher.best`` itself on every pair, the stored prompt as the only
+    neighbour; fail if it disagrees with ``eff``. Returns the mean milliseconds per call."""
     started = time.perf_counter()
     for i, p in enumerate(pairs):
         va, vb = vecs[p.a], vecs[p.b]
         near = [Neighbour(key=str(i), text=p.a, vector=va, similarity=float(va @ vb))]
-        hit = matcher.best(p.b, vb, near, threshold) is not None
+        hit = await matcher.best(p.b, vb, near, threshold) is not None
         if hit != bool(eff[i] >= threshold):
-            raise AssertionError(f"SemanticMatcher.best disagrees on pair {i}: {p}")
-    return (time.perf_counter() - started) / max(len(pairs), 1) * 1e6
+            raise AssertionError(f"CrossEncoderMatcher.best disagrees on pair {i}: {p}")
+    return (time.perf_counter() - started) / max(len(pairs), 1) * 1e3
 
 
 def pr_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
@@ -206,20 +222,19 @@ def markdown(fig: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, eff: np.ndarray, raw: np.ndarray, cos: np.ndarray, labels: np.ndarray,
-         default: float) -> None:  # fmt: skip
+def plot(path: Path, curves: dict[str, np.ndarray], labels: np.ndarray, default: float) -> None:
+    """Precision-recall curves; the first is the shipped decision, its default marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for scores, label in ((eff, "verifier + guards"), (raw, "verifier, no guards"),
-                          (cos, "cosine only")):  # fmt: skip
+    for label, scores in curves.items():
         prec, rec, _, _ = pr_curve(scores, labels)
         keep = rec > 0.005  # the first few hits are noise
         ax.plot(rec[keep], prec[keep], label=label)
-    point = pr_at(eff, labels, default)
+    point = pr_at(next(iter(curves.values())), labels, default)
     ax.scatter([point["recall"]], [point["precision"]], color="black", zorder=3,
                label=f"default ({default:.3f})")  # fmt: skip
     ax.axhline(0.95, color="grey", linestyle=":", linewidth=1)
@@ -244,31 +259,40 @@ async def main(args: argparse.Namespace) -> None:
         vecs, fresh, embed_s = await embed_all(texts, None if args.no_cache else CACHE, embedder)
     finally:
         await embedder.aclose()
-    matcher = SemanticMatcher(Verifier.load())
-    verifier, default = matcher.verifier, matcher.verifier.threshold
-    eff, raw, cos = effective_scores(verifier, test, vecs, matcher.floor)
-    best_us = check_against_matcher(matcher, test, vecs, eff, default)
+    judge = CrossEncoder.load()
+    matcher = CrossEncoderMatcher(Inline(), Verifier.load(), lambda: judge)
+    await matcher.warm()
+    default = judge.threshold
+    scored = time.perf_counter()
+    cross = judge.probabilities([p.a for p in test], [p.b for p in test])
+    pair_ms = (time.perf_counter() - scored) / max(len(test), 1) * 1e3
+    eff, scores = decisions(test, cross, matcher.verifier, vecs, matcher.prescreen)
+    cos = np.array([float(vecs[p.a] @ vecs[p.b]) for p in test])
+    best_ms = await check_against_matcher(matcher, test, vecs, eff, default)
     labels = np.array([p.duplicate for p in test])
     unseen = np.array([p.a not in tune_texts and p.b not in tune_texts for p in test])
     result: dict[str, Any] = {
         "held_out": figures(eff, cos, labels, default),
         "held_out_unseen_texts": figures(eff[unseen], cos[unseen], labels[unseen], default),
         "default_threshold": default,
-        "guards": list(verifier.guards),
+        "guards": list(matcher.verifier.guards),
         "floor": matcher.floor,
-        "verifier": {k: verifier.meta[k] for k in ("version", "hidden", "train_pairs")},
+        "cross_encoder": {k: judge.meta.get(k) for k in ("version", "train_pairs", "set_aside")},
+        "verifier": {k: matcher.verifier.meta[k] for k in ("version", "train_pairs")},
         "embedded_sentences": fresh,
         "embed_seconds": round(embed_s, 1),
-        "sentences_per_second": round(fresh / embed_s, 1) if fresh else None,
-        "best_us_per_call_one_neighbour": round(best_us, 1),
+        "cross_encoder_ms_per_pair": round(pair_ms, 2),
+        "prescreen": matcher.prescreen,
+        "best_ms_per_call_one_neighbour": round(best_ms, 2),
         "seconds": round(time.perf_counter() - started, 1),
         "limit": args.limit,
     }
     report = "\n\n".join([
         "## Semantic cache hit decision — held-out QQP",
-        f"Default threshold {default:.3f}; guards: {', '.join(verifier.guards) or 'none'}; "
-        f"cosine floor {matcher.floor:.2f}. `SemanticMatcher.best` was run on every pair and "
-        f"agreed with the table ({best_us:.0f} µs per call, one neighbour).",
+        f"Default threshold {default:.4f}; guards: {', '.join(matcher.verifier.guards)}; "
+        f"cosine floor {matcher.floor:.2f}; prescreen {matcher.prescreen:.2f}. "
+        f"`CrossEncoderMatcher.best` was run on every pair and agreed with the table "
+        f"({best_ms:.1f} ms per call, one neighbour; {pair_ms:.1f} ms per cross-encoder pass).",
         "The baseline column is the best recall any cosine threshold reaches at the row's "
         "precision or better; a cosine threshold of 1.000 means only identical strings get "
         "there, so the ratio is large because the baseline is nearly zero. The second table "
@@ -283,7 +307,9 @@ async def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "semantic_cache_eval.md").write_text(report + "\n")
     (out / "semantic_cache_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(out / "semantic_cache_eval.png", eff, raw, cos, labels, default)
+    curves = {"verifier + cross-encoder (shipped)": eff, "verifier alone, no veto": scores,
+              "cross-encoder alone, no veto": cross, "cosine only": cos}  # fmt: skip
+    plot(out / "semantic_cache_eval.png", curves, labels, default)
 
 
 if __name__ == "__main__":

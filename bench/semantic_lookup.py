@@ -3,11 +3,12 @@ entries in the embedded numpy index (the issue's target: at most 25 ms p50).
 
 A lookup is what a request pays before it goes upstream or is answered: the exact get
 (SQLite), embedding the prompt with the local all-MiniLM-L6-v2, the nearest 5 in the scope
-(100,000 vectors), the verifier over them, and the get of the matched answer. The 100,000
-stored prompts are random unit vectors with placeholder texts (embedding 100,000 real prompts
-takes minutes here and changes nothing in the cost); the queries are real questions, each
-a paraphrase of one stored prompt whose real embedding replaces a random row, so half of
-the lookups are real semantic hits and half are misses.
+(100,000 vectors), the cross-encoder over the nearest two that pass the guards, and the get
+of the matched answer. The 100,000 stored prompts are random unit vectors with placeholder
+texts (embedding 100,000 real prompts takes minutes here and changes nothing in the cost);
+the queries are real questions: half are paraphrases of a stored prompt whose real embedding
+replaces a random row, half are other questions on the same topics (their nearest prompt is
+close, so the cross-encoder reads it too, as it would for a real near-miss).
 
 Run: .venv/bin/python bench/semantic_lookup.py [--entries 100000] [--queries 200]
 """
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_stores import DAY, fill_vectors, unit_rows
 
 from spillway.cache.answers import CachedAnswer
+from spillway.cache.cross_matcher import DEFAULT_THRESHOLD, CrossEncoderMatcher
 from spillway.cache.keys import CacheKeys
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.numpy_index import NumpyIndex, one_blas_thread
@@ -39,7 +41,6 @@ from spillway.cache.policy import CachePlan
 from spillway.cache.service import Probe, ResponseCache, Semantic
 from spillway.cache.sqlite_store import SqliteCacheStore
 from spillway.cache.stores import Entry
-from spillway.cache.verifier import DEFAULT_THRESHOLD, SemanticMatcher, Verifier
 from spillway.clock import SystemClock
 from spillway.config.schema import CacheConfig, ModelPolicy
 from spillway.wire.streams import Usage
@@ -93,7 +94,8 @@ async def run(work: Path, n: int, queries: int) -> None:
     answer = CachedAnswer({"choices": [{"message": {"content": "x"}}]}, Usage(1, 1), "n", 0)
     for i in range(len(PAIRS)):
         await store.set(Entry(f"k{i}", "t", "m", answer.to_bytes(), clock.wall() + DAY))
-    matcher = SemanticMatcher(Verifier.load())
+    matcher = CrossEncoderMatcher(embedder)
+    await matcher.warm()
     semantic = Semantic(index, embedder, matcher, 5, DEFAULT_THRESHOLD)
     cache = ResponseCache(CacheConfig(lookup_timeout_s=5), lambda m: ModelPolicy(), b"s" * 32,
                           store, semantic, clock)  # fmt: skip
