@@ -99,8 +99,10 @@ class CrossEncoderMatcher:
         if not near:
             return None
         picked = self._candidates(query, qvec, near)
-        if isinstance(picked, Neighbour) or not picked:
-            return picked if isinstance(picked, Neighbour) else None
+        if isinstance(picked, Neighbour):
+            return picked  # the same prompt
+        if not picked:
+            return None
         texts = [n.text for n, _ in picked]
         cross = await self._thread.run(self._probabilities, texts, query)
         scores = blend([score for _, score in picked], cross)
