@@ -183,16 +183,14 @@ class CrossEncoder:
         self.threshold = float(meta["threshold"])
 
     @classmethod
-    def load(cls, adapter: Path | None = None, *, quantise: bool = True) -> CrossEncoder:
+    def load(cls, adapter: Path | None = None) -> CrossEncoder:
         with np.load(adapter or ADAPTER_PATH, allow_pickle=False) as data:
             meta: dict[str, Any] = json.loads(str(data["meta"]))
             arrays = {k: data[k] for k in data.files if k != "meta"}
         tokenizer, model = load_base()
         apply_adapter(model, arrays)
         model.eval()
-        if quantise:
-            model = _int8(model)
-        return cls(tokenizer, model, meta)
+        return cls(tokenizer, _int8(model), meta)
 
     def probabilities(
         self, firsts: Sequence[str], seconds: Sequence[str]
