@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from spillway.cache.vectors import Neighbour, Vector
-from spillway.cache.verifier import Lexical, Verifier, analyse, vetoed
+from spillway.cache.verifier import Verifier, analyse, vetoed
 
 #: The shipped operating point (a blended probability), chosen by
 #: ``bench/train_cross_encoder.py`` on tune pairs neither model trained on; equal to the
@@ -115,7 +115,7 @@ class CrossEncoderMatcher:
         """The same prompt if one is near, else the best few by verifier score."""
         asked = analyse(query)
         cached = [analyse(n.text) for n in near]
-        scores = self._verifier_scores(asked, qvec, cached, near)
+        scores = self.verifier.judge_neighbours(asked, qvec, cached, near)
         picked: list[tuple[Neighbour, float]] = []
         for i in np.argsort(-scores, kind="stable"):
             if vetoed(asked, cached[i], self.verifier.guards) is not None:
@@ -126,13 +126,6 @@ class CrossEncoderMatcher:
                 break
             picked.append((near[int(i)], float(scores[i])))
         return picked
-
-    def _verifier_scores(
-        self, asked: Lexical, qvec: Vector, cached: list[Lexical], near: list[Neighbour]
-    ) -> Floats:
-        qvecs = np.repeat(np.asarray(qvec, dtype=np.float32).reshape(1, -1), len(near), axis=0)
-        cvecs = np.stack([np.asarray(n.vector, dtype=np.float32) for n in near])
-        return self.verifier.judge([asked] * len(near), qvecs, cached, cvecs)
 
     def _loaded(self) -> Judge:
         if self._judge is None:

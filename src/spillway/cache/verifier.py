@@ -352,6 +352,15 @@ class Verifier:
             total += 1.0 / (1.0 + np.exp(-z))
         return (total / len(self._members)).astype(np.float32)
 
+    def judge_neighbours(
+        self, asked: Lexical, qvec: npt.NDArray[Any], cached: Sequence[Lexical],
+        near: Sequence[Neighbour],
+    ) -> Floats:  # fmt: skip
+        """``judge`` of one query against each of the index's neighbours (texts analysed)."""
+        qvecs = np.repeat(np.asarray(qvec, dtype=np.float32).reshape(1, -1), len(near), axis=0)
+        cvecs = np.stack([np.asarray(n.vector, dtype=np.float32) for n in near])
+        return self.judge([asked] * len(near), qvecs, cached, cvecs)
+
     def scores(
         self, queries: list[str], qvecs: npt.NDArray[Any], candidates: list[str],
         cvecs: npt.NDArray[Any],
@@ -392,9 +401,7 @@ class SemanticMatcher:
             return None
         lex_q = analyse(query)
         lex_n = [analyse(n.text) for n in near]
-        qvecs = np.repeat(np.asarray(qvec, dtype=np.float32).reshape(1, -1), len(near), axis=0)
-        cvecs = np.stack([np.asarray(n.vector, dtype=np.float32) for n in near])
-        scores = self.verifier.judge([lex_q] * len(near), qvecs, lex_n, cvecs)
+        scores = self.verifier.judge_neighbours(lex_q, qvec, lex_n, near)
         for i in np.argsort(-scores, kind="stable"):
             if scores[i] < threshold:
                 return None
