@@ -121,10 +121,10 @@ class Inline:
 def decisions(
     pairs: list[Pair], cross: np.ndarray, verifier: Verifier, vecs: dict[str, np.ndarray],
     prescreen: float,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Per pair (cached ``a``, query ``b``): the highest threshold at which
-    ``CrossEncoderMatcher.best`` would hit (-1: never; 1: the same prompt), and the verifier's
-    score. ``check_against_matcher`` ties it to ``best`` itself."""
+    ``CrossEncoderMatcher.best`` would hit (-1: never; 1: the same prompt), the verifier's
+    score and the cosine. ``check_against_matcher`` ties it to ``best`` itself."""
     lex_a, lex_b = [analyse(p.a) for p in pairs], [analyse(p.b) for p in pairs]
     u, v = np.stack([vecs[p.a] for p in pairs]), np.stack([vecs[p.b] for p in pairs])
     scores = verifier.judge(lex_a, u, lex_b, v)
@@ -134,7 +134,7 @@ def decisions(
     same = np.array([a.normal == b.normal for a, b in lex])
     eff = np.where(scores < prescreen, -1.0, blend(scores, cross))
     eff = np.where(same, 1.0, eff)
-    return np.where(veto | (cos < float(verifier.meta["floor"])), -1.0, eff), scores
+    return np.where(veto | (cos < float(verifier.meta["floor"])), -1.0, eff), scores, cos
 
 
 async def check_against_matcher(
@@ -266,8 +266,7 @@ async def main(args: argparse.Namespace) -> None:
     scored = time.perf_counter()
     cross = judge.probabilities([p.a for p in test], [p.b for p in test])
     pair_ms = (time.perf_counter() - scored) / max(len(test), 1) * 1e3
-    eff, scores = decisions(test, cross, matcher.verifier, vecs, matcher.prescreen)
-    cos = np.array([float(vecs[p.a] @ vecs[p.b]) for p in test])
+    eff, scores, cos = decisions(test, cross, matcher.verifier, vecs, matcher.prescreen)
     best_ms = await check_against_matcher(matcher, test, vecs, eff, default)
     labels = np.array([p.duplicate for p in test])
     unseen = np.array([p.a not in tune_texts and p.b not in tune_texts for p in test])

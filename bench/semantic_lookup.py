@@ -3,12 +3,12 @@ entries in the embedded numpy index (the issue's target: at most 25 ms p50).
 
 A lookup is what a request pays before it goes upstream or is answered: the exact get
 (SQLite), embedding the prompt with the local all-MiniLM-L6-v2, the nearest 5 in the scope
-(100,000 vectors), the cross-encoder over the nearest two that pass the guards, and the get
-of the matched answer. The 100,000 stored prompts are random unit vectors with placeholder
-texts (embedding 100,000 real prompts takes minutes here and changes nothing in the cost);
-the queries are real questions: half are paraphrases of a stored prompt whose real embedding
-replaces a random row, half are other questions on the same topics (their nearest prompt is
-close, so the cross-encoder reads it too, as it would for a real near-miss).
+(100,000 vectors), the verifier over them, a cross-encoder pass over the best one when the
+verifier scores it at least the prescreen, and the get of the matched answer. The 100,000
+stored prompts are random unit vectors with placeholder texts (embedding 100,000 real prompts
+takes minutes here and changes nothing in the cost); the queries are real questions: half are
+paraphrases of a stored prompt whose real embedding replaces a random row, half are other
+questions on the same topics (their nearest prompt is close, as for a real near-miss).
 
 Run: .venv/bin/python bench/semantic_lookup.py [--entries 100000] [--queries 200]
 """

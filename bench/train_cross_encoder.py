@@ -56,6 +56,7 @@ from spillway.cache.cross_encoder import (
     add_lora,
     encode,
     load_base,
+    read_adapter,
 )
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.verifier import Verifier
@@ -151,12 +152,12 @@ def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
     """``meta`` with the threshold and prescreen set on ``held`` (tune fold 0), by both
     models as they ship: the cross-encoder folded and int8, and the verifier's member 0,
     the one that never saw fold 0 (at run time all five members vote)."""
-    save(args.out, arrays, meta | {"threshold": 1.0, "max_tokens": args.max_tokens})
+    save(args.out, arrays, meta | {"threshold": 1.0})  # loadable; the threshold comes next
     cross = CrossEncoder.load(args.out).probabilities([p.a for p in held], [p.b for p in held])
     vecs, _, _ = asyncio.run(embed_texts([t for p in held for t in (p.a, p.b)]))
     verifier = Verifier.load().member(0)
     labels = np.array([p.duplicate for p in held])
-    eff, scores = decisions(held, cross, verifier, vecs, 0.0)
+    eff, scores, _ = decisions(held, cross, verifier, vecs, 0.0)
     point = choose(eff, labels, args.target)
     print(f"set-aside fold: {point}")
     threshold = math.ceil(point["threshold"] * 1e4) / 1e4  # rounded towards precision
@@ -164,7 +165,6 @@ def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
     hit = (eff >= threshold) & (eff < 1.0)
     prescreen = max(0.0, math.floor((scores[hit].min() - 0.05) * 20) / 20)
     return meta | {
-        "max_tokens": args.max_tokens,
         "threshold": threshold,
         "prescreen": prescreen,
         "target_precision": args.target,
@@ -186,9 +186,7 @@ def main(args: argparse.Namespace) -> None:
     held = [p for p, f in zip(tune, folds, strict=True) if f == 0]
     fit = [p for p, f in zip(tune, folds, strict=True) if f != 0][: args.limit or None]
     if args.calibrate_only:  # a new threshold for the weights already in --out
-        with np.load(args.out, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            arrays = {k: data[k] for k in data.files if k != "meta"}
+        arrays, meta = read_adapter(args.out)
     else:
         print(f"training on {len(fit)} pairs, threshold from {len(held)} set-aside pairs")
         arrays, meta = trained(args, fit)

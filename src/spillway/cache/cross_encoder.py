@@ -148,6 +148,13 @@ def load_base() -> tuple[Any, PairModel]:
     return tokenizer, PairModel(AutoModel.from_pretrained(path))
 
 
+def read_adapter(path: Path) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    """An adapter file's arrays and its metadata."""
+    with np.load(path, allow_pickle=False) as data:
+        meta: dict[str, Any] = json.loads(str(data["meta"]))
+        return {k: data[k] for k in data.files if k != "meta"}, meta
+
+
 def encode(tokenizer: Any, firsts: Sequence[str], seconds: Sequence[str], max_tokens: int) -> Batch:
     """Tokenise pairs as ``[CLS] a [SEP] b [SEP]``, padded, truncated to ``max_tokens``."""
     enc = tokenizer(
@@ -184,9 +191,7 @@ class CrossEncoder:
 
     @classmethod
     def load(cls, adapter: Path | None = None) -> CrossEncoder:
-        with np.load(adapter or ADAPTER_PATH, allow_pickle=False) as data:
-            meta: dict[str, Any] = json.loads(str(data["meta"]))
-            arrays = {k: data[k] for k in data.files if k != "meta"}
+        arrays, meta = read_adapter(adapter or ADAPTER_PATH)
         tokenizer, model = load_base()
         apply_adapter(model, arrays)
         model.eval()
