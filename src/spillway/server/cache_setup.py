@@ -162,7 +162,8 @@ def _report_warm(task: asyncio.Task[None]) -> None:
         return
     if task.exception() is not None:
         reason = task.exception()
-        log.error("semantic cache disabled: the local embedder failed to load: %s", reason)
+        what = "the local embedder or cross-encoder"
+        log.error("semantic cache disabled: %s failed to load: %s", what, reason)
     else:
         log.info("semantic cache ready (local all-MiniLM-L6-v2)")
 
