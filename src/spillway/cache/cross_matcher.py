@@ -4,9 +4,9 @@
    features, under a millisecond) scores every neighbour at or above its cosine floor. The
    numbers guard vetoes; the same prompt (up to case, spacing and closing punctuation) is a
    hit at once.
-2. The **cross-encoder** (``cache.cross_encoder``, about 5 ms a pair on 2 cores) reads the
+2. The **cross-encoder** (``cache.cross_encoder``, about 4 ms a pair on 2 cores) reads the
    query together with the best-scored neighbour (``candidates``, 1 by default: the
-   verifier's runner-up is rarely the hit, and each pass costs a fifth of the lookup budget),
+   verifier's runner-up is rarely the hit, and each pass costs a sixth of the lookup budget),
    if its verifier score reaches the ``prescreen``. Below that no calibration pair reached the
    threshold, so most misses never pay for a pass.
 3. The hit score is the mean of the two log-odds, as a probability; the candidate is the hit
@@ -33,13 +33,13 @@ from spillway.cache.verifier import Verifier, analyse, vetoed
 #: The shipped operating point (a blended probability), chosen by
 #: ``bench/train_cross_encoder.py`` on tune pairs neither model trained on; equal to the
 #: adapter's ``meta["threshold"]`` (a test checks).
-DEFAULT_THRESHOLD = 0.912
+DEFAULT_THRESHOLD = 0.92
 T = TypeVar("T")
 Floats = npt.NDArray[np.float32]
 
 
 class ModelThread(Protocol):
-    """Where torch runs: one thread, shared with the local embedder (``LocalMiniLM.run``)."""
+    """Where the local models run: one thread, the local embedder's (``LocalMiniLM.run``)."""
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -53,7 +53,7 @@ class Judge(Protocol):
 
 
 def load_shipped() -> Judge:
-    """The shipped cross-encoder (imports torch: call it on the model thread)."""
+    """The shipped cross-encoder (builds an onnxruntime session: call it on the model thread)."""
     from spillway.cache.cross_encoder import CrossEncoder
 
     return CrossEncoder.load()

