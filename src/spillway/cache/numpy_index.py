@@ -8,8 +8,9 @@ transposed kernel being slower), expired columns masked out, ``argpartition`` fo
 A search over a large scope runs in a thread so the event loop is not held; a change to the
 scope made meanwhile is seen by a version number, and the search is then redone on the loop.
 OpenBLAS's own threads help little here and hurt on a busy machine (a 5,000-row product: p90
-0.2 ms on one thread, 8 ms on two), and beside the local embedder's torch threads they stall
-it (measured: embedding p90 84 ms against 15 ms), so ``one_blas_thread`` caps them at one.
+0.2 ms on one thread, 8 ms on two), and beside the local embedder's threads they stall it
+(measured when it ran on torch: embedding p90 84 ms against 15 ms), so ``one_blas_thread``
+caps them at one.
 
 On disk (``DATA_DIR/semantic.db``, WAL), written by one worker thread (``SqliteWorker``) and
 loaded at ``open()``: one row per entry, the vector as a float32 blob in native byte order.

@@ -114,7 +114,7 @@ class CacheConfig(_Frozen):
     #: node embedder, where it is a plain cosine threshold)
     threshold: float | None = Field(default=None, gt=0, le=1)
     #: with the local embedder, let the cross-encoder judge candidates too (more hits at the
-    #: same precision; about 5 ms more on a lookup near a cached prompt)
+    #: same precision; about 4-6 ms more on a lookup near a cached prompt)
     cross_encoder: bool = True
     #: cache only requests that ask for temperature 0; false caches sampled answers too
     deterministic_only: bool = True
