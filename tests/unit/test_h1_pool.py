@@ -8,6 +8,7 @@ The servers speak real HTTP/1.1 over real sockets; each test scripts how they an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import struct
@@ -270,6 +271,27 @@ async def test_a_malformed_answer_is_a_broken_connection(server: Server) -> None
     server.answers = [garbage]
     pool = pool_for(server)
     with pytest.raises(ConnectionBroke, match="malformed"):
+        await post(pool)
+    await pool.aclose()
+
+
+async def test_endless_headers_are_refused_past_the_limit(server: Server) -> None:
+    """A node that never ends its headers fails the answer once it has sent 64 KiB (without
+    the limit this node's 1 MB of headers would be read, then its close reported instead);
+    headers of a few KiB are read as usual."""
+
+    async def endless(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(10_000):
+                writer.write(f"X-Filler-{i}: {'a' * 100}\r\n".encode())
+                await writer.drain()
+        writer.close()
+
+    server.answers = [reply(headers="X-Big: " + "b" * 8000 + "\r\n"), endless]
+    pool = pool_for(server)
+    assert await post(pool) == (200, OK_BODY)
+    with pytest.raises(ConnectionBroke, match="headers over 64 KiB"):
         await post(pool)
     await pool.aclose()
 

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 #: is read again.
 PAUSE_AT = 256 * 1024
 RESUME_AT = 64 * 1024
+#: The most bytes a node may send before its answer's headers end (interim 1xx answers
+#: included). A model server's headers take a few hundred bytes; past this the answer is
+#: refused, so a broken or hostile node cannot fill the gateway's memory with headers.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class H1Error(Exception):
@@ -216,6 +220,7 @@ class Connection(asyncio.Protocol):
         self._informational = False  # parsing a 1xx interim answer
         self._ended: bool | None = None  # an answer ended in this read: may the socket stay?
         self._stray = False  # the node sent bytes beyond its answer
+        self._head_bytes = 0  # bytes of the current answer before its headers ended
 
     @property
     def usable(self) -> bool:
@@ -232,6 +237,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionBroke("connection closed by the node", answered=False)
         assert self.transport is not None
         response = self.current = Response(self)
+        self._head_bytes = 0
         self.transport.write(data)
         await response.wait_until(lambda: response.status != 0)
         return response
@@ -273,12 +279,20 @@ class Connection(asyncio.Protocol):
             exchange._fail(ConnectionBroke(f"malformed answer ({exc})", answered=True))
             self.close()  # the parser is stuck in its error state: never reuse it
             return
+        if exchange.status == 0 and self._over_head_limit(len(data)):
+            exchange._fail(ConnectionBroke("answer headers over 64 KiB", answered=True))
+            return
         if self._ended is not None:  # the answer ended in this read: only now, after parsing
             keep, self._ended = self._ended, None  # every byte of it, may the socket be reused
             if keep and not self._stray:
                 self._pool.release(self)
             else:
                 self.close()
+
+    def _over_head_limit(self, received: int) -> bool:
+        """Count bytes read while the headers are still unfinished."""
+        self._head_bytes += received
+        return self._head_bytes > MAX_HEAD_BYTES
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
