@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 
 from spillway.ledger.records import LedgerRecord
-from spillway.ledger.sql import LEDGER, MIGRATIONS, SqlLedgerStore, sqlite_url
+from spillway.ledger.sql import SqlLedgerStore, sqlite_url
+from spillway.ledger.sql_schema import LEDGER, MIGRATIONS
 from tests.pg import PgServer, create_database
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -323,10 +324,10 @@ async def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ledger written before the cache (migration 1 only) gains ``avoided_cost`` = 0."""
-    import spillway.ledger.sql as sql
+    from spillway.ledger import sql_schema
 
     old = SqlLedgerStore(url)
-    monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(sql_schema, "MIGRATIONS", MIGRATIONS[:1])
     await old.open()
     async with old._engine.begin() as conn:
         await conn.exec_driver_sql(
