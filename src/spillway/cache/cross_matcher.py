@@ -88,7 +88,7 @@ class CrossEncoderMatcher:
         self.prescreen = 0.0
 
     async def warm(self) -> None:
-        """Load the cross-encoder on the model thread (a second or two)."""
+        """Load the cross-encoder on the model thread (about a third of a second)."""
         await self._thread.run(self._loaded)
 
     async def best(

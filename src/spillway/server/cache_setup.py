@@ -122,7 +122,7 @@ async def _semantic(
 
 def _local(settings: CacheConfig, index: VectorIndex, stack: AsyncExitStack) -> Semantic:
     """all-MiniLM-L6-v2 finds candidates; the verifier, and unless turned off the
-    cross-encoder, judge them. The models load in the background (a few seconds) and semantic
+    cross-encoder, judge them. The models load in the background (about a second) and semantic
     lookups are misses until they have."""
     from spillway.cache.local_embedder import LocalMiniLM
 
