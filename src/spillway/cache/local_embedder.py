@@ -42,7 +42,7 @@ class LocalMiniLM:
     private = True
 
     def __init__(self, *, threads: int = 2, batch_size: int = 64) -> None:
-        self.threads = threads
+        self._threads = threads
         self._batch_size = batch_size
         # One worker: the model is loaded and called on this thread only.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm")
@@ -84,7 +84,7 @@ class LocalMiniLM:
         if self._model is None:
             try:
                 tables, weights = minilm.shared_tables(), minilm.base_weights()
-                encoder = Encoder(tables, weights, self.threads)
+                encoder = Encoder(tables, weights, self._threads)
                 self._model = minilm.tokenizer(minilm.EMBED_MAX_TOKENS), encoder
             except ImportError as exc:
                 raise StartupError(
