@@ -85,7 +85,8 @@ def test_onnxruntime_scores_pairs_as_the_torch_model_does(shipped: CrossEncoder)
 
 
 def test_the_adapter_file_is_small_and_described() -> None:
-    assert ADAPTER_PATH.stat().st_size < 3_000_000
+    # rank-64 factors in float16: about 6 % of the 90 MB base it updates
+    assert ADAPTER_PATH.stat().st_size < 6_000_000
     with np.load(ADAPTER_PATH, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
     assert meta["threshold"] == DEFAULT_THRESHOLD
@@ -122,7 +123,7 @@ CASES = [(*p, True) for p in HITS] + [(*p, False) for p in NEAR_MISSES]
 @pytest.mark.parametrize(("cached", "query", "hit"), CASES)
 async def test_the_shipped_decision_end_to_end(cached: str, query: str, hit: bool) -> None:
     """The local embedder, the verifier and the cross-encoder as the gateway builds them, at
-    the default threshold (the hits score 0.95-0.97 against 0.9263; the misses 0.84 or less)."""
+    the default threshold (the hits score 0.967-0.971 against 0.9408; the misses 0.84 or less)."""
     embedder = LocalMiniLM()
     try:
         matcher = CrossEncoderMatcher(embedder)
