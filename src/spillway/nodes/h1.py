@@ -280,7 +280,8 @@ class Connection(asyncio.Protocol):
             self.close()  # the parser is stuck in its error state: never reuse it
             return
         if exchange.status == 0 and self._over_head_limit(len(data)):
-            exchange._fail(ConnectionBroke("answer headers over 64 KiB", answered=True))
+            too_long = f"answer headers over {MAX_HEAD_BYTES // 1024} KiB"
+            exchange._fail(ConnectionBroke(too_long, answered=True))
             return
         if self._ended is not None:  # the answer ended in this read: only now, after parsing
             keep, self._ended = self._ended, None  # every byte of it, may the socket be reused
