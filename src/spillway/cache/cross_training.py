@@ -122,8 +122,9 @@ def load_base() -> tuple[Any, PairModel]:
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet log
     path = str(model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # float32 whatever the file holds (transformers 5 would keep a float16 file's dtype)
-    return tokenizer, PairModel(AutoModel.from_pretrained(path, dtype=torch.float32))
+    # float32 whatever the file holds (transformers 5 would keep a float16 file's dtype);
+    # .float() rather than from_pretrained's dtype=, which transformers before 4.56 ignores
+    return tokenizer, PairModel(AutoModel.from_pretrained(path)).float()
 
 
 def encode(tokenizer: Any, firsts: Sequence[str], seconds: Sequence[str], max_tokens: int) -> Batch:
