@@ -298,7 +298,7 @@ async def main(args: argparse.Namespace) -> None:
               "cross-encoder alone, no veto": cross, "cosine only": cos}  # fmt: skip
     result: dict[str, Any] = {
         "held_out": figures(eff, cos, labels, default),
-        "held_out_unseen_texts": figures(eff[unseen], cos[unseen], labels[unseen], default),
+        "held_out_unseen_texts": figures(eff[unseen], cos[unseen], unseen_y, default),
         "ceilings": ceilings(curves, labels),
         "ceilings_unseen_texts": ceilings({k: v[unseen] for k, v in curves.items()}, unseen_y),
         "default_threshold": default,
