@@ -1,16 +1,20 @@
 """Train the semantic cache's cross-encoder on the *tune* part of QQP and set its threshold.
 
 Run it where torch has a GPU if you can: a model takes about 100 s on one H200
-(``--device cuda``) and roughly 40 minutes on 2 CPU cores. Embedding the set-aside texts for
+(``--device cuda``) and 40-50 minutes on 2 CPU cores. Embedding the set-aside texts for
 the calibration takes a few minutes more the first time (vectors are cached under
-/tmp/qqp-cache/, never in the repository). The shipped model leaves fold 0 out; its twin
-leaves fold 1 out and only lends its fold to the calibration:
+/tmp/qqp-cache/, never in the repository). The shipped model trains on every tune fold
+(``--set-aside -1``); two twins, the same recipe with fold 0 or fold 1 left out, score those
+folds for its threshold:
 
     export HF_HUB_OFFLINE=1
-    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only
+    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only \
+        --set-aside 0 --out /tmp/twin0.npz
     .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only \
         --set-aside 1 --out /tmp/twin1.npz
-    .venv/bin/python bench/train_cross_encoder.py --calibrate-only --also 1:/tmp/twin1.npz
+    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only --set-aside -1
+    .venv/bin/python bench/train_cross_encoder.py --calibrate-only --set-aside -1 \
+        --also 0:/tmp/twin0.npz --also 1:/tmp/twin1.npz
 
 (``--train-only`` writes the weights uncalibrated, so the GPU run needs no vectors, only
 the pairs: ``--data`` takes a copy where ``../shared/data`` is not mounted;
@@ -22,10 +26,12 @@ then copy the printed threshold into ``DEFAULT_THRESHOLD`` in src/spillway/cache
 
 What it does, on the tune part only (``split_of`` keeps the held-out part out):
 
-1. Sets aside fold 0 of ``folds_of`` (about a fifth of tune; no text of it occurs in the
-   rest) to choose the threshold on: new questions, as a cache's queries are. ``--also``
-   pools in a twin's fold (the same recipe, another fold left out): one fold holds only
-   some 600 hits at the operating point, and precision there is noisy.
+1. Sets aside fold ``--set-aside`` of ``folds_of`` (about a fifth of tune; no text of it
+   occurs in the rest) to choose the threshold on: new questions, as a cache's queries are.
+   ``--also`` pools in a twin's fold (the same recipe, another fold left out): one fold
+   holds only some 600 hits at the operating point, and precision there is noisy. With
+   ``--set-aside -1`` nothing is set aside and the twins' folds alone set the threshold:
+   the twins measure the recipe, the shipped weights use every pair.
 2. Trains LoRA factors (rank 64), the layer norms, the segment embeddings and a one-unit
    head on the rest (``cross_training.add_lora``), with the two texts in random order, so
    the model does not care which one is the cached prompt.
@@ -189,6 +195,10 @@ def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
         "target_precision": args.target,
         "set_aside": point,
         "set_aside_folds": [fold for fold, _, _ in sets],
+        "set_aside_scored_by": {
+            str(fold): "these weights" if path == args.out else "a twin trained without it"
+            for fold, path, _ in sets
+        },
         "set_aside_pairs": len(labels),
         "blend": "mean log-odds of the verifier and the cross-encoder",
     }
@@ -214,14 +224,17 @@ def main(args: argparse.Namespace) -> None:
     if args.calibrate_only:  # a new threshold for the weights already in --out
         arrays, meta = read_adapter(args.out)
     else:
-        print(f"training on {len(fit)} pairs, threshold from {len(held)} set-aside pairs")
+        print(f"training on {len(fit)} pairs, {len(held)} set aside")
         arrays, meta = trained(args, fit)
     if args.train_only:  # a twin trained elsewhere (a GPU); calibrated later, here
         save(args.out, arrays, meta | {"threshold": 1.0})
         return
-    sets = [(args.set_aside, args.out, held)]
+    # With no fold set aside, the weights saw every pair: only twins can set their threshold.
+    sets = [(args.set_aside, args.out, held)] if args.set_aside >= 0 else []
     for k, path in args.also:
         sets.append((k, path, [p for p, f in zip(tune, folds, strict=True) if f == k]))
+    if not sets:
+        raise SystemExit("--set-aside -1 trains on every fold: name twins with --also")
     meta = calibrated(args, arrays, meta, sets)
     save(args.out, arrays, meta)
     size = args.out.stat().st_size // 1024
@@ -247,8 +260,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--limit", type=int, default=0, help="train on the first N pairs only")
     parser.add_argument(
-        "--set-aside", type=int, default=0, help="the tune fold left out of training (0-4)"
-    )
+        "--set-aside", type=int, default=0,
+        help="the tune fold left out of training (0-4; -1: none, calibrate on --also twins)",
+    )  # fmt: skip
     parser.add_argument(
         "--also", type=fold_and_path, action="append", default=[], metavar="FOLD:ADAPTER",
         help="pool a twin's set-aside fold into the calibration (trained with --set-aside FOLD)",
