@@ -14,7 +14,7 @@
 
 Why both: each alone tops out near 95 % precision at low recall on questions neither saw,
 and their mistakes differ (the verifier trusts shared rare words, the cross-encoder
-token-by-token alignment). On held-out Quora pairs, at precision 0.95 the blend finds 1.3
+token-by-token alignment). On held-out Quora pairs, at precision 0.95 the blend finds 1.5
 times the verifier's hits, and on those whose texts never occur in training it reaches 0.95
 where the verifier alone never does (docs/cache.md has the figures). The weights are equal:
 weighting either side measured no better.

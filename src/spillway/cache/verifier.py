@@ -324,7 +324,7 @@ class Verifier:
 
     def member(self, k: int) -> Verifier:
         """Member k alone. It never saw tune fold k, so on that fold its scores are the
-        honest out-of-fold ones (``bench/train_cross_encoder.py`` calibrates on fold 0)."""
+        honest out-of-fold ones (``bench/train_cross_encoder.py`` calibrates on folds 0 and 1)."""
         return Verifier(self._mean, self._scale, [self._members[k]], self.idf, self.meta)
 
     def judge(
