@@ -49,6 +49,7 @@ def veto(a: str, b: str) -> str | None:
     [
         ("What are the top 10 books of 2016?", "What are the top 10 books of 2017?", "numbers"),
         ("Best 5 laptops under $500?", "Best laptops under $500?", "numbers"),
+        ("Can the digits 1,2,3 form a prime?", "Can the digits 123 form a prime?", "numbers"),
         ("Why can't I sleep at night?", "Why can I sleep at night?", "negation"),
         ("Is it safe to eat eggs without cooking?", "Is it safe to eat cooked eggs?", "negation"),
         ("How do I learn Python quickly?", "How do I learn Java quickly?", "entities"),
@@ -65,6 +66,8 @@ def test_guards_veto(a: str, b: str, guard: str) -> None:
     [
         ("What are the top 10 books?", "Which are the 10 best books?"),
         ("How much is 1,000 dollars in euros?", "How much is 1000 dollars in euros?"),
+        ("Is $127,000, a year a good salary?", "Is $127000 a year a good salary?"),
+        ("Why were the 500,1000 rupee notes banned?", "Why were the 500, 1000 rupee notes banned?"),
         ("Why don't cats like water?", "Why do cats not like water?"),
         ("What is the capital of india?", "What is the capital of India?"),
         ("Which is the best phone? Why?", "What is the best phone?"),  # sentence openers

@@ -54,7 +54,9 @@ WEIGHTS_PATH = Path(__file__).with_name("verifier.npz")
 Floats = npt.NDArray[np.float32]
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# A comma joins digits only as a thousands separator ("1,000"): "500,1000" is two numbers and
+# "1,2,3" three, not 5001000 and 123.
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d|,\d)(?:\.\d+)*|\d+(?:\.\d+)*")
 _CAPITALISED = re.compile(r"\b[A-Z][A-Za-z0-9]*[a-z0-9][A-Za-z0-9]*\b|\b[A-Z]{2,}\b")
 _SPACE = re.compile(r"\s+")
 _SPACE_BEFORE_MARK = re.compile(r" ([?!.,;:])")
