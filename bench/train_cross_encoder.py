@@ -221,6 +221,12 @@ def main(args: argparse.Namespace) -> None:
     held = [p for p, f in zip(tune, folds, strict=True) if f == args.set_aside]
     fit = [p for p, f in zip(tune, folds, strict=True) if f != args.set_aside]
     fit = fit[: args.limit or None]
+    # With no fold set aside, the weights see every pair: only twins can set their threshold.
+    sets = [(args.set_aside, args.out, held)] if args.set_aside >= 0 else []
+    for k, path in args.also:
+        sets.append((k, path, [p for p, f in zip(tune, folds, strict=True) if f == k]))
+    if not sets and not args.train_only:  # refuse before training, not after 50 minutes of it
+        raise SystemExit("--set-aside -1 trains on every fold: name twins with --also")
     if args.calibrate_only:  # a new threshold for the weights already in --out
         arrays, meta = read_adapter(args.out)
     else:
@@ -229,12 +235,6 @@ def main(args: argparse.Namespace) -> None:
     if args.train_only:  # a twin trained elsewhere (a GPU); calibrated later, here
         save(args.out, arrays, meta | {"threshold": 1.0})
         return
-    # With no fold set aside, the weights saw every pair: only twins can set their threshold.
-    sets = [(args.set_aside, args.out, held)] if args.set_aside >= 0 else []
-    for k, path in args.also:
-        sets.append((k, path, [p for p, f in zip(tune, folds, strict=True) if f == k]))
-    if not sets:
-        raise SystemExit("--set-aside -1 trains on every fold: name twins with --also")
     meta = calibrated(args, arrays, meta, sets)
     save(args.out, arrays, meta)
     size = args.out.stat().st_size // 1024
