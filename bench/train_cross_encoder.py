@@ -21,6 +21,17 @@ the pairs: ``--data`` takes a copy where ``../shared/data`` is not mounted;
 ``--calibrate-only`` sets the threshold of the weights in ``--out``, on the CPU that will
 serve them. Without ``--train-only`` one run does both, on one fold.)
 
+The calibration keeps what the twins scored on their folds in
+bench/results/cross_encoder_twin_scores.npz (probabilities, their recipe and a hash of each
+fold's pairs, none of the data), so the shipped threshold can be set again without the
+twins' weights, and must come out the same:
+
+    .venv/bin/python bench/train_cross_encoder.py --calibrate-only --set-aside -1 \
+        --twin-scores bench/results/cross_encoder_twin_scores.npz
+
+A twin of another recipe than the weights in ``--out`` (rank, epochs, learning rate, base,
+token limit) is refused: its threshold would not fit them.
+
 then copy the printed threshold into ``DEFAULT_THRESHOLD`` in src/spillway/cache/cross_matcher.py
 (a unit test checks they agree) and rerun bench/semantic_cache_eval.py.
 
@@ -52,11 +63,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +78,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from semantic_cache_eval import CACHE, DATA, Pair, decisions, embed_all, load_pairs, pr_curve
-from train_verifier import MIN_HITS, folds_of
+from semantic_cache_eval import (
+    CACHE,
+    DATA,
+    RESULTS,
+    Pair,
+    decisions,
+    embed_all,
+    load_pairs,
+    pr_curve,
+)
+from train_verifier import FOLDS, MIN_HITS, folds_of
 
 from spillway.cache.cross_encoder import ADAPTER_PATH, CrossEncoder, read_adapter
 from spillway.cache.cross_training import PairModel, adapter_arrays, add_lora, encode, load_base
@@ -75,6 +97,9 @@ from spillway.cache.verifier import Verifier
 
 SEED = 0
 Arrays = dict[str, np.ndarray]
+#: Each calibration writes here what its twins scored on their folds, so that the threshold
+#: can be set again (``--twin-scores``) by anyone, without the twins' weights.
+TWIN_SCORES = RESULTS / "cross_encoder_twin_scores.npz"
 
 
 def batches(pairs: list[Pair], size: int, rng: random.Random) -> list[list[Pair]]:
@@ -165,23 +190,97 @@ def trained(args: argparse.Namespace, fit: list[Pair]) -> tuple[Arrays, dict[str
 SetAside = tuple[int, Path, list[Pair]]
 
 
-def fold_scores(fold: int, adapter: Path, pairs: list[Pair]) -> tuple[np.ndarray, ...]:
+def fold_scores(fold: int, cross: np.ndarray, pairs: list[Pair]) -> tuple[np.ndarray, ...]:
     """The blend, the verifier's scores and the labels on ``pairs`` (tune fold ``fold``), by
-    models that never saw it, as they ship: the cross-encoder in ``adapter`` on onnxruntime
-    and the verifier's member ``fold`` (at run time all five members vote)."""
-    cross = CrossEncoder.load(adapter).probabilities([p.a for p in pairs], [p.b for p in pairs])
+    models that never saw it, as they ship: ``cross``, the probabilities of a cross-encoder on
+    onnxruntime, and the verifier's member ``fold`` (at run time all five members vote)."""
     vecs, _, _ = asyncio.run(embed_texts([t for p in pairs for t in (p.a, p.b)]))
     eff, scores, _ = decisions(pairs, cross, Verifier.load().member(fold), vecs, 0.0)
     return eff, scores, np.array([p.duplicate for p in pairs])
 
 
+def cross_scores(adapter: Path, pairs: list[Pair]) -> np.ndarray:
+    return CrossEncoder.load(adapter).probabilities([p.a for p in pairs], [p.b for p in pairs])
+
+
+def digest(pairs: list[Pair]) -> str:
+    """Names a fold's pairs (a hash, not the data), so saved scores meet only their pairs."""
+    rows = json.dumps([(p.a, p.b, p.duplicate) for p in pairs], ensure_ascii=False)
+    return hashlib.sha256(rows.encode()).hexdigest()
+
+
+#: What a twin must share with the shipped weights for its scores to set their threshold.
+RECIPE = ("version", "base", "rank", "epochs", "lr", "max_tokens")
+
+
+def recipe(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in RECIPE}
+
+
+@dataclass(frozen=True)
+class TwinScores:
+    """A twin's cross-encoder probabilities on the fold it never saw, and its recipe."""
+
+    fold: int
+    cross: np.ndarray
+    recipe: dict[str, Any]
+
+
+def save_twin_scores(path: Path, twins: list[TwinScores], pairs: dict[int, list[Pair]]) -> None:
+    arrays: dict[str, Any] = {}
+    for t in twins:
+        arrays[f"fold{t.fold}"] = t.cross.astype(np.float32)
+        meta = {"pairs": digest(pairs[t.fold]), **t.recipe}
+        arrays[f"fold{t.fold}_meta"] = np.array(json.dumps(meta))
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {path}: the twins' scores on folds {[t.fold for t in twins]}")
+
+
+def load_twin_scores(path: Path, pairs: dict[int, list[Pair]]) -> list[TwinScores]:
+    """The saved twins' scores; refuses scores of pairs other than this data's folds."""
+    out = []
+    with np.load(path) as saved:
+        for name in sorted(n for n in saved.files if not n.endswith("_meta")):
+            fold = int(name.removeprefix("fold"))
+            meta = json.loads(str(saved[f"{name}_meta"]))
+            if meta.pop("pairs") != digest(pairs[fold]):
+                raise SystemExit(f"{path}: fold {fold} was scored on other pairs than these")
+            out.append(TwinScores(fold, saved[name], meta))
+    return out
+
+
+def twin_scores(args: argparse.Namespace, meta: dict[str, Any],
+                folds: dict[int, list[Pair]]) -> list[TwinScores]:  # fmt: skip
+    """The twins' scores: read back from ``--twin-scores``, or computed from ``--also``
+    weights and then saved (``TWIN_SCORES``) so the threshold can be set again without them.
+    Refuses a twin of another recipe than ``meta``'s: its threshold would not fit."""
+    for k, path in args.also:
+        if (theirs := recipe(read_adapter(path)[1])) != recipe(meta):
+            raise SystemExit(f"the fold-{k} twin's recipe {theirs} is not {recipe(meta)}")
+    if args.twin_scores:
+        twins = load_twin_scores(args.twin_scores, folds)
+    else:
+        twins = [TwinScores(k, cross_scores(path, folds[k]), recipe(meta)) for k, path in args.also]
+        if twins:
+            save_twin_scores(TWIN_SCORES, twins, folds)
+    for t in twins:
+        if t.recipe != recipe(meta):
+            raise SystemExit(f"the fold-{t.fold} twin's recipe {t.recipe} is not {recipe(meta)}")
+    return twins
+
+
 def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
-               sets: list[SetAside]) -> dict[str, Any]:  # fmt: skip
+               folds: dict[int, list[Pair]]) -> dict[str, Any]:  # fmt: skip
     """``meta`` with the threshold and prescreen set on the pooled set-aside folds: the
-    shipped model's own (``--set-aside``) and any ``--also`` twins' (the same recipe with
-    another fold left out), so the threshold rests on more pairs than one fold holds."""
+    shipped model's own (``--set-aside``) and twins' (the same recipe with another fold left
+    out: ``--also`` weights, or ``--twin-scores`` saved by an earlier calibration), so the
+    threshold rests on more pairs than one fold holds."""
+    twins = twin_scores(args, meta, folds)  # first: it may refuse, and leave --out alone
     save(args.out, arrays, meta | {"threshold": 1.0})  # loadable; the threshold comes next
-    scored = [fold_scores(*s) for s in sets]
+    sets = [(t.fold, t.cross) for t in twins]
+    if args.set_aside >= 0:  # these weights' own fold
+        sets.insert(0, (args.set_aside, cross_scores(args.out, folds[args.set_aside])))
+    scored = [fold_scores(k, cross, folds[k]) for k, cross in sets]
     eff, scores, labels = (np.concatenate(x) for x in zip(*scored, strict=True))
     point = choose(eff, labels, args.target)
     print(f"set-aside folds: {point}")
@@ -194,10 +293,10 @@ def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
         "prescreen": prescreen,
         "target_precision": args.target,
         "set_aside": point,
-        "set_aside_folds": [fold for fold, _, _ in sets],
+        "set_aside_folds": [fold for fold, _ in sets],
         "set_aside_scored_by": {
-            str(fold): "these weights" if path == args.out else "a twin trained without it"
-            for fold, path, _ in sets
+            str(fold): "these weights" if fold == args.set_aside else "a twin trained without it"
+            for fold, _ in sets
         },
         "set_aside_pairs": len(labels),
         "blend": "mean log-odds of the verifier and the cross-encoder",
@@ -218,24 +317,21 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tune = load_pairs(args.data)["tune"]
     folds = folds_of(tune)
-    held = [p for p, f in zip(tune, folds, strict=True) if f == args.set_aside]
+    by_fold = {k: [p for p, f in zip(tune, folds, strict=True) if f == k] for k in range(FOLDS)}
     fit = [p for p, f in zip(tune, folds, strict=True) if f != args.set_aside]
     fit = fit[: args.limit or None]
     # With no fold set aside, the weights see every pair: only twins can set their threshold.
-    sets = [(args.set_aside, args.out, held)] if args.set_aside >= 0 else []
-    for k, path in args.also:
-        sets.append((k, path, [p for p, f in zip(tune, folds, strict=True) if f == k]))
-    if not sets and not args.train_only:  # refuse before training, not after 50 minutes of it
+    if args.set_aside < 0 and not (args.also or args.twin_scores or args.train_only):
         raise SystemExit("--set-aside -1 trains on every fold: name twins with --also")
     if args.calibrate_only:  # a new threshold for the weights already in --out
         arrays, meta = read_adapter(args.out)
     else:
-        print(f"training on {len(fit)} pairs, {len(held)} set aside")
+        print(f"training on {len(fit)} pairs, {len(by_fold.get(args.set_aside, []))} set aside")
         arrays, meta = trained(args, fit)
     if args.train_only:  # a twin trained elsewhere (a GPU); calibrated later, here
         save(args.out, arrays, meta | {"threshold": 1.0})
         return
-    meta = calibrated(args, arrays, meta, sets)
+    meta = calibrated(args, arrays, meta, by_fold)
     save(args.out, arrays, meta)
     size = args.out.stat().st_size // 1024
     print(f"wrote {args.out} ({size} KiB), threshold {meta['threshold']}, "
@@ -266,6 +362,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--also", type=fold_and_path, action="append", default=[], metavar="FOLD:ADAPTER",
         help="pool a twin's set-aside fold into the calibration (trained with --set-aside FOLD)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--twin-scores", type=Path, metavar="NPZ",
+        help=f"pool the twins' folds as a calibration saved them ({TWIN_SCORES.name}), not --also",
     )  # fmt: skip
     parser.add_argument(
         "--calibrate-only", action="store_true", help="only set the threshold of --out's weights"
