@@ -186,10 +186,6 @@ def trained(args: argparse.Namespace, fit: list[Pair]) -> tuple[Arrays, dict[str
     return adapter_arrays(model), meta
 
 
-#: (tune fold, cross-encoder adapter that never saw it, that fold's pairs)
-SetAside = tuple[int, Path, list[Pair]]
-
-
 def fold_scores(fold: int, cross: np.ndarray, pairs: list[Pair]) -> tuple[np.ndarray, ...]:
     """The blend, the verifier's scores and the labels on ``pairs`` (tune fold ``fold``), by
     models that never saw it, as they ship: ``cross``, the probabilities of a cross-encoder on
