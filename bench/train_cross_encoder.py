@@ -249,20 +249,23 @@ def twin_scores(args: argparse.Namespace, meta: dict[str, Any],
                 folds: dict[int, list[Pair]]) -> list[TwinScores]:  # fmt: skip
     """The twins' scores: read back from ``--twin-scores``, or computed from ``--also``
     weights and then saved (``TWIN_SCORES``) so the threshold can be set again without them.
-    Refuses a twin of another recipe than ``meta``'s: its threshold would not fit."""
-    for k, path in args.also:
-        if (theirs := recipe(read_adapter(path)[1])) != recipe(meta):
-            raise SystemExit(f"the fold-{k} twin's recipe {theirs} is not {recipe(meta)}")
+    Refuses a twin of another recipe than ``meta``'s (its threshold would not fit) before
+    scoring or writing anything."""
     if args.twin_scores:
         twins = load_twin_scores(args.twin_scores, folds)
-    else:
-        twins = [TwinScores(k, cross_scores(path, folds[k]), recipe(meta)) for k, path in args.also]
-        if twins:
-            save_twin_scores(TWIN_SCORES, twins, folds)
-    for t in twins:
-        if t.recipe != recipe(meta):
-            raise SystemExit(f"the fold-{t.fold} twin's recipe {t.recipe} is not {recipe(meta)}")
+        refuse_other_recipes([(t.fold, t.recipe) for t in twins], meta)
+        return twins
+    refuse_other_recipes([(k, recipe(read_adapter(path)[1])) for k, path in args.also], meta)
+    twins = [TwinScores(k, cross_scores(path, folds[k]), recipe(meta)) for k, path in args.also]
+    if twins:
+        save_twin_scores(TWIN_SCORES, twins, folds)
     return twins
+
+
+def refuse_other_recipes(twins: list[tuple[int, dict[str, Any]]], meta: dict[str, Any]) -> None:
+    for fold, theirs in twins:
+        if theirs != recipe(meta):
+            raise SystemExit(f"the fold-{fold} twin's recipe {theirs} is not {recipe(meta)}")
 
 
 def calibrated(args: argparse.Namespace, arrays: Arrays, meta: dict[str, Any],
@@ -355,11 +358,12 @@ if __name__ == "__main__":
         "--set-aside", type=int, default=0,
         help="the tune fold left out of training (0-4; -1: none, calibrate on --also twins)",
     )  # fmt: skip
-    parser.add_argument(
+    twins = parser.add_mutually_exclusive_group()
+    twins.add_argument(
         "--also", type=fold_and_path, action="append", default=[], metavar="FOLD:ADAPTER",
         help="pool a twin's set-aside fold into the calibration (trained with --set-aside FOLD)",
     )  # fmt: skip
-    parser.add_argument(
+    twins.add_argument(
         "--twin-scores", type=Path, metavar="NPZ",
         help=f"pool the twins' folds as a calibration saved them ({TWIN_SCORES.name}), not --also",
     )  # fmt: skip
