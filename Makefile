@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The first install builds llama-cpp-python from source (~10 min on 2 cores; pip caches it).
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
+# llama-cpp-python is built from source for a fixed CPU tier, never -march=native (an AMX or
+# AVX-512 build dies with SIGILL on other CPUs), and cached by its build flags, not by pip
+# (~10 min the first time on 2 cores). See scripts/install_llama_cpp.py.
+NODE   := $(BIN)/python scripts/install_llama_cpp.py
 
 .PHONY: run test lint typecheck check clean
 
@@ -13,11 +16,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
 
-$(VENV)/.installed-local: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-local: pyproject.toml scripts/install_llama_cpp.py | $(BIN)/python
+	$(NODE)
 	$(PIP) -e '.[local]'
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml scripts/install_llama_cpp.py | $(BIN)/python
+	$(NODE)
 	$(PIP) -e '.[local,postgres,dev]'
 	touch $(VENV)/.installed-local $@
 
@@ -28,8 +33,8 @@ test: $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
