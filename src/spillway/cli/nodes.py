@@ -33,6 +33,8 @@ def nodes(url: str, key: str | None, as_json: bool) -> None:
     console = Console()
     console.print(_nodes_table(data["nodes"]))
     console.print(_models_table(data["models"]))
+    for line in _process_problems(data["nodes"]):
+        console.print(line, style="red", markup=False, highlight=False)
 
 
 def _fetch(url: str, key: str | None) -> dict[str, Any]:
@@ -52,7 +54,9 @@ def _fetch(url: str, key: str | None) -> dict[str, Any]:
 
 def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
     table = Table(title="nodes")
-    columns = ("node", "kind", "breaker", "in flight", "signal", "age s", "TTFT s", "spill %")
+    columns = (
+        "node", "kind", "process", "breaker", "in flight", "signal", "age s", "TTFT s", "spill %"
+    )  # fmt: skip
     for column in columns:
         table.add_column(column)
     for node in nodes:
@@ -61,6 +65,7 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
         table.add_row(
             node["name"],
             node["kind"],
+            "-" if node.get("managed") is None else node["managed"]["process"],
             node["breaker"] + (" (hot)" if node["hot"] else ""),
             f"{node['in_flight']}/{node['max_concurrency']}",
             shown,
@@ -69,6 +74,22 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
             f"{100 * node['spill_share']:.1f}",
         )
     return table
+
+
+def _process_problems(nodes: list[dict[str, Any]]) -> list[str]:
+    """A line per managed node that is not serving: why, and when it is tried again."""
+    lines = []
+    for node in nodes:
+        managed = node.get("managed")
+        if managed is None or managed["process"] == "running":
+            continue
+        line = f"{node['name']}: {managed['process']}"
+        if "reason" in managed:
+            line += f": {managed['reason']}"
+        if "next_start_in_s" in managed:
+            line += f" (next start in {managed['next_start_in_s']:g} s)"
+        lines.append(line)
+    return lines
 
 
 def _models_table(models: dict[str, Any]) -> Table:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -66,12 +67,15 @@ def serve(
         sys.exit(1)
 
 
-def run_server(config: Config, reuse_port: bool = False) -> None:
-    """One gateway process, serving until SIGTERM or SIGINT."""
+def run_server(
+    config: Config, reuse_port: bool = False, supervised: Mapping[str, Path] | None = None
+) -> None:
+    """One gateway process, serving until SIGTERM or SIGINT. ``supervised``: managed nodes
+    the parent of ``--workers`` runs, with their status files."""
     if reuse_port:
         setup_logging(config)  # a spawned worker starts with fresh logging
     server = config.server
-    app = build_app(config)
+    app = build_app(config, supervised=supervised)
     app.on_startup.append(_freeze_startup_objects)  # after the gateway is built
     web.run_app(
         app,

@@ -20,10 +20,12 @@ import os
 import signal
 from contextlib import AsyncExitStack
 from multiprocessing.context import SpawnProcess
+from pathlib import Path
 
 from spillway.clock import SystemClock
 from spillway.config.schema import Config
 from spillway.nodes.managed import ManagedLlamaServer, die_with_parent
+from spillway.nodes.process_status import StatusFile
 
 log = logging.getLogger("spillway")
 _SPAWN = multiprocessing.get_context("spawn")
@@ -39,8 +41,8 @@ async def _supervise(config: Config, workers: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        resolved = await _start_managed_nodes(config, stack)
-        procs = [_spawn(resolved, i) for i in range(workers)]
+        resolved, supervised = await _start_managed_nodes(config, stack)
+        procs = [_spawn(resolved, supervised, i) for i in range(workers)]
         log.info("started %d workers on port %d", workers, config.server.port)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -48,29 +50,41 @@ async def _supervise(config: Config, workers: int) -> None:
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stop.is_set():
                     log.warning("worker %d exited with %s; starting a new one", i, proc.exitcode)
-                    procs[i] = _spawn(resolved, i)
+                    procs[i] = _spawn(resolved, supervised, i)
         await asyncio.to_thread(_stop_all, procs)
 
 
-async def _start_managed_nodes(config: Config, stack: AsyncExitStack) -> Config:
-    """Start each managed node once, here, and give the workers its address instead."""
+async def _start_managed_nodes(
+    config: Config, stack: AsyncExitStack
+) -> tuple[Config, dict[str, Path]]:
+    """Start each managed node once, here, and give the workers its address instead, and
+    the file where this process keeps its status (so each worker's router and /readyz know
+    when it is down)."""
     nodes = dict(config.nodes)
+    supervised: dict[str, Path] = {}
+    clock = SystemClock()
     for name, spec in config.nodes.items():
         if spec.managed is None:
             continue
+        status_path = config.server.data_dir / "run" / f"node-{name}.{os.getpid()}.json"
+        supervised[name] = status_path
         logs = config.server.data_dir / "logs"
-        server = ManagedLlamaServer(name, spec.managed, logs, SystemClock())
+        status = StatusFile(status_path, clock.monotonic)
+        server = ManagedLlamaServer(name, spec.managed, logs, clock, status_file=status)
+        stack.callback(status_path.unlink, missing_ok=True)
         await server.start()
         stack.push_async_callback(server.aclose)
         tokenizer = spec.tokenizer or server.model_path
         nodes[name] = spec.model_copy(
             update={"managed": None, "base_url": server.base_url, "tokenizer": tokenizer}
         )
-    return config.model_copy(update={"nodes": nodes})
+    return config.model_copy(update={"nodes": nodes}), supervised
 
 
-def _spawn(config: Config, index: int) -> SpawnProcess:
-    proc = _SPAWN.Process(target=_worker_main, args=(config,), name=f"spillway-worker-{index}")
+def _spawn(config: Config, supervised: dict[str, Path], index: int) -> SpawnProcess:
+    proc = _SPAWN.Process(
+        target=_worker_main, args=(config, supervised), name=f"spillway-worker-{index}"
+    )
     proc.start()
     return proc
 
@@ -86,11 +100,11 @@ def _stop_all(procs: list[SpawnProcess], grace_s: float = 40.0) -> None:
             proc.join()
 
 
-def _worker_main(config: Config) -> None:
+def _worker_main(config: Config, supervised: dict[str, Path]) -> None:
     from spillway.cli.serve import run_server
 
     # A session of its own: a terminal's Ctrl-C reaches only the parent, which stops the
     # workers in order; and a worker never outlives its parent.
     os.setsid()
     die_with_parent()
-    run_server(config, reuse_port=True)
+    run_server(config, reuse_port=True, supervised=supervised)

@@ -255,6 +255,28 @@ class ManagedNode(_Frozen):
     #: also serve /v1/embeddings from the same model
     embeddings: bool = True
     extra_args: tuple[str, ...] = ()
+    #: run this server instead of llama-cpp-python's (for example llama.cpp's own
+    #: ``llama-server``); {host}, {port}, {model}, {alias} and {n_ctx} are filled in
+    command: tuple[str, ...] | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value or not value[0].strip():
+            raise ValueError("must name the program to run")
+        if not any("{port}" in part for part in value):
+            raise ValueError("must pass {port} to the server (spillway picks a free port)")
+        for part in value:
+            try:
+                part.format(host="", port=0, model="", alias="", n_ctx=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"{part!r}: only {{host}}, {{port}}, {{model}}, {{alias}} and {{n_ctx}} "
+                    f"may be filled in ({exc})"
+                ) from None
+        return value
 
 
 class NodeConfig(_Frozen):

@@ -1,8 +1,13 @@
 """A llama.cpp server that spillway runs itself: the embedded default's private node.
 
-spillway starts llama-cpp-python's OpenAI-compatible server as a child process on a free
-loopback port, waits until it answers, restarts it if it dies, and stops it on shutdown.
-The child gets PR_SET_PDEATHSIG so that even a SIGKILL of spillway leaves no orphan.
+spillway starts llama-cpp-python's OpenAI-compatible server (or the ``command`` configured
+instead) as a child process on a free loopback port, and counts it as serving only once it
+has generated one token: a server that answers ``GET /models`` can still die on its first
+real request (a build for another CPU dies with SIGILL there). A process that dies is
+restarted after a delay that doubles with each crash in a row (1 s … 5 min), the log says
+which signal killed it and what that likely means, and until it serves again the node is
+out of rotation and reported as ``failed`` with that reason. The child gets
+PR_SET_PDEATHSIG so that even a SIGKILL of spillway leaves no orphan.
 """
 
 from __future__ import annotations
@@ -15,24 +20,42 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 import aiohttp
 
 from spillway.clock import Clock
 from spillway.config.schema import ManagedNode
 from spillway.errors import StartupError
+from spillway.nodes.process_status import (
+    STABLE_S,
+    ProcessStatus,
+    StatusFile,
+    describe_exit,
+    restart_delay,
+)
 
 log = logging.getLogger("spillway.nodes.managed")
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-State = Literal["stopped", "starting", "running", "restarting"]
 _PR_SET_PDEATHSIG = 1
+#: How long one readiness request may take (the first generation also loads the model).
+_PROBE_TIMEOUT_S = 30.0
 
 
 class NodeStartError(StartupError):
     """A managed node could not be started; the message says why and what to install."""
+
+
+class NodeCrashed(Exception):
+    """The node's process died before it proved it can serve; ``code`` is its returncode."""
+
+    def __init__(self, code: int):
+        self.code = code
+        self.summary, self.reason = describe_exit(code)
+        super().__init__(self.reason)
 
 
 def default_model_path() -> Path:
@@ -68,7 +91,7 @@ def die_with_parent() -> None:
 
 
 class ManagedLlamaServer:
-    """Supervises one llama-cpp-python server process."""
+    """Supervises one llama.cpp server process; ``status()`` says what it is doing."""
 
     def __init__(
         self,
@@ -77,6 +100,7 @@ class ManagedLlamaServer:
         log_dir: Path,
         clock: Clock,
         python: str = sys.executable,
+        status_file: StatusFile | None = None,
     ):
         self.name = name
         self.spec = spec
@@ -84,12 +108,13 @@ class ManagedLlamaServer:
         self._log_path = log_dir / f"node-{name}.log"
         self._clock = clock
         self._python = python
+        self._status_file = status_file
         self.port = free_loopback_port()
-        self.state: State = "stopped"
-        self.restarts = 0
+        self._status = ProcessStatus("stopped")
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._serving_since: float | None = None
 
     @property
     def base_url(self) -> str:
@@ -99,7 +124,23 @@ class ManagedLlamaServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def state(self) -> str:
+        return self._status.state
+
+    def status(self) -> ProcessStatus:
+        return self._status
+
     def command(self) -> list[str]:
+        if self.spec.command is not None:
+            fill = {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "model": str(self.model_path),
+                "alias": self.spec.model_alias,
+                "n_ctx": self.spec.n_ctx,
+            }
+            return [part.format(**fill) for part in self.spec.command]
         cmd = [
             self._python, "-m", "llama_cpp.server",
             "--model", str(self.model_path),
@@ -118,16 +159,29 @@ class ManagedLlamaServer:
         return cmd + list(self.spec.extra_args)
 
     async def start(self) -> None:
-        """Start the server and return once it answers ``GET /v1/models``."""
-        if importlib.util.find_spec("llama_cpp") is None:
+        """Start the server; return once it generated a token, or once it crashed.
+
+        A server that cannot start at all (nothing to run, exits with an error status, never
+        answers) raises NodeStartError: that is configuration, and retrying cannot help. One
+        killed by a signal leaves the gateway up with this node ``failed`` and restarting
+        with back-off, so that /readyz says why and cloud nodes can still answer.
+        """
+        if self.spec.command is None and importlib.util.find_spec("llama_cpp") is None:
             raise NodeStartError(
                 "the embedded node needs llama-cpp-python: install spillway with the 'local' "
                 "extra (pip install 'spillway[local]')"
             )
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.state = "starting"
-        await self._spawn_until_ready()
-        self.state = "running"
+        self._set(state="starting")
+        try:
+            await self._spawn_until_ready()
+        except NodeCrashed as crash:
+            if crash.code >= 0:
+                raise NodeStartError(
+                    f"node '{self.name}': {crash.reason} while starting; see {self._log_path}:\n"
+                    + self._log_tail()
+                ) from None
+            self._crashed(crash.summary, crash.reason)
         self._watcher = asyncio.create_task(self._watch(), name=f"watch-{self.name}")
 
     async def aclose(self) -> None:
@@ -137,27 +191,64 @@ class ManagedLlamaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self._terminate()
-        self.state = "stopped"
+        self._set(state="stopped", pid=None, retry_at=None)
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            if self._status.serving:
+                assert self._proc is not None
+                code = await self._proc.wait()
+                if self._stopping:
+                    return
+                self._crashed(*describe_exit(code))
+            delay = restart_delay(self._status.crashes)
+            self._set(retry_at=self._clock.wall() + delay)
+            await self._clock.sleep(delay)
+            self._set(state="restarting", retry_at=None, restarts=self._status.restarts + 1)
+            try:
+                await self._spawn_until_ready()
+            except NodeCrashed as crash:
+                self._crashed(crash.summary, crash.reason)
+            except (NodeStartError, OSError) as exc:
+                self._crashed("process could not be started", str(exc))
+
+    def _crashed(self, summary: str, reason: str) -> None:
+        """Count the crash (a run shorter than STABLE_S continues the series) and log it."""
+        now = self._clock.monotonic()
+        stable = self._serving_since is not None and now - self._serving_since >= STABLE_S
+        crashes = 1 if stable else self._status.crashes + 1
+        self._serving_since = None
+        self._set(state="failed", summary=summary, reason=reason, crashes=crashes, pid=None)
+        log.error(
+            "node %s: %s; restarting in %.0f s (crash %d in a row); its log: %s",
+            self.name, reason, restart_delay(crashes), crashes, self._log_path,
+        )  # fmt: skip
 
     async def _spawn_until_ready(self) -> None:
+        await self._terminate()  # a half-started process from an earlier attempt
         await self._spawn()
         deadline = self._clock.monotonic() + self.spec.start_timeout_s
         async with aiohttp.ClientSession() as session:
             while self._clock.monotonic() < deadline:
-                if self._proc is None or self._proc.returncode is not None:
-                    raise NodeStartError(
-                        f"node '{self.name}' exited while starting; see {self._log_path}:\n"
-                        + self._log_tail()
-                    )
-                if await _answers(session, self.base_url + "/models"):
+                self._raise_if_exited()
+                if await _answers(session, self.base_url + "/models") and await _generates(
+                    session, self.base_url, self.spec.model_alias
+                ):
+                    self._serving_since = self._clock.monotonic()
+                    self._set(state="running", summary=None, reason=None, retry_at=None)
                     log.info("node %s ready on port %d (pid %s)", self.name, self.port, self.pid)
                     return
                 await self._clock.sleep(0.1)
         await self._terminate()
         raise NodeStartError(
-            f"node '{self.name}' did not answer within {self.spec.start_timeout_s:g} s; "
-            f"see {self._log_path}"
+            f"node '{self.name}' did not generate a token within "
+            f"{self.spec.start_timeout_s:g} s; see {self._log_path}"
         )
+
+    def _raise_if_exited(self) -> None:
+        if self._proc is None or self._proc.returncode is None:
+            return
+        raise NodeCrashed(self._proc.returncode)
 
     async def _spawn(self) -> None:
         log_file: IO[bytes] = self._log_path.open("ab")
@@ -174,26 +265,7 @@ class ManagedLlamaServer:
             )
         finally:
             log_file.close()
-
-    async def _watch(self) -> None:
-        delay = 1.0
-        while not self._stopping:
-            assert self._proc is not None
-            code = await self._proc.wait()
-            if self._stopping:
-                return
-            self.state = "restarting"
-            self.restarts += 1
-            log.warning("node %s exited with %s; restarting in %.0f s", self.name, code, delay)
-            await self._clock.sleep(delay)
-            try:
-                await self._spawn_until_ready()
-            except (NodeStartError, OSError) as exc:
-                log.error("restart of node %s failed: %s", self.name, exc)
-                delay = min(delay * 2, 30.0)
-                continue
-            self.state = "running"
-            delay = 1.0
+        self._set(pid=self._proc.pid)
 
     async def _terminate(self) -> None:
         proc = self._proc
@@ -205,6 +277,14 @@ class ManagedLlamaServer:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+    def _set(self, **changes: object) -> None:
+        self._status = replace(self._status, **changes)  # type: ignore[arg-type]
+        if self._status_file is not None:
+            try:
+                self._status_file.write(self._status)
+            except OSError as exc:
+                log.warning("cannot write node %s's status file: %s", self.name, exc)
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
@@ -219,4 +299,20 @@ async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
             return resp.status == 200
     except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+async def _generates(session: aiohttp.ClientSession, base_url: str, model: str) -> bool:
+    """One token of a chat completion: the path real requests take through the engine."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+        "temperature": 0,
+    }
+    timeout = aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)
+    try:
+        async with session.post(base_url + "/chat/completions", json=body, timeout=timeout) as r:
+            return r.status == 200 and bool((await r.json()).get("choices"))
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
         return False

@@ -265,13 +265,22 @@ class Dispatcher:
         errors.append(exc)
 
     def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
-        eligible = self.router.eligible(model, ctx.private_only)
-        waits = [self.board.stats(h.name).open_remaining_s for h in eligible]
+        """No node may be tried: each is out of rotation; say why, and when to come back."""
+        why, waits = [], []
+        wall = self.clock.wall()
+        for handle in self.router.eligible(model, ctx.private_only):
+            down = handle.out_of_service()
+            if down is None:
+                why.append(f"{handle.name}: failing, circuit open")
+                waits.append(self.board.stats(handle.name).open_remaining_s)
+                continue
+            why.append(f"{handle.name}: {down.summary or 'process ' + down.state}")
+            waits.append(1.0 if down.retry_at is None else down.retry_at - wall)
         retry_after = max(1, int(min(waits, default=1.0) + 0.999))
         scope = "private node" if ctx.private_only else "node"
         return NoEligibleNode(
-            f"Every {scope} that serves '{model}' is failing and taken out of rotation "
-            f"(circuit open); retry in about {retry_after} s.",
+            f"Every {scope} that serves '{model}' is out of rotation ({'; '.join(why)}); "
+            f"retry in about {retry_after} s.",
             retry_after_s=retry_after,
         )
 

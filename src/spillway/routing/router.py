@@ -6,7 +6,7 @@ For each attempt the router picks one node:
    below ``max_concurrency`` and not *hot*), best score first;
 2. otherwise cloud nodes with room, in configuration order (a spill);
 3. otherwise nobody: the caller waits in the model's queue if some node is merely busy, or
-   fails fast if every node is broken.
+   fails fast if every node is broken (breaker open, or a managed node's process down).
 
 A ``private_only`` request never sees a cloud node, and may use a hot private node (its engine
 queue is the only place it can wait besides ours).
@@ -21,6 +21,7 @@ from spillway.clock import Clock
 from spillway.config.schema import LoadSignal, NodeKind, Timeouts
 from spillway.errors import ModelNotFound, NoEligibleNode
 from spillway.nodes.base import Node
+from spillway.nodes.process_status import ProcessStatus, ProcessView
 from spillway.nodes.signals import EngineLoad
 from spillway.nodes.tokens import TokenCounter
 from spillway.resilience.breaker import BreakerBoard, BreakerState
@@ -63,10 +64,19 @@ class NodeHandle:
     stats: NodeStats = field(default_factory=NodeStats)
     #: called whenever a slot frees up (wakes requests waiting for capacity)
     on_release: list[Callable[[], None]] = field(default_factory=list)
+    #: a node whose process spillway supervises (managed): what that process is doing
+    process: ProcessView | None = None
 
     @property
     def private(self) -> bool:
         return self.kind == "private"
+
+    def out_of_service(self) -> ProcessStatus | None:
+        """The supervisor's status when it knows this node cannot serve (down, restarting)."""
+        if self.process is None:
+            return None
+        status = self.process.status()
+        return None if status.serving else status
 
     def acquire(self) -> Slot:
         self.in_flight += 1
@@ -162,7 +172,11 @@ class Router:
     def pick(self, model: str, private_only: bool, exclude: Collection[str] = ()) -> Pick:
         handles = [h for h in self.eligible(model, private_only) if h.name not in exclude]
         now = self.clock.monotonic()
-        usable = [h for h in handles if self.board.state(h.name) is not BreakerState.OPEN]
+        usable = [
+            h
+            for h in handles
+            if self.board.state(h.name) is not BreakerState.OPEN and h.out_of_service() is None
+        ]
         private = sorted((h for h in usable if h.private), key=lambda h: self.score(h, now))
         cloud = [h for h in usable if not h.private]
         for handle in private:

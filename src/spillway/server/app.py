@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 from aiohttp import web
 
@@ -16,12 +18,15 @@ from spillway.server.state import gateway_context
 log = logging.getLogger("spillway.server")
 
 
-def build_app(config: Config, clock: Clock | None = None) -> web.Application:
+def build_app(
+    config: Config, clock: Clock | None = None, supervised: Mapping[str, Path] | None = None
+) -> web.Application:
+    """``supervised``: managed nodes another process runs, with their status files."""
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[gateway_middleware],
     )
-    app.cleanup_ctx.append(gateway_context(config, clock or SystemClock()))
+    app.cleanup_ctx.append(gateway_context(config, clock or SystemClock(), supervised))
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/v1/embeddings", chat.embeddings)
     app.router.add_get("/v1/models", info.list_models)

@@ -8,7 +8,6 @@ from typing import Any
 
 from spillway.clock import Clock
 from spillway.errors import UpstreamError
-from spillway.nodes.managed import ManagedLlamaServer
 from spillway.routing.router import NodeHandle, Router
 
 PROBE_TIMEOUT_S = 2.0
@@ -24,9 +23,8 @@ class NodeHealth:
 
 
 class HealthBoard:
-    def __init__(self, router: Router, managed: dict[str, ManagedLlamaServer], clock: Clock):
+    def __init__(self, router: Router, clock: Clock):
         self._router = router
-        self._managed = managed
         self._clock = clock
         self._last: dict[str, NodeHealth] = {}
         self._lock = asyncio.Lock()
@@ -37,7 +35,7 @@ class HealthBoard:
             if self._stale():
                 await self._probe_all()
         models = {
-            model: any(self._last[h.name].up for h in self._router.serving(model))
+            model: any(self._up(h) for h in self._router.serving(model))
             for model in self._router.models()
         }
         nodes = {h.name: self._describe(h) for h in self._router.handles}
@@ -62,21 +60,23 @@ class HealthBoard:
             return NodeHealth(False, now, exc.detail)
         return NodeHealth(True, now)
 
+    def _up(self, handle: NodeHandle) -> bool:
+        """Answered its probe, and (for a managed node) its process serves."""
+        return self._last[handle.name].up and handle.out_of_service() is None
+
     def _describe(self, handle: NodeHandle) -> dict[str, Any]:
         health = self._last[handle.name]
+        down = handle.out_of_service()
         info: dict[str, Any] = {
             "kind": handle.kind,
-            "state": "up" if health.up else "down",
+            "state": "failed" if down is not None else "up" if health.up else "down",
             "models": sorted(handle.models),
             "in_flight": handle.in_flight,
         }
-        if health.error:
+        if down is not None:
+            info["error"] = down.reason or f"process {down.state}"
+        elif health.error:
             info["error"] = health.error
-        server = self._managed.get(handle.name)
-        if server is not None:
-            info["managed"] = {
-                "process": server.state,
-                "pid": server.pid,
-                "restarts": server.restarts,
-            }
+        if handle.process is not None:
+            info["managed"] = handle.process.status().describe(self._clock.wall())
         return info

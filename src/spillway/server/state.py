@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.http import HttpNode
 from spillway.nodes.managed import ManagedLlamaServer
+from spillway.nodes.process_status import ProcessView, StatusFile
 from spillway.nodes.signals import metrics_url
 from spillway.nodes.tokens import counter_for
 from spillway.prices import LIST_PRICES, Exchange, Price
@@ -56,9 +57,20 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> Gateway:
-    """Start every node (managed ones first wait until they answer) and wire the gateway."""
-    managed: dict[str, ManagedLlamaServer] = {}
+async def build_gateway(
+    config: Config,
+    clock: Clock,
+    stack: AsyncExitStack,
+    supervised: Mapping[str, Path] | None = None,
+) -> Gateway:
+    """Start every node (managed ones first wait until they generate) and wire the gateway.
+
+    ``supervised``: nodes another process supervises (``--workers``' parent), each with the
+    status file it keeps.
+    """
+    processes: dict[str, ProcessView] = {
+        name: StatusFile(path, clock.monotonic) for name, path in (supervised or {}).items()
+    }
     handles = []
     for name, spec in config.nodes.items():
         base_url, tokenizer = spec.base_url, spec.tokenizer
@@ -66,10 +78,12 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
             server = ManagedLlamaServer(name, spec.managed, config.server.data_dir / "logs", clock)
             await server.start()
             stack.push_async_callback(server.aclose)
-            managed[name] = server
+            processes[name] = server
             base_url, tokenizer = server.base_url, tokenizer or server.model_path
         assert base_url is not None  # the schema requires base_url or managed
-        handles.append(_handle(name, spec, base_url, tokenizer, config, stack))
+        handle = _handle(name, spec, base_url, tokenizer, config, stack)
+        handle.process = processes.get(name)
+        handles.append(handle)
     router = Router(
         handles, _breakers(config, handles, clock), clock, config.routing.signal_stale_s
     )
@@ -91,7 +105,7 @@ async def build_gateway(config: Config, clock: Clock, stack: AsyncExitStack) -> 
         dispatcher=dispatcher,
         keys=KeyRing(config.keys),
         redactor=Redactor.for_config(config),
-        health=HealthBoard(router, managed, clock),
+        health=HealthBoard(router, clock),
         accountant=accountant,
         cache=cache,
     )
@@ -207,13 +221,13 @@ def _handle(
 
 
 def gateway_context(
-    config: Config, clock: Clock
+    config: Config, clock: Clock, supervised: Mapping[str, Path] | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """An aiohttp cleanup context that builds the Gateway and tears it down in reverse."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            app[GATEWAY] = await build_gateway(config, clock, stack)
+            app[GATEWAY] = await build_gateway(config, clock, stack, supervised)
             yield
             log.info("shutting down: closing nodes")
 

@@ -23,7 +23,7 @@ def snapshot(gateway: Gateway) -> dict[str, Any]:
     router = gateway.router
     now = gateway.clock.monotonic()
     return {
-        "nodes": [_node(router, h, now) for h in router.handles],
+        "nodes": [_node(router, h, now, gateway.clock.wall()) for h in router.handles],
         "models": {
             model: {
                 "requests": c.requests,
@@ -37,7 +37,7 @@ def snapshot(gateway: Gateway) -> dict[str, Any]:
     }
 
 
-def _node(router: Router, handle: NodeHandle, now: float) -> dict[str, Any]:
+def _node(router: Router, handle: NodeHandle, now: float, wall: float) -> dict[str, Any]:
     stats = handle.stats
     breaker = router.board.stats(handle.name)
     engine = stats.engine
@@ -62,6 +62,7 @@ def _node(router: Router, handle: NodeHandle, now: float) -> dict[str, Any]:
         "successes": stats.successes,
         "failures": stats.failures,
         "spill_share": _share(spilled, requests),
+        "managed": None if handle.process is None else handle.process.status().describe(wall),
     }
 
 
