@@ -123,13 +123,13 @@ async def test_tenants_never_share_entries(up: FakeUpstream, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("headers", "extra", "expected"),
+    ("headers", "extra", "expected", "note"),
     [
-        ({"x-spillway-cache": "off"}, {}, "bypass"),
-        ({"Cache-Control": "no-store"}, {}, "bypass"),
-        ({"Cache-Control": "no-cache"}, {}, "miss"),
-        ({}, {"temperature": 0.8}, "bypass"),
-        ({}, {"n": 2}, "bypass"),
+        ({"x-spillway-cache": "off"}, {}, "bypass", "x-spillway-cache: off"),
+        ({"Cache-Control": "no-store"}, {}, "bypass", "Cache-Control: no-store"),
+        ({"Cache-Control": "no-cache"}, {}, "miss", None),
+        ({}, {"temperature": 0.8}, "bypass", "not deterministic (temperature is not 0)"),
+        ({}, {"n": 2}, "bypass", "n > 1"),
     ],
 )
 async def test_policy_through_the_gateway(
@@ -138,13 +138,35 @@ async def test_policy_through_the_gateway(
     headers: dict[str, str],
     extra: dict[str, Any],
     expected: str,
+    note: str | None,
 ) -> None:
     async with running_gateway(config(up, tmp_path)) as gw:
         await ask(gw, **extra)
         await settle(gw)
         _, got = await ask(gw, headers=headers, **extra)
     assert got["x-spillway-cache"] == expected
+    assert got.get("x-spillway-cache-note") == note  # a bypass always says why
     assert up.calls == 2
+
+
+async def test_asking_for_semantic_where_it_is_off_says_so(
+    up: FakeUpstream, tmp_path: Path
+) -> None:
+    """No model is configured semantic, so no embedder is loaded: a request that asks for
+    semantic lookups gets exact ones, and every answer says so instead of a silent miss."""
+    semantic = {"x-spillway-cache": "semantic"}
+    async with running_gateway(config(up, tmp_path)) as gw:
+        _, first = await ask(gw, headers=semantic)
+        await settle(gw)
+        _, again = await ask(gw, headers=semantic)
+        _, plain = await ask(gw)
+    assert (first["x-spillway-cache"], again["x-spillway-cache"]) == ("miss", "hit-exact")
+    for answer in (first, again):
+        note = answer["x-spillway-cache-note"]
+        assert note.startswith("semantic lookups are off on this gateway")
+        assert note.endswith("exact lookups only")
+    assert "x-spillway-cache-note" not in plain  # exact, as asked: nothing to say
+    assert up.calls == 1
 
 
 async def test_no_store_is_not_stored_and_no_cache_refreshes(

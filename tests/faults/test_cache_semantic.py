@@ -47,11 +47,15 @@ def config(ups: dict[str, FakeUpstream], tmp: Path, embedder_kind: str) -> dict[
 
 
 async def status(gw: RunningGateway, key: str, prompt: str) -> str:
+    return (await headers(gw, key, prompt))["x-spillway-cache"]
+
+
+async def headers(gw: RunningGateway, key: str, prompt: str) -> Any:
     raw = await gw.client(key).chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": prompt}], temperature=0
     )
     await settle(gw)
-    return raw.headers["x-spillway-cache"]
+    return raw.headers
 
 
 async def test_paraphrase_hits_never_cross_tenants(
@@ -94,8 +98,10 @@ async def test_private_only_prompts_never_reach_a_cloud_embedder(
         ]
         embedded_before = ups["emb"].calls
         ordinary = [await status(gw, KEY_A, p) for p in ("hello there", "well hello there")]
+        note = (await headers(gw, SOVEREIGN, "another secret")).get("x-spillway-cache-note")
     assert embedded_before == 0
     assert gov == ["miss", "hit-exact", "miss"]  # exact only: no embedder may see it
+    assert note is not None and "private_only" in note and "exact lookups only" in note
     assert ordinary == ["miss", "hit-semantic"]
     assert all("state secret" not in str(r.body) for r in ups["emb"].received)
 

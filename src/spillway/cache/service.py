@@ -46,6 +46,8 @@ class Probe:
     tenant: str
     model: str
     private_only: bool
+    #: why the cache does less than the request asked (a bypass, or no semantic lookup)
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,10 @@ class ResponseCache:
         decided = plan(body, headers, self.config, self._policies(model))
         if decided.bypass:
             self._counters.add("bypassed")
-            return Probe(decided, None, tenant, model, private_only)
-        return Probe(decided, derive(self._secret, tenant, body), tenant, model, private_only)
+            return Probe(decided, None, tenant, model, private_only, decided.reason)
+        keys = derive(self._secret, tenant, body)
+        note = self._semantic_gap(private_only) if decided.mode == "semantic" else ""
+        return Probe(decided, keys, tenant, model, private_only, note)
 
     async def lookup(self, probe: Probe) -> Lookup:
         """A hit, or a miss (also on any failure or when the lookup takes too long)."""
@@ -208,6 +212,23 @@ class ResponseCache:
             return None
         raw = await self.store.get(best.key)
         return Hit("semantic", CachedAnswer.from_bytes(raw)) if raw is not None else None
+
+    def _semantic_gap(self, private_only: bool) -> str:
+        """Why a request that asks for semantic lookups gets exact ones only ("" if it won't)."""
+        semantic = self.semantic
+        if semantic is None:
+            return (
+                "semantic lookups are off on this gateway (no model has cache = \"semantic\" "
+                "in its configuration); exact lookups only"
+            )
+        if not semantic.ready():
+            return "the semantic models are loading or failed to load; exact lookups only"
+        if private_only and not semantic.embedder.private:
+            return (
+                "this key is private_only and the semantic embedder is a cloud node; "
+                "exact lookups only"
+            )
+        return ""
 
     def _semantic_for(self, probe: Probe) -> Semantic | None:
         semantic = self.semantic

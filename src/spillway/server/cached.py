@@ -19,16 +19,30 @@ from spillway.wire.streams import Usage
 
 #: Response header: hit-exact, hit-semantic, miss or bypass.
 CACHE_HEADER = "x-spillway-cache"
+#: Response header: why the cache did less than the request asked (bypassed, or exact
+#: lookups where semantic ones were asked for). Absent when it did what was asked.
+CACHE_NOTE_HEADER = "x-spillway-cache-note"
 #: Response header on an answer shared from an identical request already in flight.
 MERGED_HEADER = "x-spillway-merged"
 
 
+def cache_headers(status: str, note: str) -> dict[str, str]:
+    """``x-spillway-cache``, and the note saying why the cache did less than asked."""
+    return {CACHE_HEADER: status, CACHE_NOTE_HEADER: note} if note else {CACHE_HEADER: status}
+
+
 async def replay(
-    request: web.Request, hit: Hit, chat: ChatRequest, request_id: str, now: float, merged: bool
+    request: web.Request,
+    hit: Hit,
+    chat: ChatRequest,
+    request_id: str,
+    now: float,
+    note: str,
+    merged: bool,
 ) -> web.StreamResponse:
     """The cached answer as JSON, or as a complete SSE stream when the client asked for one."""
     headers = {
-        CACHE_HEADER: f"hit-{hit.kind}",
+        **cache_headers(f"hit-{hit.kind}", note),
         "x-spillway-source": "cache",
         "x-request-id": request_id,
     }

@@ -17,7 +17,7 @@ from spillway.nodes.tokens import TokenCounter
 from spillway.routing.dispatch import RequestContext
 from spillway.routing.router import NodeHandle
 from spillway.server.accounting import Tally
-from spillway.server.cached import CACHE_HEADER, Sharing, replay
+from spillway.server.cached import Sharing, cache_headers, replay
 from spillway.server.middleware import client_supplied_id, principal_of, request_id_of
 from spillway.server.responses import route_headers
 from spillway.server.state import GATEWAY, Gateway
@@ -39,7 +39,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             chat.body, request.headers, ctx.tenant, chat.model, ctx.private_only
         )
         if probe.keys is None:
-            return await _upstream(request, gateway, chat, ctx, tally, None)
+            status = cache_headers("bypass", probe.note)
+            return await _upstream(request, gateway, chat, ctx, tally, None, status)
         return await _cached_or_upstream(request, gateway, chat, ctx, tally, probe)
 
 
@@ -59,7 +60,7 @@ async def _cached_or_upstream(
     cache, clock = gateway.cache, gateway.clock
     lookup = await cache.lookup(probe)
     if lookup.hit is not None:
-        return await _from_cache(request, gateway, chat, ctx, tally, lookup.hit, merged=False)
+        return await _from_cache(request, gateway, chat, ctx, tally, lookup.hit, probe.note)
     leader = cache.merger.follow(probe.keys.exact)
     if leader is not None:
         shared = await wait_for_leader(leader, ctx.deadline - clock.monotonic())
@@ -68,8 +69,9 @@ async def _cached_or_upstream(
             hit = Hit("exact", CachedAnswer.from_bytes(shared))
             return await _from_cache(request, gateway, chat, ctx, tally, hit, merged=True)
     sharing = Sharing(cache, probe, lookup.vector, leads=leader is None, now=clock.wall())
+    status = cache_headers("miss", probe.note)
     try:
-        return await _upstream(request, gateway, chat, ctx, tally, sharing)
+        return await _upstream(request, gateway, chat, ctx, tally, sharing, status)
     finally:
         sharing.settle()
 
@@ -81,11 +83,12 @@ async def _from_cache(
     ctx: RequestContext,
     tally: Tally,
     hit: Hit,
-    merged: bool,
+    note: str = "",
+    merged: bool = False,
 ) -> web.StreamResponse:
     tally.from_cache = hit.answer
     now = gateway.clock.wall()
-    return await replay(request, hit, chat, ctx.request_id, now, merged)
+    return await replay(request, hit, chat, ctx.request_id, now, note, merged)
 
 
 async def _upstream(
@@ -95,10 +98,10 @@ async def _upstream(
     ctx: RequestContext,
     tally: Tally,
     sharing: Sharing | None,
+    cache_status: dict[str, str],
 ) -> web.StreamResponse:
     """Dispatch to the fleet; with ``sharing``, offer the answer to the cache afterwards."""
     gateway.accountant.reserve(tally, chat)
-    cache_status = {CACHE_HEADER: "bypass" if sharing is None else "miss"}
     tools = gateway.config.cache.cache_tool_calls
     if not chat.stream:
         answer = await gateway.dispatcher.complete(chat, ctx)
