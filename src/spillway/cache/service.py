@@ -218,7 +218,7 @@ class ResponseCache:
         semantic = self.semantic
         if semantic is None:
             return (
-                "semantic lookups are off on this gateway (no model has cache = \"semantic\" "
+                'semantic lookups are off on this gateway (no model has cache = "semantic" '
                 "in its configuration); exact lookups only"
             )
         if not semantic.ready():
