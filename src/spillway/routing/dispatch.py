@@ -262,7 +262,7 @@ class Dispatcher:
         if not exc.may_fall_back:
             raise exc
         log.warning("request %s: %s", ctx.request_id, exc.message)
-        errors.append(exc)
+        errors.append(_detached(exc))
 
     def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
         """No node may be tried: each is out of rotation; say why, and when to come back."""
@@ -306,6 +306,18 @@ async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> S
     if first.event == "error" or is_error_payload(first.data):
         raise UpstreamStatusError(handle.name, 200, "the stream began with an error event")
     return first
+
+
+def _detached(error: UpstreamError) -> UpstreamError:
+    """The error without its traceback and chained exceptions, fit to keep for the final
+    message. Kept as it was raised, it would hold this request's frames (the prompt, the
+    node's partial answer) in a reference cycle through ``errors`` itself, which only the
+    cyclic collector frees: under a failing node and large prompts that grew the gateway
+    by gigabytes (``serve`` collects rarely, see cli/serve.py)."""
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
+    return error
 
 
 def _delivered(error: UpstreamError) -> bool:
