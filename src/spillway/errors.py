@@ -19,6 +19,8 @@ OpenAI error ``type``, and what the router may do about it::
         ├── UpstreamConnectError           connect refused, reset, DNS      → fall back
         ├── UpstreamTimeout                connect / first token / idle / total → fall back
         ├── UpstreamStatusError            5xx, 429, or a node-side 4xx (401, 403, 404…) → fall back
+        ├── UpstreamBadAnswer              a 200 that is not a JSON object, or an answer over
+        │                                  the node's max_response_bytes → fall back
         ├── UpstreamRejected               the node says the *request* is bad (400, 413, 422):
         │                                  forwarded with the node's status, never retried
         ├── StreamInterrupted              failed after the stream committed: never retried
@@ -192,6 +194,14 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_status = upstream_status
         #: the node's Retry-After header, unparsed (the retry policy decides what it means)
         self.retry_after = retry_after
+
+
+class UpstreamBadAnswer(UpstreamError):
+    """The node answered, but with nothing spillway may pass on: a success whose body is not
+    a JSON object (an HTML error page, cut or broken JSON), or an answer larger than the
+    node's ``max_response_bytes``. The message is spillway's own words, never the body."""
+
+    default_code = "upstream_bad_answer"
 
 
 class UpstreamRejected(UpstreamError):

@@ -103,11 +103,13 @@ class FakeNode:
 
     async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
         await self._call(body, timeouts)
-        return Reply(200, orjson.dumps({"node": self.name}), "application/json")
+        data = {"node": self.name}
+        return Reply(200, orjson.dumps(data), "application/json", data)
 
     async def embed(self, body: bytes, timeouts: Timeouts) -> Reply:
         await self._call(body, timeouts)
-        return Reply(200, orjson.dumps({"embedded_by": self.name}), "application/json")
+        data = {"embedded_by": self.name}
+        return Reply(200, orjson.dumps(data), "application/json", data)
 
     async def stream(self, body: bytes, timeouts: Timeouts) -> AsyncIterator[SseEvent]:
         try:

@@ -18,6 +18,7 @@ from spillway.errors import (
     SpillwayError,
     StartupError,
     StreamInterrupted,
+    UpstreamBadAnswer,
     UpstreamConnectError,
     UpstreamError,
     UpstreamRejected,
@@ -44,6 +45,7 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     UpstreamConnectError: (lambda: UpstreamConnectError("a", "x"), 502, "upstream_error"),
     UpstreamTimeout: (lambda: UpstreamTimeout("a", "first token", 30), 504, "upstream_error"),
     UpstreamStatusError: (lambda: UpstreamStatusError("a", 503, "x"), 502, "upstream_error"),
+    UpstreamBadAnswer: (lambda: UpstreamBadAnswer("a", "x"), 502, "upstream_error"),
     UpstreamRejected: (
         lambda: UpstreamRejected("a", 422, "x"),
         422,
@@ -92,6 +94,7 @@ def test_codes_default_per_class_and_can_be_overridden() -> None:
         (UpstreamConnectError("a", "refused"), True),
         (UpstreamTimeout("a", "connect", 3), True),
         (UpstreamStatusError("a", 429, "slow down"), True),
+        (UpstreamBadAnswer("a", "HTTP 200 with a body that is not a JSON object"), True),
         (UpstreamRejected("a", 400, "bad"), False),
         (StreamInterrupted("a", "reset"), False),
         (UpstreamsExhausted([UpstreamConnectError("a", "x")]), False),

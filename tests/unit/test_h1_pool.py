@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -19,11 +20,21 @@ import pytest
 
 from spillway.config.schema import Timeouts
 from spillway.errors import UpstreamConnectError
-from spillway.nodes.h1 import PAUSE_AT, ConnectFailed, ConnectionBroke, ConnectTimedOut
+from spillway.nodes.h1 import (
+    MAX_ERROR_BODY_BYTES,
+    PAUSE_AT,
+    AnswerTooLarge,
+    ConnectFailed,
+    ConnectionBroke,
+    ConnectTimedOut,
+)
 from spillway.nodes.http import HttpNode
 from spillway.nodes.pool import STALE_WITHIN_S, Pool
+from tests.fakes.hostile import GiB, endless, fixed, gzip_bomb, raw_node
 
 OK_BODY = b'{"ok":true}'
+MiB = 1024 * 1024
+BODY = 64 * MiB  # the node setting's default
 Answer = Callable[[asyncio.StreamWriter, "Seen"], Awaitable[None]]
 
 
@@ -104,7 +115,11 @@ def reply(
 
 
 def pool_for(server: Server, **kwargs: object) -> Pool:
-    options: dict[str, object] = {"headers": {"Authorization": "Bearer sk-x"}, "max_connections": 4}
+    options: dict[str, object] = {
+        "headers": {"Authorization": "Bearer sk-x"},
+        "max_connections": 4,
+        "max_body_bytes": BODY,
+    }
     options.update(kwargs)
     return Pool(f"http://127.0.0.1:{server.port}/v1", **options)  # type: ignore[arg-type]
 
@@ -177,7 +192,7 @@ async def test_a_fresh_connection_that_breaks_is_not_sent_twice(server: Server) 
     await pool.aclose()
     # The node's boundary: closed under the request at once, so another node may take it
     # without the retry budget (the node cannot have taken it).
-    node = HttpNode("n", f"http://127.0.0.1:{server.port}/v1", None, 4)
+    node = HttpNode("n", f"http://127.0.0.1:{server.port}/v1", None, 4, max_response_bytes=BODY)
     with pytest.raises(UpstreamConnectError) as failed:
         await node.chat(b"{}", Timeouts())
     assert failed.value.delivered is False
@@ -207,7 +222,7 @@ async def test_refused_connection_is_connect_failed() -> None:
     port = probe.sockets[0].getsockname()[1]
     probe.close()
     await probe.wait_closed()
-    pool = Pool(f"http://127.0.0.1:{port}/v1", headers={}, max_connections=2)
+    pool = Pool(f"http://127.0.0.1:{port}/v1", headers={}, max_connections=2, max_body_bytes=BODY)
     with pytest.raises(ConnectFailed) as caught:
         await pool.request("GET", "/models", None, connect_timeout_s=2)
     assert caught.value.reason == "ConnectionRefusedError"
@@ -375,7 +390,9 @@ async def test_a_slow_reader_pauses_the_socket_instead_of_buffering(server: Serv
 
 
 async def test_https_url_uses_tls_and_default_port() -> None:
-    pool = Pool("https://api.example.invalid/v1", headers={}, max_connections=1)
+    pool = Pool(
+        "https://api.example.invalid/v1", headers={}, max_connections=1, max_body_bytes=BODY
+    )
     assert pool._port == 443 and pool._ssl is not None
     assert pool._encode("GET", "/models", None).startswith(
         b"GET /v1/models HTTP/1.1\r\nHost: api.example.invalid\r\n"
@@ -400,7 +417,7 @@ async def test_an_interim_1xx_answer_is_skipped(server: Server) -> None:
 
 async def test_failed_and_cut_short_connects_free_their_slot(server: Server) -> None:
     server.answers = [reply()]
-    refused = Pool("http://127.0.0.1:9/v1", headers={}, max_connections=1)
+    refused = Pool("http://127.0.0.1:9/v1", headers={}, max_connections=1, max_body_bytes=BODY)
     for _ in range(2):  # with the slot leaked, the second would wait, then time out
         with pytest.raises(ConnectFailed) as caught:
             await refused.request("GET", "/models", None, connect_timeout_s=1)
@@ -421,6 +438,7 @@ def test_a_header_with_a_line_break_is_refused() -> None:
             "http://127.0.0.1:1/v1",
             headers={"Authorization": "Bearer x\r\nX: y"},
             max_connections=1,
+            max_body_bytes=BODY,
         )
 
 
@@ -511,7 +529,115 @@ async def test_a_truncated_gzip_body_is_an_error(server: Server) -> None:
 def test_node_urls_and_headers_http_cannot_carry_are_refused() -> None:
     for url in ("http://user:pw@node:8000/v1", "http://node:8000/v1?x=1"):
         with pytest.raises(ValueError, match="must not carry"):
-            Pool(url, headers={}, max_connections=1)
+            Pool(url, headers={}, max_connections=1, max_body_bytes=BODY)
     with pytest.raises(ValueError, match="cannot carry") as caught:
-        Pool("http://node:8000/v1", headers={"Authorization": "Bearer sk-é…"}, max_connections=1)
+        Pool(
+            "http://node:8000/v1",
+            headers={"Authorization": "Bearer sk-é…"},
+            max_connections=1,
+            max_body_bytes=BODY,
+        )
     assert "sk-" not in str(caught.value)
+
+
+# --- what a node can make the gateway hold: headers, body, inflated body --------------------
+
+
+@pytest.mark.parametrize(
+    "framing",
+    ["Content-Length: 10737418240\r\n", "Transfer-Encoding: chunked\r\n", ""],
+    ids=["length", "chunked", "until-close"],
+)
+async def test_an_answer_over_the_body_limit_fails_and_stops_reading(framing: str) -> None:
+    """A node sending far more than the limit (declared up front, chunked, or until close) is
+    refused once past it, and the connection is closed then: the node never gets to send the
+    rest. Before, all of it was read into memory (a 10 GiB Content-Length: until the
+    attempt's timeout, RSS +1.5 GB for 1.5 GiB sent)."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n"
+    if framing.startswith("Transfer"):
+        head += f"{10 * GiB:x}\r\n"  # one endless chunk
+    async with raw_node(endless(head, total=64 * MiB)) as node:
+        pool = Pool(node.base_url, headers={}, max_connections=1, max_body_bytes=MiB)
+        response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+        with pytest.raises(AnswerTooLarge, match=f"answer over {MiB} bytes"):
+            await response.read()
+        await asyncio.wait_for(node.ended.wait(), 5)
+        assert node.cut_off  # its next write met the closed connection
+        assert node.sent < 16 * MiB  # what the kernel's buffers took before the close
+        assert pool._open == 0
+        await pool.aclose()
+
+
+async def test_an_error_body_is_read_only_as_far_as_its_cap() -> None:
+    """An error answer's body is cut at 64 KiB, and nothing past it is read: its beginning
+    says what went wrong."""
+    head = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 10737418240\r\n\r\n"
+    async with raw_node(endless(head, total=64 * MiB)) as node:
+        pool = Pool(node.base_url, headers={}, max_connections=1, max_body_bytes=BODY)
+        response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+        assert response.status == 500
+        assert await response.read() == b"x" * MAX_ERROR_BODY_BYTES
+        await asyncio.wait_for(node.ended.wait(), 5)
+        assert node.cut_off
+        assert node.sent < 16 * MiB
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("status", ["200 OK", "500 Internal Server Error"])
+async def test_a_gzip_bomb_is_inflated_no_further_than_the_limit(status: str) -> None:
+    """1 MiB of gzip that inflates to 1 GiB: inflated piece by piece, never more than the
+    limit allows, so memory stays near the limit (before, all of it: 1 GiB, and the client
+    got it in a 200). A success fails; an error keeps its first 64 KiB."""
+    bomb = gzip_bomb(inflated_mib=1024)
+    limit = 4 * MiB
+    assert len(bomb) < 1.1 * MiB  # on the wire well within the limit: only inflating passes it
+    answer = fixed(status, bomb, headers="Content-Encoding: gzip\r\n")
+    async with raw_node(answer) as node:
+        pool = Pool(node.base_url, headers={}, max_connections=1, max_body_bytes=limit)
+        tracemalloc.start()
+        try:
+            response = await pool.request("POST", "/chat/completions", b"{}", connect_timeout_s=2)
+            if response.status == 200:
+                with pytest.raises(AnswerTooLarge, match=f"answer over {limit} bytes"):
+                    await response.read()
+            else:
+                assert await response.read() == bytes(MAX_ERROR_BODY_BYTES)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * limit  # the limit, one socket read, the wire bytes in flight
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("writes", [1, 2], ids=["one-read", "last-read-completes"])
+async def test_headers_over_the_limit_are_refused_however_they_arrive(
+    server: Server, writes: int
+) -> None:
+    """80 KB of headers, in one read or completed by a read after 60 KB: refused either way.
+    Before, the limit was checked only on a read that left the headers unfinished, so 67-121
+    KB arriving in one read were accepted. Headers just under the limit are still read."""
+
+    def headers(size: int) -> bytes:
+        lines = "".join(f"X-Filler-{i}: {'a' * 1000}\r\n" for i in range(size // 1024))
+        return f"HTTP/1.1 200 OK\r\n{lines}".encode()
+
+    async def big_headers(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        answer = headers(80 * 1024) + b"Content-Length: 11\r\n\r\n" + OK_BODY
+        if writes == 2:
+            writer.write(answer[: 60 * 1024])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the client reads those alone
+            answer = answer[60 * 1024 :]
+        writer.write(answer)
+        await writer.drain()
+
+    async def near_limit(writer: asyncio.StreamWriter, seen: Seen) -> None:
+        writer.write(headers(62 * 1024) + b"Content-Length: 11\r\n\r\n" + OK_BODY)
+        await writer.drain()
+
+    server.answers = [near_limit, big_headers]
+    pool = pool_for(server)
+    assert await post(pool) == (200, OK_BODY)
+    with pytest.raises(ConnectionBroke, match="headers over 64 KiB"):
+        await post(pool)
+    await pool.aclose()

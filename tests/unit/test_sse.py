@@ -1,9 +1,18 @@
 import random
+import tracemalloc
 
 import orjson
 import pytest
 
-from spillway.wire.sse import DONE_EVENT, SseDecoder, SseEvent, encode_error, encode_json
+from spillway.wire.sse import (
+    DONE_EVENT,
+    MAX_EVENT_BYTES,
+    SseDecoder,
+    SseEvent,
+    SseTooLarge,
+    encode_error,
+    encode_json,
+)
 
 STREAM = (
     b": ping\n\n"
@@ -55,8 +64,12 @@ def test_crlf_split_between_chunks_is_one_line_end() -> None:
     decoder = SseDecoder()
     assert decoder.feed(b"data: a\r") == []
     assert decoder.feed(b"\ndata: b\r") == []
-    assert decoder.feed(b"\n\r") == []
-    assert decoder.feed(b"\n") == [SseEvent(b"a\nb")]
+    # A CR ends its line at once (no waiting for the next chunk); an LF that follows it,
+    # in the same chunk or the next, belongs to it and is no blank line of its own.
+    assert decoder.feed(b"\n\r") == [SseEvent(b"a\nb")]
+    assert decoder.feed(b"\n") == []
+    assert decoder.feed(b"data: c\r") == []
+    assert decoder.feed(b"\r") == [SseEvent(b"c")]
 
 
 def test_lone_cr_ends_lines() -> None:
@@ -112,3 +125,58 @@ def test_encode_json_parses_back() -> None:
     [event] = decode([encode_json(payload)])
     assert event.event is None
     assert orjson.loads(event.data) == payload
+
+
+def test_endless_line_is_refused_once_it_passes_the_limit() -> None:
+    """A node streaming a 5 MB line with no newline, in 4 KiB reads: the decoder gives up as
+    soon as the line passes MAX_EVENT_BYTES instead of buffering (and re-scanning) it all."""
+    decoder = SseDecoder()
+    piece = b"x" * 4096
+    fed = 0
+    with pytest.raises(SseTooLarge, match=f"larger than {MAX_EVENT_BYTES} bytes"):
+        while fed < 5_000_000:
+            chunk = (b"data: " + piece)[:4096] if fed == 0 else piece
+            fed += len(chunk)
+            decoder.feed(chunk)
+    assert MAX_EVENT_BYTES < fed <= MAX_EVENT_BYTES + len(piece)
+
+
+def test_work_per_chunk_does_not_grow_with_the_unfinished_line() -> None:
+    """Linear, counted in bytes allocated: each 4 KiB chunk of a long unfinished line costs a
+    few KiB, however long the line already is (copying the whole buffer on every chunk grows
+    with it, and made one endless line quadratic)."""
+    decoder = SseDecoder()
+    piece = b"y" * 4096
+    worst = 0
+    tracemalloc.start()
+    try:
+        for _ in range(200):  # 800 KiB, under the limit
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            assert decoder.feed(piece) == []
+            worst = max(worst, tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    assert worst < 4 * len(piece)
+    assert decoder.close() == []  # a line that is not a field gives no event
+
+
+def test_long_line_split_across_chunks_is_joined_once_it_ends() -> None:
+    value = bytes(range(32, 127)) * 5000  # 475 KB, under the limit
+    stream = b"data: " + value + b"\r\n\r\n"
+    chunks = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+    assert decode(chunks) == [SseEvent(value)]
+
+
+def test_event_data_over_the_limit_is_refused_even_in_short_lines() -> None:
+    decoder = SseDecoder(max_event_bytes=1000)
+    decoder.feed(b"data: " + b"a" * 400 + b"\n" + b"data: " + b"b" * 400 + b"\n")
+    with pytest.raises(SseTooLarge):
+        decoder.feed(b"data: " + b"c" * 400 + b"\n")
+
+
+def test_the_limit_applies_per_event() -> None:
+    decoder = SseDecoder(max_event_bytes=1000)
+    for i in range(10):
+        event = b"data: " + bytes([97 + i]) * 900 + b"\n\n"
+        assert decoder.feed(event) == [SseEvent(bytes([97 + i]) * 900)]

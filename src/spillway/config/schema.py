@@ -287,6 +287,11 @@ class NodeConfig(_Frozen):
     api_key: SecretStr | None = None
     models: dict[str, str]
     max_concurrency: int = Field(default=64, ge=1)
+    #: the largest answer body (after decompression) taken from this node; past it the
+    #: attempt fails and may fall back. A chat answer is kilobytes; embeddings are the large
+    #: ones: about 20 bytes per float as JSON, so 2048 inputs of 3072 dimensions are about
+    #: 125 MB. The default holds about 1000 such 3072-dimension vectors per request.
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     weight: float = Field(default=1.0, gt=0)
     load_signal: LoadSignal = "none"
     #: where the engine's Prometheus metrics are; default: base_url's host + the engine's path

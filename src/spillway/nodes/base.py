@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from spillway.config.schema import Timeouts
 from spillway.wire.sse import SseEvent
@@ -17,6 +17,9 @@ class Reply:
     status: int
     body: bytes
     content_type: str
+    #: ``body`` parsed: always a JSON object (a node that answers anything else has failed),
+    #: parsed once here so that nothing after the node needs to parse it again
+    data: dict[str, Any]
 
 
 class Node(Protocol):

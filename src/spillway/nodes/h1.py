@@ -5,8 +5,9 @@ about 100 µs of CPU on every request (request and response objects, timers, tra
 cookie and header machinery), as much as the rest of a proxied request. A bare aiohttp proxy
 that calls its upstream through this module instead serves 2.2x the requests per second
 (docs/performance.md). This client does only what a node call needs: a request with a bytes
-body, the answer read whole or as it arrives, keep-alive, TLS, gzip/deflate bodies, and an
-exact account of *where* a failure happened, which failover depends on:
+body, the answer read whole or as it arrives, keep-alive, TLS, gzip/deflate bodies, bounds on
+what a node can make the gateway hold (headers, body, inflated body), and an exact account of
+*where* a failure happened, which failover depends on:
 
 - ``ConnectFailed`` (and ``ConnectTimedOut``): no connection; the node never saw the request.
 - ``ConnectionBroke``: the connection failed once the request was on its way.
@@ -40,6 +41,10 @@ RESUME_AT = 64 * 1024
 #: included). A model server's headers take a few hundred bytes; past this the answer is
 #: refused, so a broken or hostile node cannot fill the gateway's memory with headers.
 MAX_HEAD_BYTES = 64 * 1024
+#: The most bytes of an error answer's body (status 300 or more) that are read; the rest is
+#: never read and its connection closed. An error says what went wrong in its first few
+#: hundred bytes, and spillway passes on no more than a thousand characters of it.
+MAX_ERROR_BODY_BYTES = 64 * 1024
 
 
 class H1Error(Exception):
@@ -70,23 +75,38 @@ class ConnectionBroke(H1Error):
         self.refused = False
 
 
+class AnswerTooLarge(H1Error):
+    """A successful answer's body would pass the size limit; ``limit`` is that limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+        self.limit = limit
+
+
 class Response:
     """One answer: status and headers once they are in; the body whole or chunk by chunk.
 
     An unfinished answer that is abandoned (``close``, or a cancelled read) closes its
     connection: a connection with an answer still in flight can never be reused.
+
+    At most ``max_body`` bytes of body (after decoding) are held at once: all of it for
+    ``read``, the part not yet taken for ``next_chunk`` (so a stream is not limited in total,
+    only in what it leaves unread). A successful answer past that fails with
+    ``AnswerTooLarge``; an error answer's body is cut at ``MAX_ERROR_BODY_BYTES`` instead.
+    Either way its connection is closed at once: nothing more of it is read.
     """
 
     __slots__ = (
-        "_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_streaming",
+        "_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_limit", "_streaming",
         "_until_eof", "_waiter", "answered", "headers", "status",
     )  # fmt: skip
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, max_body: int) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.answered = False  # any byte of the answer arrived
         self._conn = conn
+        self._limit = max_body
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._done = False
@@ -151,25 +171,64 @@ class Response:
 
     def _headers_done(self, status: int) -> None:
         self.status = status
+        if status >= 300:
+            self._limit = min(self._limit, MAX_ERROR_BODY_BYTES)
+        # spillway asks for identity, yet a proxy in front of a node may compress anyway:
+        # such a body is inflated rather than refused, so that node keeps working, and
+        # under the same limit as any other (``_inflate``), so a small bomb cannot become
+        # a huge body. Refusing would protect no better and break a node that works.
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib header
         elif encoding != "identity":
             self._fail(ConnectionBroke("unsupported content-encoding", answered=True))
             return
+        if status < 300 and _declared_length(self.headers) > self._limit:
+            self._fail(AnswerTooLarge(self._limit))  # refused before one byte of it is read
+            return
         framed = "content-length" in self.headers or "transfer-encoding" in self.headers
         self._until_eof = not framed and status not in (204, 304)
         self._wake()
 
     def _feed(self, data: bytes) -> None:
-        if self._error is not None:
+        if self._error is not None or self._done:
             return
-        if self._decoder is not None:
-            try:
-                data = self._decoder.decompress(data)
-            except zlib.error:
-                self._fail(ConnectionBroke("undecodable compressed body", answered=True))
+        if self._decoder is None:
+            self._keep(data)
+            return
+        try:
+            self._inflate(data)
+        except zlib.error:
+            self._fail(ConnectionBroke("undecodable compressed body", answered=True))
+
+    def _inflate(self, data: bytes) -> None:
+        """Decompress no more than the limit leaves room for, plus one byte to tell that it
+        was passed: the input left over waits in ``unconsumed_tail`` for the next round."""
+        assert self._decoder is not None
+        while data and self._error is None and not self._done:
+            room = self._limit - self._buffered  # >= 0 here; max_length 0 would mean "all"
+            self._keep(self._decoder.decompress(data, room + 1))
+            data = self._decoder.unconsumed_tail
+
+    def _keep(self, data: bytes) -> None:
+        """Hold a piece of body, within the limit."""
+        if not data:
+            return
+        room = self._limit - self._buffered
+        if len(data) > room:
+            if self.status < 300:
+                self._fail(AnswerTooLarge(self._limit))
                 return
+            # An error's beginning says enough: keep that much, end the body there, and
+            # close the connection so that nothing more of it is read.
+            self._hold(data[:room])
+            self._conn.close()
+            self._done = True
+            self._wake()
+            return
+        self._hold(data)
+
+    def _hold(self, data: bytes) -> None:
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
@@ -179,15 +238,16 @@ class Response:
                 self._wake()
 
     def _complete(self) -> None:
-        if self._error is not None:
+        if self._error is not None or self._done:
             return
         if self._decoder is not None:
             tail = self._decoder.flush()
             if not self._decoder.eof:
                 self._fail(ConnectionBroke("compressed body cut short", answered=True))
                 return
-            if tail:
-                self._chunks.append(tail)
+            self._keep(tail)
+            if self._error is not None or self._done:
+                return
         self._done = True
         self._wake()
 
@@ -202,6 +262,19 @@ class Response:
             self._complete()
         else:
             self._fail(ConnectionBroke("connection closed by the node", answered=self.answered))
+
+
+def _declared_length(headers: dict[str, str]) -> int:
+    """The body length the node declared; 0 when it declared none (or a malformed one,
+    which the parser itself refuses)."""
+    try:
+        return int(headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+def _head_too_long() -> ConnectionBroke:
+    return ConnectionBroke(f"answer headers over {MAX_HEAD_BYTES // 1024} KiB", answered=True)
 
 
 class Connection(asyncio.Protocol):
@@ -220,7 +293,11 @@ class Connection(asyncio.Protocol):
         self._informational = False  # parsing a 1xx interim answer
         self._ended: bool | None = None  # an answer ended in this read: may the socket stay?
         self._stray = False  # the node sent bytes beyond its answer
-        self._head_bytes = 0  # bytes of the current answer before its headers ended
+        # Both bound the current answer's headers (interim 1xx answers included) by
+        # MAX_HEAD_BYTES: the bytes read while they were unfinished catch headers that never
+        # end; the parsed status lines and headers catch those that end within one read.
+        self._head_bytes = 0
+        self._parsed_head_bytes = 0
 
     @property
     def usable(self) -> bool:
@@ -231,13 +308,14 @@ class Connection(asyncio.Protocol):
             and not self.transport.is_closing()
         )
 
-    async def exchange(self, data: bytes) -> Response:
-        """Send one request; return once the answer's status and headers are in."""
+    async def exchange(self, data: bytes, max_body: int) -> Response:
+        """Send one request; return once the answer's status and headers are in. The answer
+        may hold at most ``max_body`` bytes of body (see ``Response``)."""
         if not self.usable:  # closed by the node between our taking it and this write
             raise ConnectionBroke("connection closed by the node", answered=False)
         assert self.transport is not None
-        response = self.current = Response(self)
-        self._head_bytes = 0
+        response = self.current = Response(self, max_body)
+        self._head_bytes = self._parsed_head_bytes = 0
         self.transport.write(data)
         await response.wait_until(lambda: response.status != 0)
         return response
@@ -280,8 +358,7 @@ class Connection(asyncio.Protocol):
             self.close()  # the parser is stuck in its error state: never reuse it
             return
         if exchange.status == 0 and self._over_head_limit(len(data)):
-            too_long = f"answer headers over {MAX_HEAD_BYTES // 1024} KiB"
-            exchange._fail(ConnectionBroke(too_long, answered=True))
+            exchange._fail(_head_too_long())
             return
         if self._ended is not None:  # the answer ended in this read: only now, after parsing
             keep, self._ended = self._ended, None  # every byte of it, may the socket be reused
@@ -308,12 +385,19 @@ class Connection(asyncio.Protocol):
         if self.current is None:  # bytes after the answer: a node out of step with us
             self._stray = True
 
+    def on_status(self, reason: bytes) -> None:
+        self._parsed_head_bytes += len(reason) + 15  # "HTTP/1.1 200 " and its CRLF
+
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
+        self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
         self.current.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         assert self.current is not None
+        if self._parsed_head_bytes > MAX_HEAD_BYTES:  # all of them came in one read
+            self.current._fail(_head_too_long())  # closes: nothing more of it is read
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # "100 Continue", "103 Early Hints": the answer comes next
             self._informational = True

@@ -15,6 +15,7 @@ import orjson
 
 from spillway.config.schema import Timeouts
 from spillway.errors import (
+    UpstreamBadAnswer,
     UpstreamConnectError,
     UpstreamError,
     UpstreamRejected,
@@ -23,6 +24,7 @@ from spillway.errors import (
 )
 from spillway.nodes.base import Reply
 from spillway.nodes.h1 import (
+    AnswerTooLarge,
     ConnectFailed,
     ConnectionBroke,
     ConnectTimedOut,
@@ -31,16 +33,35 @@ from spillway.nodes.h1 import (
 )
 from spillway.nodes.pool import Pool
 from spillway.secrets import Redactor
-from spillway.wire.sse import SseDecoder, SseEvent
+from spillway.wire.sse import SseDecoder, SseEvent, SseTooLarge
 
 #: Node answers that mean "your request is wrong": forwarded to the client, never retried.
 REQUEST_ERRORS = frozenset({400, 413, 422})
+#: The most characters of a node's own words that spillway passes on: an error's
+#: ``message``; the start of an error body that is not an OpenAI error; its ``param`` and
+#: ``code`` (which also become the ledger's ``error_code``).
+MAX_MESSAGE_CHARS = 1000
+MAX_RAW_CHARS = 200
+MAX_FIELD_CHARS = 100
 
 
 class HttpNode:
-    """An OpenAI-compatible node reached over HTTP (``base_url`` ends in ``/v1``)."""
+    """An OpenAI-compatible node reached over HTTP (``base_url`` ends in ``/v1``).
 
-    def __init__(self, name: str, base_url: str, api_key: str | None, max_connections: int):
+    An answer's body may be at most ``max_response_bytes`` (after decompression; for a
+    stream, what it has sent but spillway not yet taken), an error's is read only as far as
+    ``h1.MAX_ERROR_BODY_BYTES``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        max_connections: int,
+        *,
+        max_response_bytes: int,
+    ):
         self.name = name
         headers = {"Content-Type": "application/json"}
         if api_key:
@@ -48,7 +69,12 @@ class HttpNode:
         # A node may echo its key in an error ("invalid key sk-…"): scrub it right here, at
         # the boundary, so no message built from the node's words can carry it further.
         self._redactor = Redactor([api_key] if api_key else [])
-        self._pool = Pool(base_url, headers=headers, max_connections=max_connections)
+        self._pool = Pool(
+            base_url,
+            headers=headers,
+            max_connections=max_connections,
+            max_body_bytes=max_response_bytes,
+        )
 
     async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
         return await self._post("/chat/completions", body, timeouts)
@@ -71,7 +97,12 @@ class HttpNode:
         )
         if resp.status >= 300:
             self._raise_for(resp, payload)
-        return Reply(resp.status, payload, resp.content_type)
+        data = _json_object(payload)
+        if data is None:  # an HTML error page behind a 200, or broken JSON: not an answer
+            raise UpstreamBadAnswer(
+                self.name, f"HTTP {resp.status} with a body that is not a JSON object"
+            )
+        return Reply(resp.status, payload, resp.content_type, data)
 
     async def _fetch(
         self, method: str, path: str, body: bytes | None, total_s: float, connect_s: float,
@@ -123,14 +154,24 @@ class HttpNode:
     def _raise_for(self, resp: Response, payload: bytes) -> NoReturn:
         status = resp.status
         error = _error_fields(payload)
-        text = str(error.get("message") or payload[:200].decode("utf-8", "replace"))
-        message = self._redactor.scrub(text)
+        if error.get("message"):
+            message = self._words(str(error["message"]), MAX_MESSAGE_CHARS)
+        else:
+            message = self._words(payload.decode("utf-8", "replace"), MAX_RAW_CHARS)
         if status in REQUEST_ERRORS:
-            raise UpstreamRejected(
-                self.name, status, message, param=error.get("param"), code=error.get("code")
-            )
+            param, code = self._field(error.get("param")), self._field(error.get("code"))
+            raise UpstreamRejected(self.name, status, message, param=param, code=code)
         retry_after = resp.headers.get("retry-after")
         raise UpstreamStatusError(self.name, status, message, retry_after=retry_after)
+
+    def _words(self, text: str, limit: int) -> str:
+        """A node's text fit to pass on: scrubbed whole, then cut. Cut first, a key split at
+        the cut would no longer be recognised, and its first half would go out."""
+        return self._redactor.scrub(text)[:limit]
+
+    def _field(self, value: object) -> str | None:
+        """A node's ``param`` or ``code``: a short scrubbed string; anything else is dropped."""
+        return self._words(value, MAX_FIELD_CHARS) if isinstance(value, str) else None
 
     def _translate(
         self, exc: BaseException, phase: str, seconds: float, connect_s: float
@@ -150,10 +191,26 @@ class HttpNode:
             raise UpstreamConnectError(
                 self.name, "connection closed before any answer", delivered=False
             ) from None
+        if isinstance(exc, AnswerTooLarge):
+            raise UpstreamBadAnswer(
+                self.name,
+                f"{exc.reason}: raise nodes.{self.name}.max_response_bytes if answers this"
+                " large are expected",
+            ) from None
         if isinstance(exc, H1Error | OSError):
             reason = exc.reason if isinstance(exc, H1Error) else type(exc).__name__
             raise UpstreamConnectError(self.name, f"connection failed: {reason}") from None
+        if isinstance(exc, SseTooLarge):
+            raise UpstreamBadAnswer(self.name, str(exc)) from None
         raise exc
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _error_fields(payload: bytes) -> dict[str, Any]:

@@ -22,12 +22,12 @@ from spillway.nodes.h1 import ConnectFailed, Connection, ConnectionBroke, Connec
 STALE_WITHIN_S = 0.5
 
 
-async def _send(conn: Connection, data: bytes) -> Response:
+async def _send(conn: Connection, data: bytes, max_body: int) -> Response:
     """``conn.exchange``, marking a failure that came with no answer within STALE_WITHIN_S."""
     loop = asyncio.get_running_loop()
     sent = loop.time()
     try:
-        return await conn.exchange(data)
+        return await conn.exchange(data, max_body)
     except ConnectionBroke as exc:
         exc.refused = not exc.answered and loop.time() - sent <= STALE_WITHIN_S
         raise
@@ -38,7 +38,8 @@ class Pool:
 
     At most ``max_connections`` are open; a request beyond that waits for one, within its
     connect timeout. Idle connections are reused newest first and closed after ``idle_s``.
-    ``headers`` go on every request (the node's key among them: never logged here).
+    ``headers`` go on every request (the node's key among them: never logged here). An
+    answer may hold at most ``max_body_bytes`` of body at once (``h1.Response``).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class Pool:
         *,
         headers: Mapping[str, str],
         max_connections: int,
+        max_body_bytes: int,
         idle_s: float = 15.0,
     ) -> None:
         url = URL(base_url)
@@ -74,6 +76,7 @@ class Pool:
                 " non-ASCII characters (such as … or curly quotes) in the node's api_key"
             ) from None
         self._limit = max_connections
+        self._max_body = max_body_bytes
         self._idle_s = idle_s
         self._open = 0
         self._idle: deque[Connection] = deque()
@@ -88,12 +91,13 @@ class Pool:
         data = self._encode(method, path, body)
         conn = await self._acquire(connect_timeout_s)
         try:
-            return await _send(conn, data)
+            return await _send(conn, data, self._max_body)
         except ConnectionBroke as exc:
             if not (conn.used and exc.refused):
                 raise
         # The kept-alive connection had gone stale: once more on a fresh one.
-        return await _send(await self._acquire(connect_timeout_s, fresh=True), data)
+        fresh = await self._acquire(connect_timeout_s, fresh=True)
+        return await _send(fresh, data, self._max_body)
 
     async def aclose(self) -> None:
         self._closed = True

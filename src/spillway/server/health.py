@@ -1,14 +1,30 @@
-"""Readiness: is every public model served by at least one node that answers right now?"""
+"""Readiness: is every public model served by at least one node that answers right now?
+
+``/readyz`` needs no key, so it shows only spillway's own words about a node ("HTTP 500",
+"cannot connect (ConnectionRefusedError)", "no answer to GET /models within 2 s"), never
+the node's: an error body may carry anything the node chose to send, its key included. The
+node's full error goes to the log when that summary changes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from spillway.clock import Clock
-from spillway.errors import UpstreamError
+from spillway.errors import (
+    UpstreamBadAnswer,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from spillway.routing.router import NodeHandle, Router
+
+log = logging.getLogger("spillway.health")
 
 PROBE_TIMEOUT_S = 2.0
 #: Probe results are reused this long, so a scraping load balancer cannot flood the nodes.
@@ -19,7 +35,10 @@ PROBE_TTL_S = 1.0
 class NodeHealth:
     up: bool
     checked_at: float
+    #: what /readyz shows: spillway's own words only
     error: str | None = None
+    #: the whole error, the node's words included (scrubbed of its key): for the log
+    detail: str | None = None
 
 
 class HealthBoard:
@@ -50,14 +69,21 @@ class HealthBoard:
 
     async def _probe_all(self) -> None:
         results = await asyncio.gather(*(self._probe(h) for h in self._router.handles))
-        self._last = {h.name: r for h, r in zip(self._router.handles, results, strict=True)}
+        fresh = {h.name: r for h, r in zip(self._router.handles, results, strict=True)}
+        for name, result in fresh.items():
+            before = self._last.get(name)
+            # Once per change of spillway's own words, not per probe: a load balancer scrapes
+            # /readyz every second, and a node's text may differ each time (request ids).
+            if result.detail is not None and (before is None or before.error != result.error):
+                log.warning("node %s: readiness probe failed: %s", name, result.detail)
+        self._last = fresh
 
     async def _probe(self, handle: NodeHandle) -> NodeHealth:
         now = self._clock.monotonic()
         try:
             await handle.node.probe(PROBE_TIMEOUT_S)
         except UpstreamError as exc:
-            return NodeHealth(False, now, exc.detail)
+            return NodeHealth(False, now, _own_words(exc), exc.detail)
         return NodeHealth(True, now)
 
     def _up(self, handle: NodeHandle) -> bool:
@@ -80,3 +106,14 @@ class HealthBoard:
         if handle.process is not None:
             info["managed"] = handle.process.status().describe(self._clock.wall())
         return info
+
+
+def _own_words(exc: UpstreamError) -> str:
+    """What spillway itself says about a failed probe, without one word from the node."""
+    if isinstance(exc, UpstreamStatusError):
+        return f"HTTP {exc.upstream_status}"
+    if isinstance(exc, UpstreamRejected):
+        return f"HTTP {exc.status}"
+    if isinstance(exc, UpstreamTimeout | UpstreamConnectError | UpstreamBadAnswer):
+        return exc.detail  # made in nodes/http.py from spillway's words alone
+    return type(exc).__name__  # a class that may carry the node's words: its name only

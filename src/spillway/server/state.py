@@ -198,7 +198,13 @@ def _handle(
 ) -> NodeHandle:
     api_key = spec.api_key.get_secret_value() if spec.api_key else None
     try:
-        node = HttpNode(name, base_url, api_key, max_connections=max(2 * spec.max_concurrency, 32))
+        node = HttpNode(
+            name,
+            base_url,
+            api_key,
+            max_connections=max(2 * spec.max_concurrency, 32),
+            max_response_bytes=spec.max_response_bytes,
+        )
     except ValueError as exc:  # a URL or key HTTP cannot carry; the message never echoes a key
         raise StartupError(f"nodes.{name}: {exc}") from None
     stack.push_async_callback(node.aclose)

@@ -53,7 +53,7 @@ async def relay_stream(
     tally.status = "incomplete"  # until the stream really ends well
     try:
         await response.prepare(request)
-        outcome = await _pump(response, stream, relay)
+        outcome = await _pump(response, stream, relay, redactor)
         if outcome is None:
             await _finish(response, stream, chat, relay, tally)
             tally.status = "ok"
@@ -71,6 +71,16 @@ async def relay_stream(
     return response
 
 
+#: The most characters of a node's in-band error passed on (to the client, the log).
+MAX_NODE_WORDS = 1000
+
+
+def _node_words(text: str, redactor: Redactor) -> str:
+    """A node's text fit to pass on: scrubbed whole, then cut (cut first, a key split at the
+    cut would no longer be recognised, and its first half would go out)."""
+    return redactor.scrub(text)[:MAX_NODE_WORDS]
+
+
 def _settle_usage(tally: Tally, stream: OpenStream, chat: ChatRequest, relay: ChunkRelay) -> None:
     """The node's usage if it sent one (or we counted it already), else count it later."""
     if tally.usage is not None:
@@ -82,7 +92,7 @@ def _settle_usage(tally: Tally, stream: OpenStream, chat: ChatRequest, relay: Ch
 
 
 async def _pump(
-    response: web.StreamResponse, stream: OpenStream, relay: ChunkRelay
+    response: web.StreamResponse, stream: OpenStream, relay: ChunkRelay, redactor: Redactor
 ) -> StreamInterrupted | None:
     """Forward events until ``[DONE]``; return why the stream broke, or None if it ended well."""
     node = stream.handle.name
@@ -96,9 +106,8 @@ async def _pump(
             return None
         out = relay.observe(event.data) if event.event != "error" else None
         if event.event == "error" or relay.error_message is not None:
-            return StreamInterrupted(
-                node, f"failed mid-stream: {relay.error_message or 'error event'}"
-            )
+            said = _node_words(relay.error_message or "error event", redactor)
+            return StreamInterrupted(node, f"failed mid-stream: {said}")
         if out is not None:
             await response.write(encode_data(out))
         try:

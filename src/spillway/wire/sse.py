@@ -2,7 +2,7 @@
 
 Follows the WHATWG event-stream rules that matter for OpenAI streams: ``data:`` lines joined
 by newlines, ``event:`` names, ``:`` comments ignored, an event ends at a blank line, and
-lines may end in LF, CRLF or CR.
+lines may end in LF, CRLF or CR. A line or an event over ``MAX_EVENT_BYTES`` is refused.
 """
 
 from __future__ import annotations
@@ -26,35 +26,81 @@ class SseEvent:
         return self.data == DONE
 
 
-class SseDecoder:
-    """Feed raw bytes as they arrive; get back the events completed so far."""
+#: The longest line, and the most ``data`` in one event, taken from a node. An OpenAI chunk is
+#: a few hundred bytes and a tool-call delta a few kilobytes; even a whole 32k-token answer
+#: sent as one event (a proxy's "fake streaming") is about 130 KB of English, or 250 KB of
+#: Chinese with each character \u-escaped. 1 MiB leaves four times that, and bounds what one
+#: stream can make spillway hold.
+MAX_EVENT_BYTES = 1 << 20
 
-    def __init__(self) -> None:
-        self._buffer = b""
+
+class SseTooLarge(ValueError):
+    """A node sent a line, or one event's data, longer than the decoder's limit.
+    ``nodes.http`` turns it into a failure of that node."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"sent an SSE line or event larger than {limit} bytes")
+        self.limit = limit
+
+
+class SseDecoder:
+    """Feed raw bytes as they arrive; get back the events completed so far.
+
+    The work is linear in the bytes fed: only the new chunk is searched for line ends, and
+    the pieces of an unfinished line wait in a list, joined once when the line ends.
+    (Appending to one buffer and splitting all of it on every chunk is quadratic in the
+    line's length: a node sending one endless line kept a core busy.) An unfinished line, or
+    an event's data, over ``max_event_bytes`` raises ``SseTooLarge``."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._limit = max_event_bytes
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+        #: the last chunk ended in CR, so an LF at the start of the next is that CR's CRLF
+        self._after_cr = False
         self._data: list[bytes] = []
+        self._data_size = 0
         self._event: str | None = None
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        self._buffer += chunk
-        if b"\r" in self._buffer:
-            # Normalise CRLF and lone CR, keeping a trailing CR that may be half a CRLF.
-            tail = b"\r" if self._buffer.endswith(b"\r") else b""
-            body = self._buffer[: len(self._buffer) - len(tail)]
-            self._buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
-        *lines, self._buffer = self._buffer.split(b"\n")
+        if not chunk:
+            return []
+        if self._after_cr and chunk[0] == 0x0A:
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, rest = chunk.split(b"\n")
+        if lines and self._partial:  # the chunk ends the line earlier chunks began
+            lines[0] = self._end_partial(lines[0])
         events: list[SseEvent] = []
         for line in lines:
             event = self._line(line)
             if event is not None:
                 events.append(event)
+        if rest:
+            self._keep_partial(rest)
         return events
 
     def close(self) -> list[SseEvent]:
         """End of input: a final event without its blank line still counts."""
-        events = self.feed(b"\n") if self._buffer else []
+        events = self.feed(b"\n") if self._partial else []
         if self._data:
             events.append(self._dispatch())
         return events
+
+    def _keep_partial(self, piece: bytes) -> None:
+        self._partial_size += len(piece)
+        if self._partial_size > self._limit:
+            raise SseTooLarge(self._limit)
+        self._partial.append(piece)
+
+    def _end_partial(self, last: bytes) -> bytes:
+        self._partial.append(last)
+        line = b"".join(self._partial)
+        self._partial = []
+        self._partial_size = 0
+        return line
 
     def _line(self, line: bytes) -> SseEvent | None:
         if not line:
@@ -68,6 +114,9 @@ class SseDecoder:
         if value.startswith(b" "):
             value = value[1:]
         if field == b"data":
+            self._data_size += len(value) + 1
+            if self._data_size > self._limit:
+                raise SseTooLarge(self._limit)
             self._data.append(value)
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")
@@ -80,6 +129,7 @@ class SseDecoder:
 
     def _reset(self) -> None:
         self._data = []
+        self._data_size = 0
         self._event = None
 
 

@@ -165,10 +165,13 @@ _NOT_PLAIN = ("tool_calls", "function_call", "reasoning_content", "refusal", "au
 
 
 def _error_message(error: Any) -> str:
+    """The node's words, whole: whoever shows them scrubs them first, then cuts (a cut before
+    the scrub can leave half a key that no longer looks like one). The SSE decoder bounds an
+    event's size."""
     message = error.get("message") if isinstance(error, dict) else None
     if isinstance(message, str):
         return message
-    return str(error)[:300]
+    return str(error)
 
 
 def is_error_payload(data: bytes) -> bool:
