@@ -73,3 +73,11 @@ def test_key_id_is_a_short_digest_never_the_key() -> None:
     assert len(principal.key_id) == 16
     assert "team-a" not in principal.key_id
     assert principal.key_id == key_id("team-a-key-123456")
+
+
+def test_a_key_that_is_not_utf8_is_refused_as_a_bad_key() -> None:
+    """aiohttp keeps header bytes that are not UTF-8 as lone surrogates; hashing one raised
+    UnicodeEncodeError (a 500 with a traceback) instead of a 401."""
+    with pytest.raises(AuthenticationFailed, match="not valid UTF-8") as info:
+        KeyRing(KEYS).authenticate("Bearer \udcff\udcfe-key")
+    assert info.value.status == 401

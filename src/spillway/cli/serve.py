@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -15,12 +16,10 @@ from aiohttp import web
 from spillway.cli.common import config_option, load_or_exit, setup_logging
 from spillway.config.schema import Config
 from spillway.errors import StartupError
+from spillway.server import listener
 from spillway.server.app import build_app, open_to_network_warning
 
 log = logging.getLogger("spillway")
-
-#: How long in-flight requests get to finish after SIGTERM before they are cut.
-SHUTDOWN_GRACE_S = 30.0
 
 
 @click.command()
@@ -74,25 +73,54 @@ def run_server(
     the parent of ``--workers`` runs, with their status files."""
     if reuse_port:
         setup_logging(config)  # a spawned worker starts with fresh logging
-    server = config.server
     app = build_app(config, supervised=supervised)
     app.on_startup.append(_freeze_startup_objects)  # after the gateway is built
-    web.run_app(
-        app,
-        host=server.host,
-        port=server.port,
-        reuse_port=reuse_port or None,
-        access_log=logging.getLogger("spillway.access") if server.access_log else None,
-        handler_cancellation=True,  # a client that goes away cancels its upstream call
-        shutdown_timeout=SHUTDOWN_GRACE_S,
-        loop=_new_loop(),
-        print=lambda _: log.info(
+    # What web.run_app does, with spillway's listener (server/listener.py: the connection
+    # cap and idle timeouts), which run_app has no way to take.
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, config, reuse_port))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM or SIGINT (handle_signals)
+        pass
+    finally:
+        _stop(loop, main)
+
+
+async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
+    server = config.server
+    access_log = logging.getLogger("spillway.access") if server.access_log else None
+    runner = await listener.start(
+        app, server, reuse_port=reuse_port, access_log=access_log, handle_signals=True
+    )
+    try:
+        log.info(
             "spillway ready on http://%s:%d/v1 (models: %s)",
             server.host,
             server.port,
             ", ".join(config.public_models()),
-        ),
-    )
+        )
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()  # stops listening, drains for listener.SHUTDOWN_GRACE_S
+
+
+def _stop(loop: asyncio.AbstractEventLoop, main: asyncio.Task[None]) -> None:
+    """As web.run_app ends: the server's own shutdown first (in ``main``, so in-flight
+    requests get their grace), and only then whatever tasks are left."""
+    try:
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+    finally:
+        rest = asyncio.all_tasks(loop)
+        for task in rest:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 #: Net new container objects between young collections (CPython's default is 700).

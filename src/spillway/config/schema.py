@@ -380,6 +380,13 @@ class ServerConfig(_Frozen):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path(".spillway")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    #: the longest a request's body may take to arrive once its headers have: 408 after it
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    #: how long a connection may wait without a whole request head, from its opening or its
+    #: last answer; longer than a load balancer's idle timeout (AWS ALB: 60 s)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0)
+    #: the most client connections one process keeps open; None: from ``ulimit -n``
+    max_connections: int | None = Field(default=None, ge=1)
     access_log: bool = False
 
 

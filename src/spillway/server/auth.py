@@ -44,9 +44,17 @@ class KeyRing:
             raise AuthenticationFailed(
                 "Malformed Authorization header. Use 'Authorization: Bearer <key>'."
             )
+        try:
+            digest = _digest(token.strip())
+        except UnicodeEncodeError:
+            # aiohttp keeps header bytes that are not UTF-8 as lone surrogates, which have
+            # no UTF-8 form; no configured key can be such a string.
+            raise AuthenticationFailed(
+                "The API key is not valid UTF-8 text. Send the key exactly as it was issued."
+            ) from None
         # A lookup by digest leaks nothing useful through timing: a caller cannot steer
         # the digest of a guess towards a stored one.
-        principal = self._by_digest.get(_digest(token.strip()))
+        principal = self._by_digest.get(digest)
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal

@@ -24,7 +24,12 @@ REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 #: whether REQUEST_ID came from the client (then it may repeat, and the ledger keys its own)
 CLIENT_ID = web.RequestKey("client_id", bool)
+#: set when nothing more can be read from the connection (its body stalled or does not
+#: decode): the answer is sent, then the connection closed
+CLOSE_CONNECTION = web.RequestKey("close_connection", bool)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: The most characters of a client's text (a path) quoted back in an error message.
+QUOTED_CHARS = 100
 
 
 def request_id_of(request: web.Request) -> str:
@@ -63,7 +68,22 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
     if not response.prepared:
         response.headers["x-request-id"] = rid
+    if request.get(CLOSE_CONNECTION, False):
+        await _answer_and_close(request, response)
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the answer now and drop the connection. Left to itself, aiohttp would read on
+    after the answer for up to 10 s to drain the unread body, and would log a body that
+    does not decode a second time, as a traceback."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client has gone already
+    request.protocol.force_close()  # flushes what was written, then closes
 
 
 def _authenticate(request: web.Request) -> None:
@@ -81,14 +101,22 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> SpillwayError:
         )
     if exc.status == 404:
         error = InvalidRequest(
-            f"Unknown path {request.path}. See /v1/models, /v1/chat/completions."
+            f"Unknown path {_quoted(request, request.path)}. See /v1/models, /v1/chat/completions."
         )
         error.status, error.code = 404, "unknown_url"
         return error
     if exc.status == 405:
-        error = InvalidRequest(f"{request.method} is not allowed on {request.path}.")
+        path = _quoted(request, request.path)
+        error = InvalidRequest(f"{_quoted(request, request.method)} is not allowed on {path}.")
         error.status, error.code = 405, "method_not_allowed"
         return error
     error = InvalidRequest(exc.reason)
     error.status = exc.status
     return error
+
+
+def _quoted(request: web.Request, text: str) -> str:
+    """A client's text fit to quote: scrubbed whole, then cut (cut first, a secret split at
+    the cut would no longer be recognised)."""
+    text = request.app[GATEWAY].redactor.scrub(text)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "…"

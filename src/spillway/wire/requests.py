@@ -32,6 +32,15 @@ STEERING_FIELDS = frozenset(
         "endpoint",
     }
 )
+#: The deepest a body may nest objects and arrays (the body itself is level 1). Real requests
+#: stay near 10: OpenAI's structured outputs allow a schema 10 levels deep, and it sits at
+#: level 5 of a body (``tools[].function.parameters``). The bound must stay below 255:
+#: orjson parses up to 1024 levels but writes at most 254, so a deeper body would be
+#: accepted here and then fail on its way to the node.
+MAX_NESTING = 64
+#: The longest ``model`` accepted. It is echoed in errors and kept in every ledger record;
+#: real names are under 100 characters.
+MAX_MODEL_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _nests_deeper(body, MAX_NESTING):
+        raise InvalidRequest(
+            f"The request body nests objects and arrays more than {MAX_NESTING} levels deep."
+            f" Send at most {MAX_NESTING} levels."
+        )
     for field in STEERING_FIELDS.intersection(body):
         raise InvalidRequest(
             f"'{field}' is not accepted: spillway chooses the upstream node from its own "
@@ -114,7 +128,31 @@ def _model(body: dict[str, Any]) -> str:
         raise InvalidRequest(
             "'model' is required: a model name from GET /v1/models.", param="model"
         )
+    if len(model) > MAX_MODEL_CHARS:
+        # The name itself is not quoted: it is what is too long.
+        raise InvalidRequest(
+            f"'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are allowed."
+            " Use a model name from GET /v1/models.",
+            param="model",
+        )
     return model
+
+
+def _nests_deeper(body: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels: one pass over the values,
+    level by level (no recursion to overflow), costing about what parsing them did."""
+    level: list[Any] = [body]
+    for _ in range(limit):
+        inner: list[Any] = []
+        for container in level:
+            # orjson makes exactly dict and list, so ``type() is`` is enough (and quicker)
+            for value in container.values() if type(container) is dict else container:
+                if type(value) is dict or type(value) is list:
+                    inner.append(value)
+        if not inner:
+            return False
+        level = inner
+    return True
 
 
 def _messages(messages: Any) -> None:

@@ -12,11 +12,12 @@ from aiohttp import web
 from spillway.cache.answers import CachedAnswer, from_reply, from_stream
 from spillway.cache.merging import wait_for_leader
 from spillway.cache.service import Hit, Probe
-from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
+from spillway.errors import InvalidRequest, SpillwayError
 from spillway.nodes.tokens import TokenCounter
 from spillway.routing.dispatch import RequestContext
 from spillway.routing.router import NodeHandle
 from spillway.server.accounting import Tally
+from spillway.server.body import read_within_limits
 from spillway.server.cached import Sharing, cache_headers, replay
 from spillway.server.middleware import client_supplied_id, principal_of, request_id_of
 from spillway.server.responses import route_headers
@@ -179,11 +180,8 @@ def _note_reply(
 
 
 async def read_body(request: web.Request, gateway: Gateway) -> bytes:
-    """The raw body, refused with 413 before reading when its declared size is over the limit."""
-    limit = gateway.config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes. Send less.")
-    return await request.read()  # aiohttp enforces the same limit on chunked bodies
+    """The raw body, within the size and time limits of ``[server]`` (``server/body.py``)."""
+    return await read_within_limits(request, gateway.config.server)
 
 
 def _context(request: web.Request, gateway: Gateway) -> RequestContext:
