@@ -32,6 +32,8 @@ class Script:
     delay_s: float = 0.05  # between chunks in "slow" mode
     send_usage: bool = True  # False: behave like llama-cpp-python (no usage on streams)
     latency_s: float = 0.0  # service time before the answer (or the first chunk)
+    #: the prompt tokens its usage reports; None: 7 for a chat, 2 for embeddings
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -94,9 +96,12 @@ class FakeUpstream:
         self.received.append(Received(body, dict(request.headers)))
         if self.script.mode == "status":
             return self._error()
+        if self.script.latency_s:
+            await asyncio.sleep(self.script.latency_s)
         vector = [0.1, 0.2, 0.3]
         data = [{"object": "embedding", "index": 0, "embedding": vector}]
-        usage = {"prompt_tokens": 2, "total_tokens": 2}
+        prompt = self._prompt_tokens(2)
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt}
         return web.json_response(
             {"object": "list", "data": data, "model": body["model"], "usage": usage}
         )
@@ -151,8 +156,9 @@ class FakeUpstream:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 7, "completion_tokens": self.script.chunks,
-                      "total_tokens": 7 + self.script.chunks},
+            "usage": {"prompt_tokens": self._prompt_tokens(7),
+                      "completion_tokens": self.script.chunks,
+                      "total_tokens": self._prompt_tokens(7) + self.script.chunks},
         }  # fmt: skip
         payload = orjson.dumps(answer)
         if self.script.mode != "cut":
@@ -185,14 +191,18 @@ class FakeUpstream:
             await response.write(self._chunk(body, delta, None, with_usage))
         await response.write(self._chunk(body, {}, "stop", with_usage))
         if with_usage:
-            usage = {"prompt_tokens": 7, "completion_tokens": len(pieces),
-                     "total_tokens": 7 + len(pieces)}  # fmt: skip
+            prompt = self._prompt_tokens(7)
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+                     "total_tokens": prompt + len(pieces)}  # fmt: skip
             final = self._chunk_payload(body, None, None, False)
             final["choices"], final["usage"] = [], usage
             await response.write(b"data: " + orjson.dumps(final) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _prompt_tokens(self, default: int) -> int:
+        return default if self.script.prompt_tokens is None else self.script.prompt_tokens
 
     def _pieces(self) -> list[str]:
         return [f"{self.name}-{i} " for i in range(self.script.chunks)]

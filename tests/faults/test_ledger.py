@@ -11,17 +11,21 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.sql import SqlLedgerStore, sqlite_url
+from spillway.nodes.tokens import most_prompt_tokens
 from spillway.server.auth import key_id
 from tests.fakes.gateway import node, running_gateway
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.faults.test_failover import FAST, MESSAGES
+from tests.faults.test_signals_live import until
 
 KEY = "ledger-team-key"
 BUDGET_KEY = "ledger-budget-key"
+ATTACK_KEY = "ledger-attack-key"
 # Cloud price: $1 per million input tokens, $2 per million output tokens.
 CLOUD_PRICE = {"input_per_mtok": "1.00", "output_per_mtok": "2.00", "currency": "USD"}
 
@@ -44,8 +48,9 @@ def config(ups: dict[str, FakeUpstream], data_dir: Path, **extra: Any) -> dict[s
         },
         "keys": [
             {"key": KEY, "tenant": "team"},
-            # One request with max_tokens=1000 may cost about $0.002 on the cloud (1000 output
-            # tokens at $2/M plus the estimated prompt): the budget admits one, not two.
+            # One request with max_tokens=1000 may cost $0.002352 on the cloud (1000 output
+            # tokens at $2/M, and at most 352 prompt tokens at $1/M: its 88 bytes and the
+            # template's framing): the budget admits one, not two.
             {"key": BUDGET_KEY, "tenant": "tight", "budget": {"amount": "0.0025"}},
         ],
         **extra,
@@ -181,3 +186,77 @@ async def test_broken_tokenizer_still_records_estimated_tokens(ups, tmp_path, in
     (row,) = await ledger_rows(tmp_path)
     assert row.completion_tokens > 0 and row.prompt_tokens > 0
     assert row.tokens_estimated, "the GGUF tokenizer failed, so the count is an estimate"
+
+
+def cloud_only(ups: dict[str, FakeUpstream], data_dir: Path, budget: str) -> dict[str, Any]:
+    """Only the priced cloud node, and ATTACK_KEY with a budget of ``budget`` USD."""
+    raw = config(ups, data_dir)
+    del raw["nodes"]["priv"]
+    raw["keys"].append({"key": ATTACK_KEY, "tenant": "attacker", "budget": {"amount": budget}})
+    return raw
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {ATTACK_KEY}"}
+    async with session.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    "tokens", [[7] * 8000, [[7] * 4000, [9] * 4000]], ids=["token-array", "token-arrays"]
+)
+async def test_token_array_embeddings_cannot_spend_past_the_budget(ups, tmp_path, tokens):
+    # Each request is 8,000 tokens, $0.008 at $1/M: fifty of them would spend $0.40 of $0.05.
+    # They were reserved as 0 tokens (only strings were counted), so all fifty got in.
+    ups["cloud"].script = Script(latency_s=0.5, prompt_tokens=8000)
+    body = {"model": "m", "input": tokens}
+    gateway = running_gateway(cloud_only(ups, tmp_path, "0.05"))
+    async with gateway as gw, aiohttp.ClientSession() as session:
+        url = gw.base_url + "/embeddings"
+        answers = await asyncio.gather(*(post(session, url, body) for _ in range(50)))
+    statuses = [status for status, _ in answers]
+    rows = await ledger_rows(tmp_path)
+    assert sum((r.cost for r in rows), Decimal(0)) <= Decimal("0.05")
+    # Reserved at about 16,300 tokens ($0.0163) each: three fit, a few more only as some settle.
+    assert 3 <= statuses.count(200) <= 5
+    assert statuses.count(429) == 50 - statuses.count(200)
+    assert sum(r.error_code == "insufficient_quota" for r in rows) == statuses.count(429)
+
+
+async def test_a_huge_tools_array_is_refused_when_its_worst_case_passes_the_budget(ups, tmp_path):
+    # 2,000 tools, 281 kB: up to about 281,000 prompt tokens ($0.28 at $1/M) against a $0.01
+    # budget. Only the message text was counted, so it was admitted.
+    tool = {"type": "function", "function": {"description": "d" * 60, "parameters": {}}}
+    tools = [{**tool, "function": {**tool["function"], "name": f"t{i}"}} for i in range(2000)]
+    huge = {"model": "m", "messages": MESSAGES, "max_tokens": 10, "tools": tools}
+    # A 1 kB prompt with the default output reserve (4,096 tokens) still fits: about $0.0095.
+    ordinary = {"model": "m", "messages": [{"role": "user", "content": "x" * 1000}]}
+    gateway = running_gateway(cloud_only(ups, tmp_path, "0.01"))
+    async with gateway as gw, aiohttp.ClientSession() as session:
+        url = gw.base_url + "/chat/completions"
+        status, answer = await post(session, url, huge)
+        assert (await post(session, url, ordinary))[0] == 200
+    assert status == 429 and answer["error"]["code"] == "insufficient_quota"
+    assert ups["cloud"].calls == 1, "the refused request never reached the node"
+
+
+async def test_max_tokens_above_max_completion_tokens_is_what_is_reserved(ups, tmp_path):
+    # The node gets both limits and may honour either; only max_completion_tokens was reserved.
+    ups["cloud"].script = Script(latency_s=0.5)
+    over = {"model": "m", "messages": MESSAGES, "max_completion_tokens": 10, "max_tokens": 10**5}
+    held = {"model": "m", "messages": MESSAGES, "max_completion_tokens": 10, "max_tokens": 1000}
+    gateway = running_gateway(cloud_only(ups, tmp_path, "0.01"))
+    async with gateway as gw, aiohttp.ClientSession() as session:
+        url = gw.base_url + "/chat/completions"
+        status, answer = await post(session, url, over)  # 100,000 x $2/M = $0.20
+        running = asyncio.create_task(post(session, url, held))
+        await until(lambda: ups["cloud"].in_flight == 1)  # reserved, and at the node
+        remaining = gw.gateway.accountant._budgets.remaining(key_id(ATTACK_KEY))
+        assert (await running)[0] == 200
+    assert status == 429 and answer["error"]["code"] == "insufficient_quota"
+    sent = orjson.dumps({**held, "model": "cloud-model"})  # what the node gets
+    prompt = most_prompt_tokens(len(sent), 1)
+    reserved = (Decimal(prompt) * 1 + Decimal(1000) * 2) / 1_000_000
+    assert remaining == Decimal("0.01") - reserved.quantize(Decimal("0.000001"))

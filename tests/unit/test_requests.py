@@ -50,9 +50,12 @@ def test_stream_with_include_usage() -> None:
     assert request.include_usage is True
 
 
-def test_max_completion_tokens_wins_over_max_tokens() -> None:
+def test_max_tokens_is_the_larger_of_the_two_limits() -> None:
+    # The node gets both and may honour either: the larger is the most it may write.
     assert parse_chat(chat(max_tokens=5)).max_tokens == 5
+    assert parse_chat(chat(max_completion_tokens=7)).max_tokens == 7
     assert parse_chat(chat(max_tokens=5, max_completion_tokens=7)).max_tokens == 7
+    assert parse_chat(chat(max_tokens=100, max_completion_tokens=7)).max_tokens == 100
 
 
 def test_n_of_128_is_accepted() -> None:

@@ -3,10 +3,16 @@
 A request is admitted only if what the key has spent this period, plus what is reserved by
 requests still running, plus this request's largest possible cost, stays within the limit.
 Reservation and check happen in one step on the event loop, so fifty concurrent requests
-against a budget that allows one admit exactly one; the only overspend left is a request
-costing more than its estimate (a prompt longer in tokens than estimated), at most one
-request's worth. Budgets are per process: with several workers each keeps its own view of
-the running reservations (spend is shared through the ledger and reloaded at start).
+against a budget that allows one admit exactly one. The reservation is a worst case, not an
+estimate (``Accountant.reserve``: every byte of the body the node gets counted as a token,
+and the largest output the request allows), so a node priced per token that bills honestly
+for that body cannot take a key past its budget. Settling replaces the reservation with the
+actual cost. What the worst case cannot see is listed in docs/ledger.md#budgets: an answer
+with no output limit running past ``[ledger] max_output_tokens``, what the body only points
+at (an image URL), a template that re-renders the body at greater length, and a private
+node's last hour emptying while the request runs. Budgets are per process: with several
+workers each keeps its own view of the running reservations (spend is shared through the
+ledger and reloaded at start).
 """
 
 from __future__ import annotations
@@ -78,8 +84,8 @@ class Budgets:
             left = max(account.limit - account.spent - account.reserved, Decimal(0))
             raise InsufficientQuota(
                 f"This API key's {_ADJECTIVE[account.period]} budget is spent: {left} left of "
-                f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens "
-                "or wait for the next period."
+                f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens, "
+                "send a shorter request, or wait for the next period."
             )
         account.reserved += estimate
         return Reservation(key_id, estimate, account.started)

@@ -2,7 +2,9 @@
 
 ``GgufTokenCounter`` uses the model's own tokenizer and chat template from its GGUF file,
 the way llama-cpp-python builds the prompt, so its counts match the node's non-streaming
-usage. Without a tokenizer we estimate (about four characters a token) and say so.
+usage. Without a tokenizer we estimate (about four bytes of the body a token) and say so.
+
+``most_prompt_tokens`` is not an estimate but an upper bound, for budget reservations.
 """
 
 from __future__ import annotations
@@ -11,9 +13,18 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-_CHARS_PER_TOKEN = 4
+import orjson
+
+_BYTES_PER_TOKEN = 4
 #: Role markers and separators a chat template adds per message, for the estimate.
 _TOKENS_PER_MESSAGE = 4
+#: For the bound: what a chat template adds around each message beyond its text (ChatML's
+#: "<|im_start|>", "\n", "<|im_end|>", "\n" are 4), and the "▁" a SentencePiece tokenizer
+#: puts before each piece of text it tokenizes (1); 8 leaves room for templates not seen yet.
+_MOST_FRAMING_PER_PART = 8
+#: ... and around the whole prompt: BOS, the generation prompt, and text the template writes
+#: itself, such as a default system prompt (SmolLM2's: 21 tokens) or a tool-use preamble.
+_MOST_FRAMING_PER_REQUEST = 256
 
 
 class TokenCounter(Protocol):
@@ -32,12 +43,14 @@ class EstimatingCounter:
     exact = False
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
-        messages = body.get("messages") or []
-        chars = sum(len(_content_text(m.get("content"))) for m in messages if isinstance(m, dict))
-        return _estimate(chars) + _TOKENS_PER_MESSAGE * len(messages)
+        # The whole body, not only the message text: tools, schemas, names, tool calls and
+        # content parts are prompt as well, and fields we do not know yet may be too.
+        messages = body.get("messages")
+        count = len(messages) if isinstance(messages, list) else 0
+        return _estimate(len(orjson.dumps(body))) + _TOKENS_PER_MESSAGE * count
 
     def completion_tokens(self, text: str) -> int:
-        return _estimate(len(text))
+        return _estimate(len(text.encode("utf-8")))
 
 
 class GgufTokenCounter:
@@ -97,13 +110,17 @@ def counter_for(tokenizer: Path | None) -> TokenCounter:
     return GgufTokenCounter(tokenizer) if tokenizer is not None else EstimatingCounter()
 
 
-def _estimate(chars: int) -> int:
-    return (chars + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
+def most_prompt_tokens(sent_bytes: int, parts: int) -> int:
+    """The most prompt tokens a node can bill for a body of ``sent_bytes`` bytes holding
+    ``parts`` messages (or embedding inputs); docs/ledger.md#budgets says why it holds.
+
+    A byte-level BPE or byte-fallback SentencePiece token stands for at least one byte of the
+    text it was cut from, and all of that text is in the body, whichever field holds it; JSON
+    only adds quotes, keys and commas. A token array spends at least one digit on each of its
+    tokens. What is not in the body is what the template writes itself: the framing allowance.
+    """
+    return sent_bytes + _MOST_FRAMING_PER_PART * parts + _MOST_FRAMING_PER_REQUEST
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: count the text ones
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
+def _estimate(size: int) -> int:
+    return (size + _BYTES_PER_TOKEN - 1) // _BYTES_PER_TOKEN

@@ -22,10 +22,10 @@ from spillway.ledger.budgets import Budgets, Reservation
 from spillway.ledger.costing import Charge, Costing
 from spillway.ledger.records import LedgerRecord, Status
 from spillway.ledger.writer import LedgerWriter
-from spillway.nodes.tokens import EstimatingCounter, TokenCounter
+from spillway.nodes.tokens import EstimatingCounter, TokenCounter, most_prompt_tokens
 from spillway.routing.router import NodeHandle, Router
 from spillway.server.auth import Principal
-from spillway.wire.requests import ChatRequest, EmbeddingsRequest
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.streams import Usage
 
 log = logging.getLogger("spillway.ledger")
@@ -87,21 +87,29 @@ class Accountant:
         return Tally(ids.request_id(), principal, now, at, client_request_id=request_id)
 
     def reserve(self, tally: Tally, request: ChatRequest | EmbeddingsRequest) -> None:
-        """Hold the most this request can cost against its key's budget (429 if it can't)."""
-        tally.model = request.model
+        """Hold the most this request can cost against its key's budget (429 if it can't).
+
+        The most, not a guess: a worst case any node that bills honestly for the body it is
+        sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
+        """
+        model = tally.model = request.model
         if self._budgets.remaining(tally.principal.key_id) is None:
             return
-        prompt = EstimatingCounter().prompt_tokens(request.body) + _input_tokens(request)
-        output = 0
-        if isinstance(request, ChatRequest):
-            choices = request.body.get("n") or 1
-            output = (request.max_tokens or self._max_output_tokens) * choices
-        handles = self._router.eligible(request.model, tally.principal.private_only)
+        handles = self._router.eligible(model, tally.principal.private_only)
+        prompts = _most_prompt_tokens(request, {h.models[model] for h in handles})
+        output = self._most_output_tokens(request)
         worst = max(
-            (self._costing.estimate(h.name, prompt, output) for h in handles),
+            (self._costing.estimate(h.name, prompts[h.models[model]], output) for h in handles),
             default=Decimal(0),
         )
         tally.reservation = self._budgets.reserve(tally.principal.key_id, worst)
+
+    def _most_output_tokens(self, request: ChatRequest | EmbeddingsRequest) -> int:
+        if isinstance(request, EmbeddingsRequest):
+            return 0
+        # parse_chat checked n; each choice may write up to the limit.
+        choices: int = request.body.get("n") or 1
+        return (request.max_tokens or self._max_output_tokens) * choices
 
     def close(self, tally: Tally) -> None:
         """The request is over: write its record now, or once its tokens are counted."""
@@ -183,7 +191,26 @@ async def count_tokens(
         return count(EstimatingCounter()), True
 
 
-def _input_tokens(request: ChatRequest | EmbeddingsRequest) -> int:
-    if isinstance(request, ChatRequest):
-        return 0
-    return EstimatingCounter().completion_tokens(request.text())
+def _most_prompt_tokens(
+    request: ChatRequest | EmbeddingsRequest, node_models: set[str]
+) -> dict[str, int]:
+    """Per node model name, the bound on the prompt of the very bytes that node is sent.
+
+    From the whole body rather than from the fields we know: every field a node may read as
+    prompt (tools, schemas, content parts, names, token arrays, ones added to the API later)
+    is in it. Only the model name differs between nodes, hence one body per name.
+    """
+    key = "messages" if isinstance(request, ChatRequest) else "input"
+    parts = _parts(request.body.get(key))
+    return {
+        model: most_prompt_tokens(len(body_for_node(request, model)), parts)
+        for model in node_models
+    }
+
+
+def _parts(items: object) -> int:
+    """Messages a template frames one by one, or embedding inputs; a flat token array or a
+    single string is one input."""
+    if not isinstance(items, list):
+        return 1
+    return sum(not isinstance(item, int) for item in items) or 1

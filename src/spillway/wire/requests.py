@@ -51,6 +51,7 @@ class ChatRequest:
     model: str
     stream: bool
     include_usage: bool
+    #: the most output tokens per choice: the larger of max_tokens and max_completion_tokens
     max_tokens: int | None
 
 
@@ -102,7 +103,9 @@ def parse_chat(raw: bytes) -> ChatRequest:
         )
     include_usage = bool(options and options.get("include_usage") is True)
     legacy_max = _positive_int(body, "max_tokens")
-    max_tokens = _positive_int(body, "max_completion_tokens") or legacy_max
+    newer_max = _positive_int(body, "max_completion_tokens")
+    # The node gets both and may honour either, so the larger is the most it may write.
+    max_tokens = max(legacy_max or 0, newer_max or 0) or None
     n = _positive_int(body, "n")
     if n is not None and n > 128:
         raise InvalidRequest("'n' must be at most 128.", param="n")
