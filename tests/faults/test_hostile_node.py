@@ -118,14 +118,13 @@ async def test_an_in_band_stream_error_is_scrubbed_before_it_is_cut(b: FakeUpstr
     """A committed stream, then ``{"error": "<text>"}`` whose key straddles character 300:
     before, the text was cut at 300 first, and the key's first half went to the client."""
     text = "x" * 280 + f"key={KEY_A} rest"
-    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}  # fmt: skip
+    delta = {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [delta]}
     events = b"data: " + orjson.dumps(chunk) + b"\n\ndata: " + orjson.dumps({"error": text})
-    sse = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-    async with raw_node(fixed("200 OK", events + b"\n\n", sse.split("\r\n", 1)[1])) as a:
-        async with running_gateway(fleet(a.base_url, b)) as gw:
-            with pytest.raises(openai.APIError, match="mid-stream") as caught:
-                await ask(gw.client(), stream=True)
+    sse = fixed("200 OK", events + b"\n\n", "Content-Type: text/event-stream\r\n")
+    async with raw_node(sse) as a, running_gateway(fleet(a.base_url, b)) as gw:
+        with pytest.raises(openai.APIError, match="mid-stream") as caught:
+            await ask(gw.client(), stream=True)
     said = str(caught.value)
     assert "x" * 200 in said and "key=***" in said
     assert "REDT" not in said
