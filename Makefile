@@ -33,8 +33,8 @@ test: $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts training
+	$(BIN)/ruff format --check src tests bench scripts training
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

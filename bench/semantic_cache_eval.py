@@ -10,8 +10,9 @@ best recall at the same precision).
 
 The data (``../shared/data/qqp-dev.jsonl.gz``, 60,903 human-labelled pairs) is split by pair
 hash: about 30 % is the held-out *test* part, never used for training or tuning; the rest is
-the *tune* part that ``bench/train_cross_encoder.py`` learns from and sets the threshold on.
-``split_of`` is the one place that decides, and both scripts call it.
+the *tune* part that ``training/train_cross_encoder.py`` learns from and sets the threshold
+on. ``split_of`` is the one place that decides: this script and the training scripts (which
+import this module as ``bench.semantic_cache_eval``) all call it.
 
 Run:  .venv/bin/python bench/semantic_cache_eval.py [--limit N] [--data PATH] [--no-cache]
 (about 5 minutes on 2 cores with the embeddings cached, 15 without).

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import sqlite3
-import sys
 import tempfile
 import time
 from contextlib import closing
@@ -28,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cache_stores import DAY, fill_vectors, unit_rows
 

@@ -2,6 +2,8 @@
 
 A module may import from its own top-level package or from a strictly lower layer, except
 for the few same-layer edges listed in SAME_LAYER. Every top-level package needs a layer.
+What the server installs is checked here too: no module imports the training libraries
+(TRAINING_ONLY), anywhere, and an optional extra's library (LAZY_ONLY) only inside a function.
 """
 
 import ast
@@ -41,6 +43,12 @@ SAME_LAYER = {
     ("spillway.config", "spillway.prices"),
 }
 _ENV_NAMES = {"environ", "getenv", "environb"}
+#: The ``train`` extra and the training code (``training/`` at the repository root): the gateway
+#: runs the shipped models on numpy and onnxruntime, so no module imports these, lazily or not.
+TRAINING_ONLY = frozenset({"torch", "transformers", "sentence_transformers", "sklearn", "training"})
+#: Optional extras a server need not install: imported only inside the function that uses them
+#: (or under ``if TYPE_CHECKING:``), so that importing the module never needs them.
+LAZY_ONLY = frozenset({"matplotlib"})  # the ``charts`` extra: report --png, roi --png
 
 
 def package_of(module: str) -> str:
@@ -74,6 +82,36 @@ def imported_modules(tree: ast.Module, module: str, is_package: bool) -> list[tu
     return [(line, name) for line, name in found if name.split(".")[0] == ROOT]
 
 
+def outside_imports(tree: ast.Module) -> list[tuple[int, str, bool]]:
+    """Every absolute import's top-level name, with whether it runs only when a function is
+    called (or never: ``if TYPE_CHECKING:``), rather than when the module is imported."""
+    found: list[tuple[int, str, bool]] = []
+
+    def visit(node: ast.AST, lazy: bool) -> None:
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name.split(".")[0], lazy) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.lineno, node.module.split(".")[0], lazy))
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, lazy)
+            return
+        inner = lazy or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    if isinstance(test, ast.Name):
+        return test.id == "TYPE_CHECKING"
+    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
 def check_module(module: str, source: str, is_package: bool = False) -> list[str]:
     """Problems in one module's source, each as 'module:line: what is wrong'."""
     problems: list[str] = []
@@ -88,6 +126,14 @@ def check_module(module: str, source: str, is_package: bool = False) -> list[str
         problem = _import_problem(module, own, target)
         if problem:
             problems.append(f"{module}:{line}: {problem}")
+    for line, name, lazy in outside_imports(tree):
+        if name in TRAINING_ONLY:
+            problems.append(f"{module}:{line}: imports {name}, which is for training only")
+        elif name in LAZY_ONLY and not lazy:
+            problems.append(
+                f"{module}:{line}: imports {name} at module level (an optional extra: "
+                "import it inside the function that uses it)"
+            )
     for node in ast.walk(tree):
         if isinstance(node, ast.Global):
             problems.append(f"{module}:{node.lineno}: `global {', '.join(node.names)}`")
@@ -185,3 +231,41 @@ def test_checker_catches_long_modules_global_and_environ() -> None:
         assert len(check_module("spillway.nodes.x", source)) == 1
     assert len(check_module("spillway.nodes.x", "from os import environ\n")) == 1
     assert check_module(ENV_READER, "import os\nos.environ.get('A')\n") == []
+
+
+def test_checker_catches_training_libraries_anywhere() -> None:
+    sources = [
+        "import torch\n",
+        "import torch.nn as nn\n",
+        "def f():\n    from sklearn.neural_network import MLPClassifier\n",
+        "class C:\n    def f(self):\n        import transformers\n",
+        "from sentence_transformers import SentenceTransformer\n",
+        "from training.cross_training import encode\n",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n",
+        "try:\n    import torch\nexcept ImportError:\n    torch = None\n",
+    ]
+    for source in sources:
+        [problem] = check_module("spillway.cache.x", source)
+        assert "which is for training only" in problem, source
+    # a module of spillway's own that happens to share a name is not the library
+    assert check_module("spillway.cache.x", "from .torch import x\nfrom . import sklearn\n") == []
+
+
+def test_checker_allows_an_optional_extra_only_where_it_is_used() -> None:
+    lazy = [
+        "def draw():\n    import matplotlib\n    matplotlib.use('Agg')\n",
+        "async def draw():\n    from matplotlib.figure import Figure\n",
+        "import typing\nif typing.TYPE_CHECKING:\n    from matplotlib.figure import Figure\n",
+    ]
+    for source in lazy:
+        assert check_module("spillway.planner.x", source) == [], source
+    eager = [
+        "import matplotlib\n",
+        "from matplotlib.figure import Figure\n",
+        "try:\n    import matplotlib.pyplot as plt\nexcept ImportError:\n    plt = None\n",
+        "import typing\nif typing.TYPE_CHECKING:\n    pass\nelse:\n    import matplotlib\n",
+    ]
+    for source in eager:
+        [problem] = check_module("spillway.planner.x", source)
+        assert "imports matplotlib at module level" in problem, source
+

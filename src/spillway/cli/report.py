@@ -12,7 +12,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from spillway.cli.common import config_option, load_or_exit
+from spillway.cli.common import config_option, load_or_exit, require_charts
 from spillway.config.schema import Config
 from spillway.ledger.charts import spend_chart
 from spillway.ledger.records import LedgerRecord
@@ -31,7 +31,8 @@ from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)  # fmt: skip
 @click.option("--png", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also draw cost over time and the private/cloud/cache split.")  # fmt: skip
+              help="Also draw cost over time and the private/cloud/cache split "
+                   "(needs the charts extra: matplotlib).")  # fmt: skip
 @click.option("--export", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every record in the window to this CSV file (for finance).")  # fmt: skip
 def report(
@@ -45,6 +46,8 @@ def report(
     export: Path | None,
 ) -> None:
     """Spend, savings against the reference price, private share, cache hit rate, latency."""
+    if png is not None:
+        require_charts("--png")
     config = load_or_exit(config_path, {"data_dir": data_dir})
     window = (_when(since, "--since"), _when(until, "--until"))
     records = asyncio.run(_read(config, *window))

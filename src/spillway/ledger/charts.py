@@ -1,5 +1,6 @@
 """A chart a manager can read: what we spent each day, what it would have cost, and where
-the answers came from (private fleet, cloud, cache)."""
+the answers came from (private fleet, cloud, cache). matplotlib (the ``charts`` extra) is
+imported only to draw: importing this module needs none."""
 
 from __future__ import annotations
 

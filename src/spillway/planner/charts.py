@@ -2,6 +2,8 @@
 
 The numbers come from :func:`spillway.planner.roi.cost_curves` as ``Decimal``; they become
 floats here and only here, for plotting. No pyplot: a bare ``Figure`` keeps no global state.
+matplotlib (the ``charts`` extra) is imported only to draw, so ``volume_range`` and importing
+this module need none.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-
-from matplotlib.figure import Figure
 
 
 def volume_range(volume: int, *, points: int = 121) -> list[int]:
@@ -33,6 +33,8 @@ def save_cost_chart(
 ) -> None:
     """Cloud lines (dashed) per provider, private lines (solid, stepping up where one more box
     is needed) per profile, the user's volume marked; log scales on both axes."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 6), layout="constrained")
     ax = fig.add_subplot()
     x = [float(v) for v in volumes]

@@ -1,6 +1,6 @@
-"""Training the cross-encoder (``cache.cross_encoder``) with torch: ``bench/train_cross_encoder.py``
-and the tests use this; the gateway never imports it (it runs the shipped model on
-onnxruntime).
+"""Training the cross-encoder (``spillway.cache.cross_encoder``) with torch:
+``training.train_cross_encoder`` and the tests use this; the gateway never imports it (it runs
+the shipped model on onnxruntime).
 
 What is trained is small: a low-rank (LoRA) update of every linear layer of the shipped
 all-MiniLM-L6-v2, its layer norms, its segment embeddings and a one-unit head over the

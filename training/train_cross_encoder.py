@@ -1,19 +1,19 @@
 """Train the semantic cache's cross-encoder on the *tune* part of QQP and set its threshold.
 
-Run it where torch has a GPU if you can: a model takes about 100 s on one H200
-(``--device cuda``) and 40-50 minutes on 2 CPU cores. Embedding the set-aside texts for
-the calibration takes a few minutes more the first time (vectors are cached under
+Run it from the repository root, where torch has a GPU if you can: a model takes about 100 s
+on one H200 (``--device cuda``) and 40-50 minutes on 2 CPU cores. Embedding the set-aside
+texts for the calibration takes a few minutes more the first time (vectors are cached under
 /tmp/qqp-cache/, never in the repository). The shipped model trains on every tune fold
 (``--set-aside -1``); two twins, the same recipe with fold 0 or fold 1 left out, score those
 folds for its threshold:
 
     export HF_HUB_OFFLINE=1
-    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only \
+    .venv/bin/python -m training.train_cross_encoder --device cuda --train-only \
         --set-aside 0 --out /tmp/twin0.npz
-    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only \
+    .venv/bin/python -m training.train_cross_encoder --device cuda --train-only \
         --set-aside 1 --out /tmp/twin1.npz
-    .venv/bin/python bench/train_cross_encoder.py --device cuda --train-only --set-aside -1
-    .venv/bin/python bench/train_cross_encoder.py --calibrate-only --set-aside -1 \
+    .venv/bin/python -m training.train_cross_encoder --device cuda --train-only --set-aside -1
+    .venv/bin/python -m training.train_cross_encoder --calibrate-only --set-aside -1 \
         --also 0:/tmp/twin0.npz --also 1:/tmp/twin1.npz
 
 (``--train-only`` writes the weights uncalibrated, so the GPU run needs no vectors, only
@@ -26,7 +26,7 @@ bench/results/cross_encoder_twin_scores.npz (probabilities, their recipe and a h
 fold's pairs, none of the data), so the shipped threshold can be set again without the
 twins' weights, and must come out the same:
 
-    .venv/bin/python bench/train_cross_encoder.py --calibrate-only --set-aside -1 \
+    .venv/bin/python -m training.train_cross_encoder --calibrate-only --set-aside -1 \
         --twin-scores bench/results/cross_encoder_twin_scores.npz
 
 A twin of another recipe than the weights in ``--out`` (rank, epochs, learning rate, base,
@@ -67,7 +67,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from semantic_cache_eval import (
+from bench.semantic_cache_eval import (
     CACHE,
     DATA,
     RESULTS,
@@ -88,12 +85,11 @@ from semantic_cache_eval import (
     load_pairs,
     pr_curve,
 )
-from train_verifier import FOLDS, MIN_HITS, folds_of
-
 from spillway.cache.cross_encoder import ADAPTER_PATH, CrossEncoder, read_adapter
-from spillway.cache.cross_training import PairModel, adapter_arrays, add_lora, encode, load_base
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.verifier import Verifier
+from training.cross_training import PairModel, adapter_arrays, add_lora, encode, load_base
+from training.train_verifier import FOLDS, MIN_HITS, folds_of
 
 SEED = 0
 Arrays = dict[str, np.ndarray]
@@ -179,7 +175,7 @@ def trained(args: argparse.Namespace, fit: list[Pair]) -> tuple[Arrays, dict[str
         "epochs": args.epochs,
         "lr": args.lr,
         "train_pairs": len(fit),
-        "trained_by": "bench/train_cross_encoder.py",
+        "trained_by": "training/train_cross_encoder.py",
         "device": args.device,
         "train_seconds": round(time.perf_counter() - started),
     }
@@ -338,7 +334,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train_cross_encoder", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=ADAPTER_PATH)
     parser.add_argument("--epochs", type=int, default=3)

@@ -1,16 +1,16 @@
 """Train the semantic cache's verifier on the *tune* part of QQP and choose its default threshold.
 
-Run (about 2 minutes on 2 cores, plus 10 to embed the texts the first time; vectors are
-cached under /tmp/qqp-cache/, never in the repository):
+Run from the repository root (about 2 minutes on 2 cores, plus 10 to embed the texts the
+first time; vectors are cached under /tmp/qqp-cache/, never in the repository):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_verifier.py [--data PATH] [--target 0.96]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m training.train_verifier [--data PATH] [--target 0.96]
 
 then copy the printed threshold into ``DEFAULT_THRESHOLD`` in src/spillway/cache/verifier.py
 (a unit test checks they agree) and rerun bench/semantic_cache_eval.py. Seeds are fixed: a
 rerun writes the same weights.
 
-What it does, all on the tune part (``split_of`` in semantic_cache_eval keeps the held-out
-part out):
+What it does, all on the tune part (``split_of`` in bench/semantic_cache_eval.py keeps the
+held-out part out):
 
 1. Embeds every tune text with the gateway's own ``LocalMiniLM``, learns the hashed IDF table
    from the tune texts, and builds the features with the runtime's own ``pair_features``, so
@@ -62,11 +62,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from semantic_cache_eval import CACHE, DATA, Pair, baseline_recall, embed_all, load_pairs, pr_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
+from bench.semantic_cache_eval import (
+    CACHE,
+    DATA,
+    Pair,
+    baseline_recall,
+    embed_all,
+    load_pairs,
+    pr_curve,
+)
 from spillway.cache.local_embedder import LocalMiniLM
 from spillway.cache.verifier import (
     GUARDS,
@@ -288,7 +296,7 @@ def main(args: argparse.Namespace) -> None:
         "train_duplicates": int(y.sum()),
         "tune_cv": {**point, "baseline_recall": base, "baseline_cosine": base_cos},
         "seed": SEED,
-        "trained_by": "bench/train_verifier.py",
+        "trained_by": "training/train_verifier.py",
     }
     save(args, scaler, members, idf, meta)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB); floor {meta['floor']}")
@@ -296,7 +304,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train_verifier", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--target", type=float, default=0.96, help="tune precision to hold")
     parser.add_argument("--hidden", type=int, default=128)
