@@ -1,7 +1,10 @@
 """The one exception tree of spillway.
 
-Every failure a client can see is one of these, and each class knows its HTTP status, its
-OpenAI error ``type``, and what the router may do about it::
+Every failure a client can see is one of these. An error carries meaning, not a wire format:
+its HTTP status, its ``kind`` (the class of failure, named as OpenAI names its error types),
+a ``code``, whether the router may fall back after it, and how long to wait before retrying.
+Each front door renders it in its own protocol (``server/responses.py`` for OpenAI's
+``{"error": …}``)::
 
     SpillwayError                      500 server_error
     ├── ConfigError                    (start-up only: exit status 2, never an HTTP answer)
@@ -14,6 +17,7 @@ OpenAI error ``type``, and what the router may do about it::
     ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
     ├── InsufficientQuota              429 insufficient_quota     code=insufficient_quota
     ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
+    ├── TooManyConnections             503 service_unavailable    code=too_many_connections
     ├── DeadlineExceeded               504 timeout                code=deadline_exceeded
     └── UpstreamError                  502 upstream_error         (one node failed)
         ├── UpstreamConnectError           connect refused, reset, DNS      → fall back
@@ -34,38 +38,25 @@ tracebacks or file paths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 
 class SpillwayError(Exception):
-    """Base of every spillway error; renders as the OpenAI error envelope."""
+    """Base of every spillway error."""
 
     status: int = 500
-    error_type: str = "server_error"
+    #: the class of failure; OpenAI's error type names, which front doors map to their own
+    kind: str = "server_error"
     default_code: str | None = None
     #: the router may try the next candidate node after this error
     may_fall_back: bool = False
+    #: seconds the client should wait before trying again (``Retry-After``), when it is known
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
-
-    def envelope(self) -> dict[str, Any]:
-        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def headers(self) -> dict[str, str]:
-        """Extra response headers this error asks for (e.g. ``Retry-After``)."""
-        return {}
 
 
 class StartupError(SpillwayError):
@@ -83,7 +74,7 @@ class ConfigError(SpillwayError):
 
 class InvalidRequest(SpillwayError):
     status = 400
-    error_type = "invalid_request_error"
+    kind = "invalid_request_error"
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -98,13 +89,13 @@ class ModelNotFound(InvalidRequest):
 
 class AuthenticationFailed(SpillwayError):
     status = 401
-    error_type = "authentication_error"
+    kind = "authentication_error"
     default_code = "invalid_api_key"
 
 
 class PermissionDenied(SpillwayError):
     status = 403
-    error_type = "permission_error"
+    kind = "permission_error"
     default_code = "permission_denied"
 
 
@@ -112,41 +103,44 @@ class QueueFull(SpillwayError):
     """Every node for the model is busy and its wait queue is full: shed load at once."""
 
     status = 429
-    error_type = "rate_limit_error"
+    kind = "rate_limit_error"
     default_code = "queue_full"
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
 
 class InsufficientQuota(SpillwayError):
     """The API key's budget for this period is spent (or this request could overspend it)."""
 
     status = 429
-    error_type = "insufficient_quota"
+    kind = "insufficient_quota"
     default_code = "insufficient_quota"
 
 
 class NoEligibleNode(SpillwayError):
     status = 503
-    error_type = "service_unavailable"
+    kind = "service_unavailable"
     default_code = "no_eligible_node"
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+
+class TooManyConnections(SpillwayError):
+    """The process has as many client connections open as it may, each busy with a request."""
+
+    status = 503
+    kind = "service_unavailable"
+    default_code = "too_many_connections"
+    retry_after_s = 1
 
 
 class DeadlineExceeded(SpillwayError):
     status = 504
-    error_type = "timeout"
+    kind = "timeout"
     default_code = "deadline_exceeded"
 
 
@@ -154,7 +148,7 @@ class UpstreamError(SpillwayError):
     """One node failed to answer. ``node`` is the node's configured name."""
 
     status = 502
-    error_type = "upstream_error"
+    kind = "upstream_error"
     default_code = "upstream_error"
     may_fall_back = True
 
@@ -208,7 +202,7 @@ class UpstreamRejected(UpstreamError):
     """The node judged the request itself invalid; the client gets the node's status."""
 
     may_fall_back = False
-    error_type = "invalid_request_error"
+    kind = "invalid_request_error"
 
     def __init__(
         self,

@@ -1,8 +1,9 @@
 """Keeping secrets out of everything spillway says: error bodies, logs, metrics.
 
-The Redactor knows every secret in the configuration (node API keys and client keys) and
-replaces any occurrence with a mask. Errors pass through it before they leave the process,
-and a logging filter applies it to every log record.
+The Redactor knows every secret in the configuration (node API keys, node headers, proxy
+credentials, client keys, passwords in storage URLs) and replaces any occurrence with a mask.
+Errors pass through it before they leave the process, and a logging filter applies it to
+every log record.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from spillway.config.schema import Config
+from spillway.config.proxies import NO_PROXY, parse_proxy_url
+from spillway.config.schema import Config, NodeConfig
 
 MASK = "***"
+#: A node header value shorter than this is not scrubbed: it cannot be a credential worth
+#: the name ("1", "true"), and masking it everywhere would garble every log line.
+MIN_HEADER_SECRET = 8
 #: Looks like a provider key even when we were never told it (an upstream echoing its own).
 _KEY_SHAPES = re.compile(r"\b(sk|pk|rk|hs)-[A-Za-z0-9_\-]{12,}\b")
 
@@ -27,7 +32,8 @@ class Redactor:
     @classmethod
     def for_config(cls, config: Config) -> Redactor:
         secrets = [k.key.get_secret_value() for k in config.keys]
-        secrets += [n.api_key.get_secret_value() for n in config.nodes.values() if n.api_key]
+        for node in config.nodes.values():
+            secrets += node_secrets(node)
         cache = config.cache
         if cache.secret is not None:
             secrets.append(cache.secret.get_secret_value())
@@ -42,6 +48,24 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return _KEY_SHAPES.sub(MASK, text)
+
+
+def node_secrets(node: NodeConfig) -> list[str]:
+    """What about one node must never be shown: its key, its headers' values, and its
+    proxy's password (as written, decoded, and inside the Basic credentials)."""
+    secrets = [node.api_key.get_secret_value()] if node.api_key else []
+    secrets += [
+        value
+        for header in node.headers.values()
+        if len(value := header.get_secret_value()) >= MIN_HEADER_SECRET
+    ]
+    proxy = node.proxy.get_secret_value() if node.proxy else NO_PROXY
+    if proxy != NO_PROXY:
+        parsed = parse_proxy_url(proxy)
+        if parsed.password:
+            raw = urlsplit(proxy if "://" in proxy else f"http://{proxy}").password or ""
+            secrets += [raw, parsed.password, parsed.basic_credentials or ""]
+    return secrets
 
 
 class RedactingFilter(logging.Filter):

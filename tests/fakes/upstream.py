@@ -9,6 +9,7 @@ it received and when a caller went away, so tests can check routing and cancella
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,11 +53,16 @@ class FakeUpstream:
     port: int = 0
     #: served at GET /metrics (Prometheus text), None for a 404 like an engine without metrics
     metrics_text: str | None = None
+    #: serve HTTPS with this context (base_url then says https://)
+    tls: ssl.SSLContext | None = None
+    #: the address to listen on (and to name in base_url)
+    host: str = "127.0.0.1"
     _runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}/v1"
 
     @property
     def calls(self) -> int:
@@ -71,7 +77,7 @@ class FakeUpstream:
         # shutdown_timeout=0: stop() is a crash, not a drain, and in-flight calls are cut.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

@@ -72,7 +72,7 @@ async def ask_stream(gw: RunningGateway, key: str = KEY_A, **extra: Any) -> tupl
 async def settle(gw: RunningGateway) -> None:
     """Let background cache writes land (they run after the response)."""
     for _ in range(200):
-        if not gw.gateway.cache._writes:
+        if not gw.gateway.pipeline.cache._writes:
             return
         await asyncio.sleep(0.005)
 
@@ -244,7 +244,7 @@ async def test_fifty_identical_requests_in_flight_make_one_upstream_call(
             texts = [text for text, _, _ in results]
         else:
             texts = [text for text, _ in await asyncio.gather(*(ask(gw) for _ in range(50)))]
-        merged = gw.gateway.cache.statistics().merged
+        merged = gw.gateway.pipeline.cache.statistics().merged
     assert up.calls == 1
     assert len(set(texts)) == 1 and texts[0]
     assert merged == 49

@@ -115,7 +115,7 @@ async def test_an_embedder_outage_costs_hits_not_requests(
         during = [await status(gw, KEY_A, p) for p in ("tell me a joke", "a joke please")]
         await ups["emb"].start()
         after = await status(gw, KEY_A, "a joke, please")
-        failing = gw.gateway.cache.statistics().errors
+        failing = gw.gateway.pipeline.cache.statistics().errors
     assert during == ["hit-exact", "miss"]
     assert failing >= 1
     assert after == "hit-semantic"  # back: matched against the entry stored before the outage

@@ -163,7 +163,7 @@ async def test_postgresql_down_at_start_up_is_reconnected_later(
             thaw(frozen)
             frozen = []
             first = await status(gw, KEY_A, "tell me a fable")  # starts the reconnection
-            semantic = gw.gateway.cache.semantic
+            semantic = gw.gateway.pipeline.cache.semantic
             assert semantic is not None
             for _ in range(100):
                 if getattr(semantic.index, "_pool", None) is not None:

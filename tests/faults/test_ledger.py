@@ -135,7 +135,7 @@ async def test_budget_race_admits_one_request(ups, tmp_path):
 
         async with aiohttp.ClientSession() as session:
             statuses = await asyncio.gather(*(one(session) for _ in range(50)))
-        remaining = gw.gateway.accountant._budgets.remaining(key_id(BUDGET_KEY))
+        remaining = gw.gateway.pipeline.accountant._budgets.remaining(key_id(BUDGET_KEY))
     assert statuses.count(200) == 1
     assert statuses.count(429) == 49
     rows = await ledger_rows(tmp_path)
@@ -253,10 +253,29 @@ async def test_max_tokens_above_max_completion_tokens_is_what_is_reserved(ups, t
         status, answer = await post(session, url, over)  # 100,000 x $2/M = $0.20
         running = asyncio.create_task(post(session, url, held))
         await until(lambda: ups["cloud"].in_flight == 1)  # reserved, and at the node
-        remaining = gw.gateway.accountant._budgets.remaining(key_id(ATTACK_KEY))
+        remaining = gw.gateway.pipeline.accountant._budgets.remaining(key_id(ATTACK_KEY))
         assert (await running)[0] == 200
     assert status == 429 and answer["error"]["code"] == "insufficient_quota"
     sent = orjson.dumps({**held, "model": "cloud-model"})  # what the node gets
     prompt = most_prompt_tokens(len(sent), 1)
     reserved = (Decimal(prompt) * 1 + Decimal(1000) * 2) / 1_000_000
     assert remaining == Decimal("0.01") - reserved.quantize(Decimal("0.000001"))
+
+
+async def test_a_chunked_body_over_the_limit_is_recorded_as_too_large(ups, tmp_path):
+    """No Content-Length, so aiohttp only finds out while reading, with its own exception:
+    the record used to say internal_error."""
+    raw = config(ups, tmp_path, server={"data_dir": str(tmp_path), "max_body_bytes": 4096})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b'{"model": "m", "messages": []' + b" " * 1024
+
+    async with running_gateway(raw) as gw, aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        url = gw.base_url + "/chat/completions"
+        async with http.post(url, data=chunks(), headers=headers) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["code"] == "payload_too_large"
+    rows = await ledger_rows(tmp_path)
+    assert [(r.status, r.error_code) for r in rows] == [("error", "payload_too_large")]

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from spillway.cli.main import cli
 from spillway.clock import SystemClock
 from spillway.config.schema import ManagedNode
+from spillway.nodes import managed
 from spillway.nodes.managed import ManagedLlamaServer, NodeStartError
 from tests.fakes.gateway import running_gateway
 
@@ -54,8 +55,9 @@ async def until(condition: Any, within_s: float = 30.0) -> None:
 
 
 async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(managed, "STABLE_S", 0.5)  # served this long, the series is over
     clock = RecordingClock()
     heal = tmp_path / "heal"
     server = ManagedLlamaServer("local", standin(heal), tmp_path, clock)
@@ -78,6 +80,8 @@ async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
         await until(lambda: server.status().serving)
         assert server.status().reason is None and server.status().restarts >= 4
         assert any("ready on port" in r.getMessage() for r in caplog.records)
+        assert server.status().crashes >= 4
+        await until(lambda: server.status().crashes == 0, 5)  # reported, not only at a crash
     finally:
         await server.aclose()
     assert server.status().state == "stopped"
@@ -132,3 +136,11 @@ async def test_clients_readyz_and_nodes_name_the_crash(tmp_path: Path) -> None:
             model="m", messages=[{"role": "user", "content": "hi"}]
         )
         assert reply.choices[0].message.content == "Hello"
+
+
+async def test_a_command_that_cannot_run_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    spec = ManagedNode(command=(str(tmp_path / "no-such-server"), "--port", "{port}"))
+    server = ManagedLlamaServer("local", spec, tmp_path, SystemClock())
+    with pytest.raises(NodeStartError, match=r"node 'local': cannot run '.*no-such-server': "):
+        await server.start()
+    await server.aclose()

@@ -33,8 +33,9 @@ LAYERS = {
     "spillway.ledger": 3,
     "spillway.batch": 3,
     "spillway.planner": 3,
-    "spillway.server": 4,
-    "spillway.cli": 5,
+    "spillway.pipeline": 4,
+    "spillway.server": 5,
+    "spillway.cli": 6,
 }
 #: Same-layer imports that keep layer 0 acyclic: errors < config < secrets.
 SAME_LAYER = {
@@ -210,7 +211,7 @@ def test_checker_resolves_relative_imports() -> None:
 def test_checker_catches_lazy_imports_and_root_imports() -> None:
     source = "def f():\n    from spillway import cli\n"
     assert check_module("spillway.server.fake", source) == [
-        "spillway.server.fake:2: imports spillway.cli (layer 5) from layer 4: "
+        "spillway.server.fake:2: imports spillway.cli (layer 6) from layer 5: "
         "imports must go to strictly lower layers"
     ]
 
@@ -269,3 +270,19 @@ def test_checker_allows_an_optional_extra_only_where_it_is_used() -> None:
         [problem] = check_module("spillway.planner.x", source)
         assert "imports matplotlib at module level" in problem, source
 
+
+#: Packages that must never touch a web framework: the pipeline is what every front door
+#: (OpenAI's routes, the Messages API, the batch worker) shares.
+PROTOCOL_NEUTRAL = ("spillway.pipeline",)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in source_files() if module_name(p).startswith(PROTOCOL_NEUTRAL)],
+    ids=lambda p: module_name(p),
+)
+def test_the_pipeline_imports_no_web_framework(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert [n for n in names if n.split(".")[0] in ("aiohttp", "multidict", "yarl")] == []

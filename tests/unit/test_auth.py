@@ -2,7 +2,10 @@ import pytest
 
 from spillway.config.schema import KeyConfig
 from spillway.errors import AuthenticationFailed
-from spillway.server.auth import ANONYMOUS, KeyRing, Principal, key_id
+from spillway.pipeline.principal import ANONYMOUS, Principal
+from spillway.secrets import Redactor
+from spillway.server.auth import KeyRing, key_id
+from spillway.server.responses import error_body
 
 KEYS = (
     KeyConfig.model_validate({"key": "team-a-key-123456", "tenant": "team-a"}),
@@ -40,7 +43,7 @@ def test_bad_credentials_fail_without_echoing_the_key(header: str | None, sent: 
     assert error.code == "invalid_api_key"
     if sent is not None:
         assert sent not in str(error)
-        assert sent not in str(error.envelope())
+        assert sent not in str(error_body(error, Redactor([])))
 
 
 def test_missing_header_says_how_to_send_the_key() -> None:

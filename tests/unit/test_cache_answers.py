@@ -1,4 +1,4 @@
-"""What may be stored, and replaying it as JSON or as a faithful SSE stream."""
+"""What may be stored, and replaying it as JSON or as the faithful chunks of a stream."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from typing import Any
 import orjson
 import pytest
 
-from spillway.cache.answers import CachedAnswer, from_reply, from_stream, replay_body, replay_events
-from spillway.wire.sse import SseDecoder
+from spillway.cache.answers import CachedAnswer, from_reply, from_stream, replay_body, replay_chunks
 from spillway.wire.streams import ChunkRelay, Usage
 
 USAGE = Usage(12, 3)
 
 
-def completion(message: dict[str, Any] | None = None, finish: str = "stop", **extra: Any) -> bytes:
+def completion(
+    message: dict[str, Any] | None = None, finish: str = "stop", **extra: Any
+) -> dict[str, Any]:
     choice = {
         "index": 0,
         "message": message or {"role": "assistant", "content": "Paris."},
@@ -30,7 +31,7 @@ def completion(message: dict[str, Any] | None = None, finish: str = "stop", **ex
         "usage": USAGE.as_openai(),
         **extra,
     }
-    return orjson.dumps(body)
+    return body
 
 
 def test_a_plain_answer_is_stored_and_replayed_with_a_fresh_identity() -> None:
@@ -39,7 +40,7 @@ def test_a_plain_answer_is_stored_and_replayed_with_a_fresh_identity() -> None:
     again = CachedAnswer.from_bytes(answer.to_bytes())
     assert again == answer
     replayed = orjson.loads(replay_body(again, now=200.0))
-    assert replayed["choices"] == orjson.loads(completion())["choices"]
+    assert replayed["choices"] == completion()["choices"]
     assert replayed["created"] == 200 and replayed["id"].startswith("chatcmpl-")
     assert replayed["usage"] == USAGE.as_openai()
 
@@ -58,12 +59,12 @@ def test_a_plain_answer_is_stored_and_replayed_with_a_fresh_identity() -> None:
             },
             finish="tool_calls",
         ),
-        orjson.dumps({"error": {"message": "boom"}}),
-        b"not json",
-        orjson.dumps({"choices": []}),
+        {"error": {"message": "boom"}},
+        {"choices": []},
+        {"choices": [completion()["choices"][0]] * 2},
     ],
 )
-def test_unfit_answers_are_not_stored(reply: bytes) -> None:
+def test_unfit_answers_are_not_stored(reply: dict[str, Any]) -> None:
     assert from_reply(reply, USAGE, "p1", now=1.0, tools=False) is None
 
 
@@ -72,7 +73,7 @@ def test_tool_calls_are_stored_when_configured_and_replay_as_deltas() -> None:
     reply = completion({"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls")
     answer = from_reply(reply, USAGE, "p1", now=1.0, tools=True)
     assert answer is not None
-    chunks = _chunks(b"".join(replay_events(answer, now=2.0, include_usage=False)))
+    chunks = [orjson.loads(c) for c in replay_chunks(answer, now=2.0, include_usage=False)]
     assert chunks[1]["choices"][0]["delta"]["tool_calls"] == [{"index": 0, **call}]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -81,9 +82,7 @@ def test_tool_calls_are_stored_when_configured_and_replay_as_deltas() -> None:
 def test_stream_replay_is_well_formed(include_usage: bool) -> None:
     answer = from_reply(completion(), USAGE, "p1", now=1.0, tools=False)
     assert answer is not None
-    raw = b"".join(replay_events(answer, now=2.0, include_usage=include_usage))
-    assert raw.endswith(b"data: [DONE]\n\n")
-    chunks = _chunks(raw)
+    chunks = [orjson.loads(c) for c in replay_chunks(answer, now=2.0, include_usage=include_usage)]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -145,8 +144,3 @@ def test_garbage_entries_read_as_errors_not_answers() -> None:
     for raw in (b"", b"{}", orjson.dumps({"v": 99, "body": {}}), b"\xff"):
         with pytest.raises(ValueError):
             CachedAnswer.from_bytes(raw)
-
-
-def _chunks(raw: bytes) -> list[dict[str, Any]]:
-    events = SseDecoder().feed(raw)
-    return [orjson.loads(e.data) for e in events if not e.is_done]

@@ -96,7 +96,7 @@ def test_budget_admits_until_the_reservations_would_pass_the_limit() -> None:
     first = book.reserve("k", D("0.60"))
     with pytest.raises(InsufficientQuota) as caught:
         book.reserve("k", D("0.60"))
-    assert caught.value.status == 429 and caught.value.error_type == "insufficient_quota"
+    assert caught.value.status == 429 and caught.value.kind == "insufficient_quota"
     book.settle(first, D("0.10"))
     assert book.remaining("k") == D("0.90")
     assert book.reserve("k", D("0.60")) is not None

@@ -26,6 +26,8 @@ from spillway.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from spillway.secrets import Redactor
+from spillway.server.responses import error_body, error_headers
 
 #: One instance of every error class, with the status and OpenAI type it must answer with.
 EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]] = {
@@ -37,6 +39,7 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     ModelNotFound: (lambda: ModelNotFound("x"), 404, "invalid_request_error"),
     AuthenticationFailed: (lambda: AuthenticationFailed("x"), 401, "authentication_error"),
     NoEligibleNode: (lambda: NoEligibleNode("x"), 503, "service_unavailable"),
+    errors.TooManyConnections: (lambda: errors.TooManyConnections("x"), 503, "service_unavailable"),
     PermissionDenied: (lambda: PermissionDenied("x"), 403, "permission_error"),
     QueueFull: (lambda: QueueFull("x", retry_after_s=2), 429, "rate_limit_error"),
     InsufficientQuota: (lambda: InsufficientQuota("x"), 429, "insufficient_quota"),
@@ -73,7 +76,7 @@ def test_every_error_class_has_an_example() -> None:
 def test_envelope_has_exactly_the_openai_fields(cls: type[SpillwayError]) -> None:
     make, status, error_type = EXAMPLES[cls]
     error = make()
-    envelope = error.envelope()
+    envelope = error_body(error, Redactor([]))
     assert list(envelope) == ["error"]
     assert set(envelope["error"]) == {"message", "type", "param", "code"}
     assert envelope["error"]["type"] == error_type
@@ -132,13 +135,13 @@ def test_exhausted_by_timeouts_only_is_a_timeout() -> None:
     )
     assert error.status == 504
     assert error.code == "upstream_timeout"
-    assert error.envelope()["error"]["code"] == "upstream_timeout"
+    assert error_body(error, Redactor([]))["error"]["code"] == "upstream_timeout"
 
 
 def test_rejected_keeps_upstream_status_and_words() -> None:
     error = UpstreamRejected("a", 422, "max_tokens too large", param="max_tokens", code="bad")
     assert error.status == 422
-    assert error.envelope()["error"] == {
+    assert error_body(error, Redactor([]))["error"] == {
         "message": "max_tokens too large",
         "type": "invalid_request_error",
         "param": "max_tokens",
@@ -149,8 +152,8 @@ def test_rejected_keeps_upstream_status_and_words() -> None:
 
 
 def test_no_eligible_node_asks_for_retry_after() -> None:
-    assert NoEligibleNode("x", retry_after_s=7).headers() == {"Retry-After": "7"}
-    assert UpstreamError("a", "x").headers() == {}
+    assert error_headers(NoEligibleNode("x", retry_after_s=7)) == {"Retry-After": "7"}
+    assert error_headers(UpstreamError("a", "x")) == {}
 
 
 def test_config_error_names_the_path() -> None:

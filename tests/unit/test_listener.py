@@ -90,3 +90,26 @@ async def test_over_the_cap_an_idle_connection_makes_room_and_busy_ones_do_not()
             assert (await asyncio.wait_for(reader.readline(), 1)).startswith(b"HTTP/1.1 200")
         for writer in (busy_writer, idle_writer, newer_writer, refused_writer):
             writer.close()
+
+
+@pytest.mark.both_loops
+async def test_a_burst_of_connections_does_not_overshoot_the_cap() -> None:
+    """asyncio's loop may accept a whole backlog in one iteration, before aiohttp lists any
+    of them as connections: the cap counts the ones it made and that are still connecting."""
+
+    async def busy(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(WAIT)
+        return reader, writer
+
+    async with capped(10) as (port, _release):
+        held = await asyncio.gather(*(busy(port) for _ in range(120)))
+        await asyncio.sleep(0.3)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(reader.read(20), 0.5) for reader, _ in held),
+            return_exceptions=True,
+        )
+        refused = sum(a == b"HTTP/1.1 503 Service" for a in answers)
+        for _reader, writer in held:
+            writer.close()
+    assert refused == 110  # the 10 admitted are still waiting for their answer

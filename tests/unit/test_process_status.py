@@ -10,6 +10,7 @@ from spillway.nodes.process_status import (
     ProcessStatus,
     StatusFile,
     describe_exit,
+    killing_signal,
     restart_delay,
 )
 
@@ -57,3 +58,14 @@ def test_describe_says_when_the_next_start_is() -> None:
         "reason": "why",
         "next_start_in_s": 10.0,
     }
+
+
+def test_a_shell_reports_its_childs_signal_as_128_plus_it() -> None:
+    """A ``command`` run through a wrapper script: the shell exits 132 when its server dies
+    by SIGILL, which is still a crash with the rebuild hint, not a configuration error."""
+    assert killing_signal(128 + signal.SIGILL) == signal.SIGILL
+    assert killing_signal(-signal.SIGSEGV) == signal.SIGSEGV
+    assert killing_signal(1) is None and killing_signal(128 + 63) is None
+    short, full = describe_exit(132)
+    assert short == "process killed by SIGILL (exit status 132 from a shell)"
+    assert "CPU instructions" in full

@@ -56,8 +56,8 @@ async def test_a_full_queue_refuses_at_once(clock: ManualClock) -> None:
         await queue.wait(clock.monotonic() + FAR)
     error = caught.value
     assert error.status == 429 and error.code == "queue_full"
-    assert error.envelope()["error"]["type"] == "rate_limit_error"
-    assert error.headers() == {"Retry-After": "3"} and not error.may_fall_back
+    assert error.kind == "rate_limit_error"
+    assert error.retry_after_s == 3 and not error.may_fall_back
     assert "glm-5" in error.message and "2 requests" in error.message
     assert queue.waiting == 2
     queue.notify_all()

@@ -26,7 +26,7 @@ def rejected(raw: bytes) -> InvalidRequest:
     with pytest.raises(InvalidRequest) as info:
         parse_chat(raw)
     assert info.value.status == 400
-    assert info.value.envelope()["error"]["type"] == "invalid_request_error"
+    assert info.value.kind == "invalid_request_error"
     return info.value
 
 

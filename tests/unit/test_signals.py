@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -19,8 +18,8 @@ from spillway.nodes.signals import (
     METRICS_PATH,
     READERS,
     EngineLoad,
+    MetricsSource,
     Reader,
-    fetch_load,
     metrics_url,
     parse_prometheus,
     read_llamacpp,
@@ -293,6 +292,11 @@ class MetricsServer:
         self.release = asyncio.Event()
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._transports: set[int] = set()  # the connections pages were served on
+
+    @property
+    def connections(self) -> int:
+        return len(self._transports)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -316,6 +320,7 @@ class MetricsServer:
             await self._runner.cleanup()
 
     async def _page(self, request: web.Request) -> web.Response:
+        self._transports.add(id(request.transport))
         text = (DATA / f"{request.match_info['name']}.txt").read_text()
         return web.Response(text=text, content_type="text/plain")
 
@@ -353,10 +358,13 @@ async def server() -> AsyncIterator[MetricsServer]:
     await running.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
+async def fetch_load(url: str, engine: str, timeout_s: float) -> EngineLoad | None:
+    """One scrape through a fresh source, closed after."""
+    source = MetricsSource(url)
+    try:
+        return await source.fetch_load(engine, timeout_s)
+    finally:
+        await source.aclose()
 
 
 @pytest.mark.parametrize(
@@ -369,77 +377,76 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
     ],
 )
 async def test_fetch_load_reads_a_served_page(
-    server: MetricsServer,
-    session: aiohttp.ClientSession,
-    page: str,
-    engine: str,
-    expected: EngineLoad,
+    server: MetricsServer, page: str, engine: str, expected: EngineLoad
 ) -> None:
-    assert await fetch_load(session, server.url(f"/page/{page}"), engine, 2.0) == expected
+    assert await fetch_load(server.url(f"/page/{page}"), engine, 2.0) == expected
+
+
+async def test_a_source_keeps_its_connection_between_scrapes(server: MetricsServer) -> None:
+    source = MetricsSource(server.url("/page/vllm_v1?x=1"))
+    for _ in range(3):
+        assert await source.fetch_load("vllm", 2.0) == EngineLoad(7.0, 21.0, 0.375)
+    assert server.connections == 1
+    await source.aclose()
 
 
 @pytest.mark.parametrize("code", [500, 404, 503, 204])
-async def test_fetch_load_non_200_is_none(
-    server: MetricsServer, session: aiohttp.ClientSession, code: int
-) -> None:
-    assert await fetch_load(session, server.url(f"/status/{code}"), "vllm", 2.0) is None
+async def test_fetch_load_non_200_is_none(server: MetricsServer, code: int) -> None:
+    assert await fetch_load(server.url(f"/status/{code}"), "vllm", 2.0) is None
 
 
-async def test_fetch_load_wrong_engine_for_the_page_is_none(
-    server: MetricsServer, session: aiohttp.ClientSession
-) -> None:
-    assert await fetch_load(session, server.url("/page/sglang"), "vllm", 2.0) is None
+async def test_fetch_load_wrong_engine_for_the_page_is_none(server: MetricsServer) -> None:
+    assert await fetch_load(server.url("/page/sglang"), "vllm", 2.0) is None
 
 
 @pytest.mark.parametrize("path", ["/stall", "/stall-body"])
 async def test_fetch_load_stall_is_none_within_the_timeout(
-    server: MetricsServer, session: aiohttp.ClientSession, path: str
+    server: MetricsServer, path: str
 ) -> None:
     timeout_s = 0.3
     start = time.monotonic()
-    assert await fetch_load(session, server.url(path), "vllm", timeout_s) is None
+    assert await fetch_load(server.url(path), "vllm", timeout_s) is None
     assert time.monotonic() - start < timeout_s + 0.2
 
 
-async def test_fetch_load_closed_port_is_none(session: aiohttp.ClientSession) -> None:
+async def test_fetch_load_closed_port_is_none() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     start = time.monotonic()
-    assert await fetch_load(session, f"http://127.0.0.1:{port}/metrics", "vllm", 1.0) is None
+    assert await fetch_load(f"http://127.0.0.1:{port}/metrics", "vllm", 1.0) is None
     assert time.monotonic() - start < 1.2
 
 
-async def test_fetch_load_oversized_or_binary_body_is_none(
-    server: MetricsServer, session: aiohttp.ClientSession
-) -> None:
-    assert await fetch_load(session, server.url("/huge"), "vllm", 5.0) is None
-    assert await fetch_load(session, server.url("/binary"), "vllm", 2.0) is None
+async def test_fetch_load_oversized_or_binary_body_is_none(server: MetricsServer) -> None:
+    assert await fetch_load(server.url("/huge"), "vllm", 5.0) is None
+    assert await fetch_load(server.url("/binary"), "vllm", 2.0) is None
 
 
 @pytest.mark.parametrize("url", ["not a url", "ftp://127.0.0.1/metrics", "http://:0/metrics"])
-async def test_fetch_load_bad_url_is_none(session: aiohttp.ClientSession, url: str) -> None:
-    assert await fetch_load(session, url, "vllm", 1.0) is None
+def test_a_url_the_client_cannot_fetch_is_refused_when_the_source_is_made(url: str) -> None:
+    with pytest.raises(ValueError):
+        MetricsSource(url)
 
 
 @pytest.mark.parametrize("engine", ["none", "tgi"])
 async def test_fetch_load_engine_without_metrics_is_none(
-    server: MetricsServer, session: aiohttp.ClientSession, engine: str
+    server: MetricsServer, engine: str
 ) -> None:
-    assert await fetch_load(session, server.url("/page/vllm_v1"), engine, 2.0) is None
+    assert await fetch_load(server.url("/page/vllm_v1"), engine, 2.0) is None
 
 
-async def test_fetch_load_lets_cancellation_through(
-    server: MetricsServer, session: aiohttp.ClientSession
-) -> None:
-    task = asyncio.create_task(fetch_load(session, server.url("/stall"), "vllm", 5.0))
+async def test_fetch_load_lets_cancellation_through(server: MetricsServer) -> None:
+    source = MetricsSource(server.url("/stall"))
+    task = asyncio.create_task(source.fetch_load("vllm", 5.0))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await source.aclose()
 
 
-async def test_fetch_load_on_a_closed_session_is_none(server: MetricsServer) -> None:
-    client = aiohttp.ClientSession()
-    await client.close()
-    assert await fetch_load(client, server.url("/page/vllm_v1"), "vllm", 1.0) is None
+async def test_fetch_load_on_a_closed_source_is_none(server: MetricsServer) -> None:
+    source = MetricsSource(server.url("/page/vllm_v1"))
+    await source.aclose()
+    assert await source.fetch_load("vllm", 1.0) is None

@@ -2,7 +2,13 @@ from typing import Any
 
 import orjson
 
-from spillway.wire.streams import ChunkRelay, Usage, usage_from
+from spillway.wire.streams import (
+    MAX_FINISH_REASONS,
+    MAX_GATHERED_CHARS,
+    ChunkRelay,
+    Usage,
+    usage_from,
+)
 
 META = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700, "model": "m"}
 
@@ -122,3 +128,20 @@ def test_usage_from_requires_integer_counts() -> None:
     assert usage_from({"completion_tokens": 2}) is None
     assert usage_from({"prompt_tokens": "1", "completion_tokens": 2}) is None
     assert usage_from(None) is None
+
+
+def test_a_long_stream_is_relayed_whole_but_kept_only_up_to_the_cap() -> None:
+    """A node may stream for its whole total_s: the relay forwards everything but keeps at
+    most MAX_GATHERED_CHARS of text (then counts the rest), so memory stays bounded."""
+    relay = ChunkRelay(include_usage=False)
+    piece = "x" * 900_000
+    chunk = orjson.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]})
+    for _ in range(10):
+        assert relay.observe(chunk) == chunk
+    for _ in range(1000):
+        relay.observe(orjson.dumps({"choices": [{"index": 0, "finish_reason": "stop"}]}))
+    assert len(relay.text) <= MAX_GATHERED_CHARS < 10 * len(piece)
+    assert len(relay.text) + relay.overflow_chars == 10 * len(piece)
+    assert len(relay.content) <= MAX_GATHERED_CHARS
+    assert not relay.plain_text  # no longer whole: never cached
+    assert len(relay.finish_reasons) == MAX_FINISH_REASONS

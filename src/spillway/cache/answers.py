@@ -2,8 +2,8 @@
 
 What is stored is always a complete ``chat.completion`` object with its usage, whether the
 answer first came as JSON or as a stream (a stream is assembled from its chunks). A hit is
-replayed as JSON, or as proper SSE chunks when the client asked for a stream: a role chunk,
-the content, the finish chunk, a usage chunk when the client asked for one, then ``[DONE]``.
+replayed as JSON, or as the chunks of a stream when the client asked for one: a role chunk,
+the content, the finish chunk, and a usage chunk when the client asked for one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 
 from spillway.ids import random_hex
-from spillway.wire.sse import DONE_EVENT, encode_json
 from spillway.wire.streams import ChunkRelay, Usage
 
 #: Bumped when the stored layout changes; older entries then read as misses.
@@ -56,15 +55,12 @@ class CachedAnswer:
 
 
 def from_reply(
-    body: bytes, usage: Usage, node: str, now: float, tools: bool
+    data: dict[str, Any], usage: Usage, node: str, now: float, tools: bool
 ) -> CachedAnswer | None:
-    """A complete JSON answer worth storing, or None (an error, a filtered or cut-off
-    choice, several choices, log-probabilities, or tool calls when they are not cached)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or data.get("error"):
+    """A complete JSON answer (as the node client parsed it) worth storing, or None (an
+    error, a filtered or cut-off choice, several choices, log-probabilities, or tool calls
+    when they are not cached)."""
+    if data.get("error"):
         return None
     choices = data.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
@@ -113,8 +109,9 @@ def replay_body(answer: CachedAnswer, now: float) -> bytes:
     return orjson.dumps({**answer.body, **_fresh_identity(now)})
 
 
-def replay_events(answer: CachedAnswer, now: float, include_usage: bool) -> Iterator[bytes]:
-    """The stored answer as the SSE events of a stream, ``[DONE]`` included."""
+def replay_chunks(answer: CachedAnswer, now: float, include_usage: bool) -> Iterator[bytes]:
+    """The stored answer as the chunks of a stream (each a ``chat.completion.chunk`` as JSON;
+    the front door frames them)."""
     head = {
         **_fresh_identity(now),
         "object": "chat.completion.chunk",
@@ -125,11 +122,10 @@ def replay_events(answer: CachedAnswer, now: float, include_usage: bool) -> Iter
     choice = answer.body["choices"][0]
     message = choice.get("message") or {}
     for delta in _deltas(message):
-        yield encode_json({**head, "choices": [_choice(delta, None)]})
-    yield encode_json({**head, "choices": [_choice({}, choice.get("finish_reason"))]})
+        yield orjson.dumps({**head, "choices": [_choice(delta, None)]})
+    yield orjson.dumps({**head, "choices": [_choice({}, choice.get("finish_reason"))]})
     if include_usage:
-        yield encode_json({**head, "choices": [], "usage": answer.usage.as_openai()})
-    yield DONE_EVENT
+        yield orjson.dumps({**head, "choices": [], "usage": answer.usage.as_openai()})
 
 
 def _deltas(message: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -70,7 +70,10 @@ async def _start_managed_nodes(
         supervised[name] = status_path
         logs = config.server.data_dir / "logs"
         status = StatusFile(status_path, clock.monotonic)
-        server = ManagedLlamaServer(name, spec.managed, logs, clock, status_file=status)
+        key = spec.api_key.get_secret_value() if spec.api_key else None
+        server = ManagedLlamaServer(
+            name, spec.managed, logs, clock, status_file=status, api_key=key
+        )
         stack.callback(status_path.unlink, missing_ok=True)
         await server.start()
         stack.push_async_callback(server.aclose)

@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 from pydantic import ValidationError
 
 from spillway.config.defaults import embedded_config
+from spillway.config.proxies import ProxyEnvironment, split_no_proxy, with_environment_proxies
 from spillway.config.schema import Config
 from spillway.errors import ConfigError
 
@@ -48,7 +49,8 @@ def load_config(
     env: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Load ``path`` (or the embedded default when None) and apply ``[server]`` overrides."""
+    """Load ``path`` (or the embedded default when None) and apply ``[server]`` overrides;
+    nodes that set no ``proxy`` get the environment's (``proxy_environment``)."""
     if path is None:
         raw: dict[str, Any] = embedded_config(env)
     else:
@@ -57,7 +59,31 @@ def load_config(
         server = dict(raw.get("server", {}))
         server.update({k: v for k, v in overrides.items() if v is not None})
         raw["server"] = server
-    return validate(raw)
+    return with_environment_proxies(validate(raw), proxy_environment(env))
+
+
+def proxy_environment(env: Mapping[str, str]) -> ProxyEnvironment:
+    """``https_proxy``, ``http_proxy`` and ``no_proxy``, each lower case first, then upper
+    case (as httpx and Python's urllib: a lower-case variable that is set wins even when
+    empty; curl ignores upper-case ``HTTP_PROXY``, spillway does not). Empty means none."""
+    https_var, https = _variable(env, "https_proxy")
+    http_var, http = _variable(env, "http_proxy")
+    _, no_proxy = _variable(env, "no_proxy")
+    return ProxyEnvironment(
+        https=https or None,
+        http=http or None,
+        no_proxy=split_no_proxy(no_proxy),
+        https_var=https_var,
+        http_var=http_var,
+    )
+
+
+def _variable(env: Mapping[str, str], lower: str) -> tuple[str, str]:
+    """The variable's name as found (for messages) and its value ("" when unset)."""
+    if lower in env:
+        return lower, env[lower].strip()
+    upper = lower.upper()
+    return upper, env.get(upper, "").strip()
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -13,8 +13,18 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
+from spillway.config.headers import check_header_name, check_header_value
+from spillway.config.proxies import NO_PROXY, masked_password, parse_proxy_url
 from spillway.prices import LIST_PRICES, Currency
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -304,6 +314,23 @@ class NodeConfig(_Frozen):
     price: PriceConfig | str | None = None
     #: a private node's cost of ownership, for the ledger's private cost
     hardware: HardwareCost | None = None
+    # How spillway reaches the node (docs/configuration.md#proxies-tls-and-headers); every
+    # request to it, metrics scrapes and health probes included, goes this way.
+    #: ``http://[user:password@]host:port``, or "none" for a direct connection whatever the
+    #: environment says; unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY, resolved at load
+    proxy: SecretStr | None = None
+    #: a PEM bundle of the CAs that may sign the node's certificate, instead of the system's
+    ca_file: Path | None = None
+    #: a PEM certificate and its (unencrypted) key, for nodes that require client TLS
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    #: false: no certificate or host name check at all (warned about at start)
+    verify: bool = True
+    #: the header that carries api_key: "Authorization" sends "Bearer KEY", any other
+    #: name ("api-key", "x-api-key") sends the key as the whole value
+    auth_header: str = "Authorization"
+    #: extra headers on every request to the node; values are treated as secrets
+    headers: dict[str, SecretStr] = {}
 
     @field_validator("price")
     @classmethod
@@ -329,6 +356,42 @@ class NodeConfig(_Frozen):
             raise ValueError(f"no such file: {value} (a GGUF model file is expected)")
         return value
 
+    @field_validator("ca_file", "client_cert", "client_key")
+    @classmethod
+    def _pem_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value} (a PEM file is expected)")
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value().strip()
+        if text.lower() == NO_PROXY:
+            return SecretStr(NO_PROXY)
+        parse_proxy_url(text)  # its ValueError never repeats the URL (it may hold a password)
+        return SecretStr(text)
+
+    @field_serializer("proxy", when_used="json")
+    def _show_proxy(self, value: SecretStr | None) -> str | None:
+        """``config check`` shows where the proxy is, with its password masked."""
+        return None if value is None else masked_password(value.get_secret_value())
+
+    @field_validator("auth_header")
+    @classmethod
+    def _auth_header(cls, value: str) -> str:
+        return check_header_name(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, header in value.items():
+            check_header_name(name)
+            check_header_value(name, header.get_secret_value())
+        return value
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: dict[str, str]) -> dict[str, str]:
@@ -347,6 +410,31 @@ class NodeConfig(_Frozen):
             raise ValueError("set base_url or managed, not both (spillway picks a managed port)")
         if self.managed is not None and self.kind != "private":
             raise ValueError("a managed node runs on this machine, so its kind must be 'private'")
+        return self
+
+    @model_validator(mode="after")
+    def _transport(self) -> NodeConfig:
+        tls = self.ca_file or self.client_cert or self.client_key or not self.verify
+        if self.managed is not None and (tls or self.proxy is not None):
+            raise ValueError(
+                "a managed node is spillway's own child on 127.0.0.1 over plain HTTP: it takes "
+                "no proxy, ca_file, client_cert, client_key or verify"
+            )
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: set both or neither")
+        if not self.verify and self.ca_file is not None:
+            raise ValueError("verify = false checks no certificate, so ca_file would be ignored")
+        urls = (self.base_url or "", self.metrics_url or "")
+        if tls and not any(url.startswith("https://") for url in urls):
+            raise ValueError(
+                "ca_file, client_cert, client_key and verify apply to https:// nodes only"
+            )
+        if (
+            self.api_key
+            and self.api_key.get_secret_value()
+            and self.auth_header.lower() in {name.lower() for name in self.headers}
+        ):
+            raise ValueError(f"headers: {self.auth_header} already carries api_key")
         return self
 
 

@@ -12,16 +12,16 @@ what a node can make the gateway hold (headers, body, inflated body), and an exa
 - ``ConnectFailed`` (and ``ConnectTimedOut``): no connection; the node never saw the request.
 - ``ConnectionBroke``: the connection failed once the request was on its way.
 
-A request written to a kept-alive connection that the node had already closed (it idled out,
-or the node restarted) fails at once, before one byte of answer: the pool sends it again, once,
-on a fresh connection (``pool.STALE_WITHIN_S`` says how soon "at once" is, and why a later
-failure is never resent).
+A POST, once written, is never written again on another connection: the node may have read
+it before the connection failed (``pool.Pool.request`` says why, and how stale connections
+are left out before the write instead).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -70,9 +70,6 @@ class ConnectionBroke(H1Error):
         super().__init__(reason)
         #: whether any byte of the answer had arrived
         self.answered = answered
-        #: closed with no answer so soon after the write that the node cannot have taken the
-        #: request (set by the pool; see ``pool.STALE_WITHIN_S``)
-        self.refused = False
 
 
 class AnswerTooLarge(H1Error):
@@ -257,9 +254,14 @@ class Response:
             self._conn.close()
             self._wake()
 
-    def _connection_lost(self, exc: Exception | None) -> None:
+    def _connection_lost(self, exc: Exception | None, fresh: bool) -> None:
         if self._until_eof and self.status and exc is None:  # a clean close ends such a body
             self._complete()
+        elif fresh and not self.answered and isinstance(exc, ssl.SSLError):
+            # A TLS 1.3 server checks the client's certificate after the client has finished
+            # its handshake, so a refusal (no or a wrong certificate) arrives as an alert after
+            # our write. The node's TLS layer dropped the request: it never reached the node.
+            self._fail(ConnectFailed(f"TLS: {exc.reason or type(exc).__name__}"))
         else:
             self._fail(ConnectionBroke("connection closed by the node", answered=self.answered))
 
@@ -311,8 +313,8 @@ class Connection(asyncio.Protocol):
     async def exchange(self, data: bytes, max_body: int) -> Response:
         """Send one request; return once the answer's status and headers are in. The answer
         may hold at most ``max_body`` bytes of body (see ``Response``)."""
-        if not self.usable:  # closed by the node between our taking it and this write
-            raise ConnectionBroke("connection closed by the node", answered=False)
+        if not self.usable:  # closed between our taking it and this write: nothing was sent
+            raise ConnectFailed("connection closed before the request was sent")
         assert self.transport is not None
         response = self.current = Response(self, max_body)
         self._head_bytes = self._parsed_head_bytes = 0
@@ -377,7 +379,7 @@ class Connection(asyncio.Protocol):
         self._pool.discount(self)
         exchange, self.current = self.current, None
         if exchange is not None:
-            exchange._connection_lost(exc)
+            exchange._connection_lost(exc, fresh=not self.used)
 
     # --- httptools callbacks -----------------------------------------------------------------
 

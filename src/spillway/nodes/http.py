@@ -2,7 +2,8 @@
 
 This module is the boundary where the HTTP client's errors, OSError and asyncio timeouts
 become spillway errors; nothing above it sees a library exception. One keep-alive pool per
-node (``h1.Pool``, with TCP_NODELAY), and the node's API key kept in the pool's headers only.
+node (``pool.Pool``, with TCP_NODELAY), reached the node's way (``transport.Transport``:
+proxy, TLS, headers), and the node's API key kept in the pool's headers only.
 """
 
 from __future__ import annotations
@@ -23,15 +24,9 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
-from spillway.nodes.h1 import (
-    AnswerTooLarge,
-    ConnectFailed,
-    ConnectionBroke,
-    ConnectTimedOut,
-    H1Error,
-    Response,
-)
+from spillway.nodes.h1 import AnswerTooLarge, ConnectFailed, ConnectTimedOut, H1Error, Response
 from spillway.nodes.pool import Pool
+from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
 from spillway.wire.sse import SseDecoder, SseEvent, SseTooLarge
 
@@ -57,23 +52,23 @@ class HttpNode:
         self,
         name: str,
         base_url: str,
-        api_key: str | None,
+        transport: Transport | None,
         max_connections: int,
         *,
         max_response_bytes: int,
     ):
         self.name = name
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        # A node may echo its key in an error ("invalid key sk-…"): scrub it right here, at
-        # the boundary, so no message built from the node's words can carry it further.
-        self._redactor = Redactor([api_key] if api_key else [])
+        transport = transport or Transport()
+        # A node may echo its key in an error ("invalid key sk-…"), a proxy its credentials:
+        # scrub them right here, at the boundary, so no message built from the node's words
+        # can carry them further.
+        self._redactor = Redactor(transport.secrets)
         self._pool = Pool(
             base_url,
-            headers=headers,
+            headers={"Content-Type": "application/json"},
             max_connections=max_connections,
             max_body_bytes=max_response_bytes,
+            transport=transport,
         )
 
     async def chat(self, body: bytes, timeouts: Timeouts) -> Reply:
@@ -153,6 +148,12 @@ class HttpNode:
 
     def _raise_for(self, resp: Response, payload: bytes) -> NoReturn:
         status = resp.status
+        if status == 407 and self._pool.proxied:  # the proxy's answer: the node saw nothing
+            raise UpstreamConnectError(
+                self.name,
+                "proxy refused the request: HTTP 407 Proxy Authentication Required",
+                delivered=False,
+            )
         error = _error_fields(payload)
         if error.get("message"):
             message = self._words(str(error["message"]), MAX_MESSAGE_CHARS)
@@ -186,10 +187,6 @@ class HttpNode:
             # The reason names only the kind of failure, never the node's address.
             raise UpstreamConnectError(
                 self.name, f"cannot connect ({exc.reason})", delivered=False
-            ) from None
-        if isinstance(exc, ConnectionBroke) and exc.refused:
-            raise UpstreamConnectError(
-                self.name, "connection closed before any answer", delivered=False
             ) from None
         if isinstance(exc, AnswerTooLarge):
             raise UpstreamBadAnswer(

@@ -24,16 +24,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-import aiohttp
+import orjson
 
 from spillway.clock import Clock
 from spillway.config.schema import ManagedNode
 from spillway.errors import StartupError
+from spillway.nodes.h1 import H1Error
+from spillway.nodes.pool import Pool
 from spillway.nodes.process_status import (
     STABLE_S,
     ProcessStatus,
     StatusFile,
     describe_exit,
+    killing_signal,
     restart_delay,
 )
 
@@ -43,6 +46,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PR_SET_PDEATHSIG = 1
 #: How long one readiness request may take (the first generation also loads the model).
 _PROBE_TIMEOUT_S = 30.0
+_ANSWERS_TIMEOUT_S = 2.0
+#: A readiness answer is a model list or one token: far less than this.
+_PROBE_BODY_BYTES = 1024 * 1024
 
 
 class NodeStartError(StartupError):
@@ -101,7 +107,10 @@ class ManagedLlamaServer:
         clock: Clock,
         python: str = sys.executable,
         status_file: StatusFile | None = None,
+        api_key: str | None = None,
     ):
+        """``api_key``: the node's key, for its readiness checks (a server started with one,
+        say llama-server's ``--api-key``, refuses a chat without it)."""
         self.name = name
         self.spec = spec
         self.model_path = resolve_model_path(spec)
@@ -115,6 +124,9 @@ class ManagedLlamaServer:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._serving_since: float | None = None
+        self._probe_headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._probe_headers["Authorization"] = f"Bearer {api_key}"
 
     @property
     def base_url(self) -> str:
@@ -176,7 +188,7 @@ class ManagedLlamaServer:
         try:
             await self._spawn_until_ready()
         except NodeCrashed as crash:
-            if crash.code >= 0:
+            if killing_signal(crash.code) is None:
                 raise NodeStartError(
                     f"node '{self.name}': {crash.reason} while starting; see {self._log_path}:\n"
                     + self._log_tail()
@@ -196,8 +208,7 @@ class ManagedLlamaServer:
     async def _watch(self) -> None:
         while not self._stopping:
             if self._status.serving:
-                assert self._proc is not None
-                code = await self._proc.wait()
+                code = await self._exit_code()
                 if self._stopping:
                     return
                 self._crashed(*describe_exit(code))
@@ -211,6 +222,17 @@ class ManagedLlamaServer:
                 self._crashed(crash.summary, crash.reason)
             except (NodeStartError, OSError) as exc:
                 self._crashed("process could not be started", str(exc))
+
+    async def _exit_code(self) -> int:
+        """Wait for the serving process to end. Once it has served STABLE_S, the crash series
+        is over: reported as 0 from then on, not only at the next crash."""
+        assert self._proc is not None
+        ended = asyncio.ensure_future(self._proc.wait())
+        if self._status.crashes:
+            done, _ = await asyncio.wait({ended}, timeout=STABLE_S)
+            if not done:
+                self._set(crashes=0)
+        return await ended
 
     def _crashed(self, summary: str, reason: str) -> None:
         """Count the crash (a run shorter than STABLE_S continues the series) and log it."""
@@ -228,17 +250,25 @@ class ManagedLlamaServer:
         await self._terminate()  # a half-started process from an earlier attempt
         await self._spawn()
         deadline = self._clock.monotonic() + self.spec.start_timeout_s
-        async with aiohttp.ClientSession() as session:
+        # The node's own client: a plain loopback connection (a managed node takes no proxy,
+        # TLS or headers), the same HTTP stack as every other call to a node.
+        pool = Pool(
+            self.base_url,
+            headers=self._probe_headers,
+            max_connections=1,
+            max_body_bytes=_PROBE_BODY_BYTES,
+        )
+        try:
             while self._clock.monotonic() < deadline:
                 self._raise_if_exited()
-                if await _answers(session, self.base_url + "/models") and await _generates(
-                    session, self.base_url, self.spec.model_alias
-                ):
+                if await _answers(pool) and await _generates(pool, self.spec.model_alias):
                     self._serving_since = self._clock.monotonic()
                     self._set(state="running", summary=None, reason=None, retry_at=None)
                     log.info("node %s ready on port %d (pid %s)", self.name, self.port, self.pid)
                     return
                 await self._clock.sleep(0.1)
+        finally:
+            await pool.aclose()
         await self._terminate()
         raise NodeStartError(
             f"node '{self.name}' did not generate a token within "
@@ -251,10 +281,18 @@ class ManagedLlamaServer:
         raise NodeCrashed(self._proc.returncode)
 
     async def _spawn(self) -> None:
+        argv = self.command()
         log_file: IO[bytes] = self._log_path.open("ab")
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.command(),
+            self._proc = await self._exec(argv, log_file)
+        finally:
+            log_file.close()
+        self._set(pid=self._proc.pid)
+
+    async def _exec(self, argv: list[str], log_file: IO[bytes]) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -263,9 +301,10 @@ class ManagedLlamaServer:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        finally:
-            log_file.close()
-        self._set(pid=self._proc.pid)
+        except OSError as exc:  # not found, not executable: configuration, not a crash
+            raise NodeStartError(
+                f"node '{self.name}': cannot run {argv[0]!r}: {exc.strerror or exc}"
+            ) from None
 
     async def _terminate(self) -> None:
         proc = self._proc
@@ -294,15 +333,11 @@ class ManagedLlamaServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            return resp.status == 200
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return False
+async def _answers(pool: Pool) -> bool:
+    return await _ask(pool, "GET", "/models", None, _ANSWERS_TIMEOUT_S) is not None
 
 
-async def _generates(session: aiohttp.ClientSession, base_url: str, model: str) -> bool:
+async def _generates(pool: Pool, model: str) -> bool:
     """One token of a chat completion: the path real requests take through the engine."""
     body = {
         "model": model,
@@ -310,9 +345,23 @@ async def _generates(session: aiohttp.ClientSession, base_url: str, model: str) 
         "max_tokens": 1,
         "temperature": 0,
     }
-    timeout = aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)
+    payload = await _ask(pool, "POST", "/chat/completions", orjson.dumps(body), _PROBE_TIMEOUT_S)
     try:
-        async with session.post(base_url + "/chat/completions", json=body, timeout=timeout) as r:
-            return r.status == 200 and bool((await r.json()).get("choices"))
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+        answer = orjson.loads(payload) if payload is not None else None
+    except orjson.JSONDecodeError:
         return False
+    return isinstance(answer, dict) and bool(answer.get("choices"))
+
+
+async def _ask(
+    pool: Pool, method: str, path: str, body: bytes | None, timeout_s: float
+) -> bytes | None:
+    """The body of a 200 answer within ``timeout_s``; None for anything else."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            resp = await pool.request(method, path, body, connect_timeout_s=timeout_s)
+            payload = await resp.read()
+    # A server still starting refuses, resets or stalls: all mean "not ready yet".
+    except (H1Error, OSError, TimeoutError):
+        return None
+    return payload if resp.status == 200 else None

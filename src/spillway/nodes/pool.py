@@ -1,4 +1,10 @@
-"""A keep-alive pool of HTTP/1.1 connections to one node (see ``spillway.nodes.h1``)."""
+"""A keep-alive pool of HTTP/1.1 connections to one node (see ``spillway.nodes.h1``).
+
+Connections go straight to the node, or through the node's HTTP proxy (``transport.Proxy``):
+an https:// node through a CONNECT tunnel (``tunnel.py``), an http:// one with absolute-form
+request targets. Which way, the TLS context and the header block are settled once, when the
+pool is made; a request's path through the pool is the same either way.
+"""
 
 from __future__ import annotations
 
@@ -12,34 +18,30 @@ import aiohappyeyeballs
 from yarl import URL
 
 from spillway.nodes.h1 import ConnectFailed, Connection, ConnectionBroke, ConnectTimedOut, Response
+from spillway.nodes.transport import Transport
+from spillway.nodes.tunnel import open_tunnel
 
-#: A connection that fails this soon after a request was written to it, before any answer,
-#: was closed under the request: a kept-alive one the node had closed (idle timeout,
-#: restart), or a new one the node accepted while going down. The node cannot have taken
-#: the request: on a kept-alive connection it is sent again on a fresh one, and either way
-#: the failure counts as never delivered. Later than this, the node may have been working
-#: on it (a generation sends nothing until it ends): never resent, and delivered.
-STALE_WITHIN_S = 0.5
-
-
-async def _send(conn: Connection, data: bytes, max_body: int) -> Response:
-    """``conn.exchange``, marking a failure that came with no answer within STALE_WITHIN_S."""
-    loop = asyncio.get_running_loop()
-    sent = loop.time()
-    try:
-        return await conn.exchange(data, max_body)
-    except ConnectionBroke as exc:
-        exc.refused = not exc.answered and loop.time() - sent <= STALE_WITHIN_S
-        raise
+#: A kept-alive connection idle longer than this is closed, not reused. A request written to
+#: a connection the node is closing at that moment may have been read, or not; spillway
+#: cannot tell, so it never sends it again (see ``Pool.request``) and the attempt fails.
+#: Reusing only connections idle less than the usual server keep-alive timeouts keeps that
+#: race rare: uvicorn (vLLM, SGLang, llama-cpp-python) closes after 5 s, nginx 75 s, Node
+#: 5 s. A server that closes sooner (gunicorn's default is 2 s) has its FIN here long before
+#: the next request takes the connection, and a closed connection is never taken.
+KEEPALIVE_IDLE_S = 4.0
+#: Only these methods are sent again, once, on a fresh connection when a kept-alive one broke
+#: with no answer: they change nothing on the node (probes, metrics scrapes).
+RESENDABLE = frozenset({"GET", "HEAD"})
 
 
 class Pool:
     """Kept-alive connections to one node (``base_url`` such as ``http://10.0.0.5:8000/v1``).
 
     At most ``max_connections`` are open; a request beyond that waits for one, within its
-    connect timeout. Idle connections are reused newest first and closed after ``idle_s``.
-    ``headers`` go on every request (the node's key among them: never logged here). An
-    answer may hold at most ``max_body_bytes`` of body at once (``h1.Response``).
+    connect timeout. Idle connections are reused newest first and closed once idle for
+    ``idle_s``. The ``transport``'s headers, then ``headers``, go on every request (the
+    node's key among them: never logged here). An answer may hold at most
+    ``max_body_bytes`` of body at once (``h1.Response``).
     """
 
     def __init__(
@@ -49,25 +51,36 @@ class Pool:
         headers: Mapping[str, str],
         max_connections: int,
         max_body_bytes: int,
-        idle_s: float = 15.0,
+        idle_s: float = KEEPALIVE_IDLE_S,
+        transport: Transport | None = None,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.raw_host:
             raise ValueError(f"node URL must be http(s)://host[:port]/path, not {url.scheme}://")
         if url.raw_user or url.raw_password or url.raw_query_string or url.raw_fragment:
             raise ValueError("node URL must not carry user:password@, a ?query or a #fragment")
+        transport = transport or Transport()
+        https = url.scheme == "https"
         self._host = url.raw_host
-        self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self._prefix = url.raw_path.rstrip("/")
-        fixed = {
-            "Host": url.host_port_subcomponent or self._host,
-            "User-Agent": "spillway",
-            "Accept-Encoding": "identity",
-            **headers,
-        }
-        if any(c in item for pair in fixed.items() for item in pair for c in "\r\n"):
-            raise ValueError("a node header name or value contains a line break")
+        self._port = url.port or (443 if https else 80)
+        self._ssl = transport.ssl_context() if https else None
+        proxy = transport.proxy
+        self._dial = (proxy.host, proxy.port) if proxy else (self._host, self._port)
+        self._proxied = proxy is not None
+        self._tunnel = proxy if proxy is not None and https else None
+        host_port = url.host_port_subcomponent or self._host
+        # Through a proxy, an http:// request names the whole URL (absolute form).
+        origin = f"http://{host_port}" if proxy is not None and not https else ""
+        self._prefix = origin + url.raw_path.rstrip("/")
+        fixed = _merged(
+            {"Host": host_port, "User-Agent": "spillway", "Accept-Encoding": "identity"},
+            transport.headers,
+            headers,
+        )
+        if origin and proxy is not None and proxy.authorization is not None:
+            fixed["Proxy-Authorization"] = proxy.authorization
+        if any(c in item for pair in fixed.items() for item in pair for c in "\r\n\0"):
+            raise ValueError("a node header name or value contains a line break or NUL")
         try:  # encoded once; the message never echoes the value (it may be the node's key)
             self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         except UnicodeEncodeError:
@@ -84,20 +97,32 @@ class Pool:
         self._all: set[Connection] = set()
         self._closed = False
 
+    @property
+    def proxied(self) -> bool:
+        """Whether requests go through a proxy (whose 407 is then not the node's)."""
+        return self._proxied
+
     async def request(
         self, method: str, path: str, body: bytes | None, *, connect_timeout_s: float
     ) -> Response:
-        """Send one request; return once the answer's status and headers are in."""
+        """Send one request; return once the answer's status and headers are in.
+
+        A request is written once. If its connection then fails with no answer, the node may
+        have read it and be working on it (a node that crashes or restarts closes its
+        connections with requests in them), so a POST is never sent again here: sent twice,
+        a generation could run twice. Stale connections are caught before the write instead
+        (``_take_idle``). Only a GET or HEAD on a kept-alive connection goes once more, on a
+        fresh connection.
+        """
         data = self._encode(method, path, body)
         conn = await self._acquire(connect_timeout_s)
         try:
-            return await _send(conn, data, self._max_body)
+            return await conn.exchange(data, self._max_body)
         except ConnectionBroke as exc:
-            if not (conn.used and exc.refused):
+            if exc.answered or not conn.used or method not in RESENDABLE:
                 raise
-        # The kept-alive connection had gone stale: once more on a fresh one.
         fresh = await self._acquire(connect_timeout_s, fresh=True)
-        return await _send(fresh, data, self._max_body)
+        return await fresh.exchange(data, self._max_body)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -133,8 +158,10 @@ class Pool:
             if isinstance(exc, TimeoutError):
                 raise ConnectTimedOut("every connection to the node stayed busy") from None
             raise
-        if handed is not None and fresh:  # take over its slot, but not the socket
-            handed.counted = False
+        if handed is not None and (fresh or not handed.usable):
+            if not handed.counted:  # it closed after being handed over, and freed its slot
+                return await self._acquire(timeout_s, fresh=fresh)
+            handed.counted = False  # take over its slot, but not the socket
             self._all.discard(handed)
             handed.close()
             handed = None
@@ -165,19 +192,20 @@ class Pool:
             if isinstance(exc, TimeoutError):
                 raise ConnectTimedOut(f"no connection within {timeout_s:g} s") from None
             if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (SSLError is one)
-                raise ConnectFailed(type(exc).__name__) from None
+                raise ConnectFailed(failure_reason(exc)) from None
             raise
         self._all.add(made)
         return made
 
     async def _open_socket(self, made: Connection) -> None:
-        """Happy eyeballs (RFC 8305) over the node's addresses, as aiohttp's connector does:
-        with a dead IPv6 route, IPv4 is tried after 0.25 s instead of after the timeout."""
+        """A socket to the node or its proxy, the CONNECT tunnel through a proxy to an
+        https:// node, then TLS (SNI: the node's host name) when the node is https://."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
-        sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25)
+        sock = await self._dial_socket(loop)
         hostname = self._host if self._ssl is not None else None
         try:
+            if self._tunnel is not None:
+                await open_tunnel(sock, self._tunnel, self._host, self._port)
             await loop.create_connection(
                 lambda: made, sock=sock, ssl=self._ssl, server_hostname=hostname
             )
@@ -185,7 +213,20 @@ class Pool:
             sock.close()
             raise
 
+    async def _dial_socket(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """Happy eyeballs (RFC 8305) over the addresses, as aiohttp's connector does: with a
+        dead IPv6 route, IPv4 is tried after 0.25 s instead of after the timeout."""
+        host, port = self._dial
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25)
+        except OSError as exc:
+            if not self._proxied:
+                raise
+            raise ConnectFailed(f"proxy: {type(exc).__name__}") from None
+
     def _take_idle(self) -> Connection | None:
+        """The newest idle connection that is still open and idle less than ``idle_s``."""
         if not self._idle:
             return None
         expired = asyncio.get_running_loop().time() - self._idle_s
@@ -231,3 +272,25 @@ class Pool:
                 self._open += 1
                 waiter.set_result(None)  # no connection, but a slot to open one in
                 return
+
+
+def _merged(*layers: Mapping[str, str]) -> dict[str, str]:
+    """Headers from each layer in turn, a later one replacing an earlier one of the same name
+    in any case (a node's ``User-Agent`` replaces spillway's)."""
+    merged: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        merged.update({name.lower(): (name, value) for name, value in layer.items()})
+    return dict(merged.values())
+
+
+def failure_reason(exc: OSError) -> str:
+    """Why a connection could not be made, in words fit for a client: a TLS failure says
+    what was wrong with the certificate (never the host name it was checked against)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or exc.reason or "certificate verify failed"
+        if "mismatch" in message.lower():
+            message = "the certificate is not valid for the node's host name"
+        return f"TLS: {message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or type(exc).__name__}"
+    return type(exc).__name__

@@ -47,18 +47,31 @@ SIGNAL_MEANINGS: dict[int, str] = {
 }
 
 
+def killing_signal(code: int) -> int | None:
+    """The signal that ended a process, from its returncode: negative when it was killed
+    directly, 128 + the signal when a shell in between (a ``command`` wrapper script) reported
+    its child's death; None when it exited on its own."""
+    if code < 0:
+        return -code
+    if 128 < code < 160 and code - 128 in SIGNAL_MEANINGS:
+        return code - 128
+    return None
+
+
 def describe_exit(code: int) -> tuple[str, str]:
     """A returncode in words: (short, with its likely meaning), the short one for clients:
     "process killed by SIGILL"."""
-    if code >= 0:
+    number = killing_signal(code)
+    if number is None:
         short = f"process exited with status {code}"
         return short, short
-    number = -code
     try:
         name = signal.Signals(number).name
     except ValueError:
         name = f"signal {number}"
     short = f"process killed by {name}"
+    if code > 0:
+        short += f" (exit status {code} from a shell)"
     meaning = SIGNAL_MEANINGS.get(number)
     return short, f"{short}: {meaning}" if meaning else short
 

@@ -2,8 +2,10 @@
 
 A node names its engine in ``load_signal``; one reader per engine, dispatched by ``READERS``,
 turns the parsed page into requests waiting, requests running and KV-cache use. All of it is
-pure except ``fetch_load``, the one network call, which answers ``None`` instead of raising:
-a missing load signal must never fail a request.
+pure except ``MetricsSource.fetch_load``, the one network call, which answers ``None``
+instead of raising: a missing load signal must never fail a request. It goes through the
+node's own transport (proxy, TLS, headers), on a small pool of its own, since a metrics URL
+may name another host or port than the node's ``base_url``.
 
 Sources sit next to each reader. vLLM (V0, V1), SGLang and llama.cpp: names, labels and paths
 read in each engine's source. MindIE: names and endpoint from Huawei's documentation and
@@ -21,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
+from spillway.nodes.pool import Pool
+from spillway.nodes.transport import Transport
 
 #: Larger is not a metrics page (vLLM's is ~100 kB); the cap also bounds parsing (~0.1 s).
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -217,34 +220,47 @@ def metrics_url(base_url: str, engine: str, *, port: int | None = None) -> str:
     return urlunsplit((parts.scheme, netloc, path + METRICS_PATH[engine], "", ""))
 
 
-async def fetch_load(
-    session: aiohttp.ClientSession, url: str, engine: str, timeout_s: float
-) -> EngineLoad | None:
-    """Scrape ``url`` and read it as ``engine``; ``None`` when there is no usable signal.
+class MetricsSource:
+    """One node's metrics page, fetched through the node's transport on one kept-alive
+    connection of its own (a scrape every second or so reuses it)."""
 
-    Network errors, timeouts, a status other than 200, an oversized or unreadable page and
-    unknown engines all give ``None``. The whole call, connect to last byte, is bounded by
-    ``timeout_s``. Cancellation still propagates.
-    """
-    reader = READERS.get(engine)
-    if reader is None or engine not in METRICS_PATH:
-        return None
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async with session.get(
-                url,
-                headers={"Accept": "text/plain;version=0.0.4"},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_BODY_BYTES:
-                        return None
-    # The one boundary where a scrape's failures end: whatever the library, the URL or the
-    # engine did wrong, the router only needs to know that there is no signal this time.
-    except Exception:
-        return None
-    return reader(parse_prometheus(body.decode("utf-8", errors="replace")))
+    def __init__(self, url: str, transport: Transport | None = None) -> None:
+        """``ValueError`` for a URL the client cannot fetch (not http(s), user:password@)."""
+        parts = urlsplit(url)
+        origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self.url = url
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._pool = Pool(
+            origin,
+            headers={"Accept": "text/plain;version=0.0.4"},
+            max_connections=1,
+            max_body_bytes=MAX_BODY_BYTES,
+            transport=transport,
+        )
+
+    async def fetch_load(self, engine: str, timeout_s: float) -> EngineLoad | None:
+        """Scrape the page and read it as ``engine``; ``None`` when there is no usable signal.
+
+        Network errors, timeouts, a status other than 200, an oversized or unreadable page and
+        unknown engines all give ``None``. The whole call, connect to last byte, is bounded by
+        ``timeout_s``. Cancellation still propagates.
+        """
+        reader = READERS.get(engine)
+        if reader is None or engine not in METRICS_PATH:
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await self._pool.request(
+                    "GET", self._target, None, connect_timeout_s=timeout_s
+                )
+                body = await resp.read()
+        # The one boundary where a scrape's failures end: whatever the network, the proxy or
+        # the engine did wrong, the router only needs to know that there is no signal now.
+        except Exception:
+            return None
+        if resp.status != 200:
+            return None
+        return reader(parse_prometheus(body.decode("utf-8", errors="replace")))
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()

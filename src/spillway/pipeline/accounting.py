@@ -23,8 +23,8 @@ from spillway.ledger.costing import Charge, Costing
 from spillway.ledger.records import LedgerRecord, Status
 from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.tokens import EstimatingCounter, TokenCounter, most_prompt_tokens
-from spillway.routing.router import NodeHandle, Router
-from spillway.server.auth import Principal
+from spillway.pipeline.principal import Principal
+from spillway.routing.router import NodeHandle
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.streams import Usage
 
@@ -33,7 +33,8 @@ log = logging.getLogger("spillway.ledger")
 
 @dataclass
 class Tally:
-    """What accounting learns about one request as it goes."""
+    """What accounting learns about one request as it goes. The pipeline tells it through
+    these methods; only this module sets its fields."""
 
     request_id: str
     principal: Principal
@@ -45,8 +46,9 @@ class Tally:
     ttft_ms: int | None = None
     usage: Usage | None = None
     usage_estimated: bool = False
-    #: counts usage with a token counter when the node reported none (run by ``count_tokens``)
-    count_later: Callable[[TokenCounter], Usage] | None = None
+    #: the one count of an answer's tokens when the node reported none (``count_later``):
+    #: the ledger record and the cache both wait for it
+    counting: asyncio.Task[tuple[Usage, bool]] | None = None
     status: Status = "ok"
     error_code: str | None = None
     reservation: Reservation | None = None
@@ -55,22 +57,38 @@ class Tally:
     #: set when the answer came from the cache (a hit, or an identical request's answer)
     from_cache: CachedAnswer | None = None
 
+    def asked_for(self, model: str) -> None:
+        self.model = model
+
     def answered_by(self, handle: NodeHandle, model: str) -> None:
         self.handle = handle
         self.upstream_model = handle.models.get(model)
+
+    def replayed(self, answer: CachedAnswer) -> None:
+        """The answer came from the cache (a hit, or an identical request's answer)."""
+        self.from_cache = answer
+
+    def first_token_at(self, now: float) -> None:
+        self.ttft_ms = int(1000 * (now - self.started))
+
+    def used(self, usage: Usage | None, estimated: bool = False) -> None:
+        self.usage, self.usage_estimated = usage, estimated
+
+    def ended(self, status: Status, error_code: str | None = None) -> None:
+        """How the request ended, as far as is known now (a stream is ``incomplete`` until
+        it ends well)."""
+        self.status, self.error_code = status, error_code
 
 
 class Accountant:
     def __init__(
         self,
-        router: Router,
         costing: Costing,
         budgets: Budgets,
         writer: LedgerWriter | None,
         clock: Clock,
         max_output_tokens: int,
     ):
-        self._router = router
         self._costing = costing
         self._budgets = budgets
         self._writer = writer
@@ -86,16 +104,21 @@ class Accountant:
             return Tally(request_id, principal, now, at)
         return Tally(ids.request_id(), principal, now, at, client_request_id=request_id)
 
-    def reserve(self, tally: Tally, request: ChatRequest | EmbeddingsRequest) -> None:
+    def reserve(
+        self,
+        tally: Tally,
+        request: ChatRequest | EmbeddingsRequest,
+        handles: list[NodeHandle],
+    ) -> None:
         """Hold the most this request can cost against its key's budget (429 if it can't).
 
         The most, not a guess: a worst case any node that bills honestly for the body it is
         sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
         """
-        model = tally.model = request.model
+        model = request.model
+        tally.asked_for(model)
         if self._budgets.remaining(tally.principal.key_id) is None:
             return
-        handles = self._router.eligible(model, tally.principal.private_only)
         prompts = _most_prompt_tokens(request, {h.models[model] for h in handles})
         output = self._most_output_tokens(request)
         worst = max(
@@ -111,13 +134,23 @@ class Accountant:
         choices: int = request.body.get("n") or 1
         return (request.max_tokens or self._max_output_tokens) * choices
 
+    def count_later(
+        self, tally: Tally, count: Callable[[TokenCounter], Usage]
+    ) -> asyncio.Task[tuple[Usage, bool]]:
+        """Count the tokens of an answer whose node reported none, in a worker thread, once:
+        the ledger record and the cache wait for the same count."""
+        if tally.counting is None:
+            assert tally.handle is not None
+            tally.counting = asyncio.create_task(count_tokens(tally.handle, count))
+        return tally.counting
+
     def close(self, tally: Tally) -> None:
         """The request is over: write its record now, or once its tokens are counted."""
         tally.latency_ms = int(1000 * (self._clock.monotonic() - tally.started))
-        if tally.count_later is None:
+        if tally.usage is not None or tally.counting is None:
             self._write(tally)
             return
-        task = asyncio.create_task(self._count_then_write(tally))
+        task = asyncio.create_task(self._count_then_write(tally, tally.counting))
         self._later.add(task)
         task.add_done_callback(self._later.discard)
 
@@ -126,9 +159,10 @@ class Accountant:
         if self._later:
             await asyncio.gather(*self._later, return_exceptions=True)
 
-    async def _count_then_write(self, tally: Tally) -> None:
-        assert tally.count_later is not None and tally.handle is not None
-        tally.usage, tally.usage_estimated = await count_tokens(tally.handle, tally.count_later)
+    async def _count_then_write(
+        self, tally: Tally, counting: asyncio.Task[tuple[Usage, bool]]
+    ) -> None:
+        tally.used(*await counting)
         self._write(tally)
 
     def _write(self, tally: Tally) -> None:

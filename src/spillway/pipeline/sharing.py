@@ -1,71 +1,23 @@
-"""Answering from the cache, and handing fresh answers to it (and to merged followers)."""
+"""A cache miss's duty: store its answer if it is worth keeping and, as the leader of
+identical requests in flight, hand that answer to them."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
-from aiohttp import web
-
-from spillway.cache.answers import CachedAnswer, replay_body, replay_events
-from spillway.cache.service import Hit, Probe, ResponseCache
+from spillway.cache.answers import CachedAnswer
+from spillway.cache.service import Probe, ResponseCache
 from spillway.cache.vectors import Vector
-from spillway.nodes.tokens import TokenCounter
-from spillway.routing.router import NodeHandle
-from spillway.server.accounting import count_tokens
-from spillway.server.streaming import SSE_HEADERS
-from spillway.wire.requests import ChatRequest
 from spillway.wire.streams import Usage
 
-#: Response header: hit-exact, hit-semantic, miss or bypass.
-CACHE_HEADER = "x-spillway-cache"
-#: Response header: why the cache did less than the request asked (bypassed, or exact
-#: lookups where semantic ones were asked for). Absent when it did what was asked.
-CACHE_NOTE_HEADER = "x-spillway-cache-note"
-#: Response header on an answer shared from an identical request already in flight.
-MERGED_HEADER = "x-spillway-merged"
-
-
-def cache_headers(status: str, note: str) -> dict[str, str]:
-    """``x-spillway-cache``, and the note saying why the cache did less than asked."""
-    return {CACHE_HEADER: status, CACHE_NOTE_HEADER: note} if note else {CACHE_HEADER: status}
-
-
-async def replay(
-    request: web.Request,
-    hit: Hit,
-    chat: ChatRequest,
-    request_id: str,
-    now: float,
-    note: str,
-    merged: bool,
-) -> web.StreamResponse:
-    """The cached answer as JSON, or as a complete SSE stream when the client asked for one."""
-    headers = {
-        **cache_headers(f"hit-{hit.kind}", note),
-        "x-spillway-source": "cache",
-        "x-request-id": request_id,
-    }
-    if merged:
-        headers[MERGED_HEADER] = "true"
-    if not chat.stream:
-        body = replay_body(hit.answer, now)
-        return web.Response(body=body, content_type="application/json", headers=headers)
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    await response.prepare(request)
-    await response.write(b"".join(replay_events(hit.answer, now, chat.include_usage)))
-    await response.write_eof()
-    return response
-
-
 Build = Callable[[Usage], CachedAnswer | None]
-Count = Callable[[TokenCounter], Usage]
+Counting = asyncio.Task[tuple[Usage, bool]]
 
 
 class Sharing:
-    """A cache miss's duty: store its answer if it is worth keeping and, as the leader of
-    identical requests in flight, hand it to them. ``settle`` (always called) releases the
-    followers with nothing when no answer was offered: then each goes upstream itself."""
+    """``settle`` (always called) releases the followers with nothing when no answer was
+    offered: then each goes upstream itself."""
 
     def __init__(
         self, cache: ResponseCache, probe: Probe, vector: Vector | None, leads: bool, now: float
@@ -74,21 +26,19 @@ class Sharing:
         self._probe = probe
         self._vector = vector
         self._leads = leads
-        self._now = now
+        self.now = now
         self._offered = False
         self._finished = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def offer(
-        self, build: Build, usage: Usage | None, handle: NodeHandle, count: Count | None
-    ) -> None:
-        """An answer the client has in full; ``usage`` None means count it first."""
+    def offer(self, build: Build, usage: Usage | None, counting: Counting | None) -> None:
+        """An answer the client has in full; without ``usage``, once ``counting`` has it."""
         if usage is not None:
             self._offered = True
             self._publish(build(usage))
-        elif count is not None:
+        elif counting is not None:
             self._offered = True
-            task = asyncio.create_task(self._count_then_publish(build, handle, count))
+            task = asyncio.create_task(self._count_then_publish(build, counting))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -96,9 +46,9 @@ class Sharing:
         if not self._offered:
             self._finish(None)
 
-    async def _count_then_publish(self, build: Build, handle: NodeHandle, count: Count) -> None:
+    async def _count_then_publish(self, build: Build, counting: Counting) -> None:
         try:
-            usage, _estimated = await count_tokens(handle, count)
+            usage, _estimated = await counting
             self._publish(build(usage))
         finally:
             self._finish(None)  # a no-op when _publish already finished

@@ -17,7 +17,8 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 from spillway.clock import Clock
 from spillway.config.schema import Timeouts
@@ -37,7 +38,7 @@ from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_afte
 from spillway.routing.router import NodeHandle, Router, Slot
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
-from spillway.wire.streams import is_error_payload
+from spillway.wire.streams import is_error_chunk, parse_chunk
 
 log = logging.getLogger("spillway.routing")
 T = TypeVar("T")
@@ -52,6 +53,9 @@ class RequestContext:
     tenant: str
     private_only: bool
     deadline: float  # clock.monotonic() value by which every attempt must be over
+    #: the nodes this request may use, when the caller already worked them out (and so
+    #: checked that there are some): ``Router.eligible``
+    candidates: tuple[NodeHandle, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ class OpenStream:
 
     handle: NodeHandle
     first: SseEvent
+    #: the first event's data, parsed once to judge it (None if it is not JSON)
+    first_chunk: Any
     rest: AsyncIterator[SseEvent]
     slot: Slot
     #: tells the node's breaker that the stream broke after the commit point
@@ -120,13 +126,14 @@ class Dispatcher:
             started = self.clock.monotonic()
             events = handle.node.stream(body, timeouts)
             try:
-                first = await _first_event(handle, events)
+                first, chunk = await _first_event(handle, events)
             except BaseException:
                 slot.release()
                 await events.aclose()  # type: ignore[attr-defined]
                 raise
             self.router.observe_ttft(handle, self.clock.monotonic() - started, self.ttft_smoothing)
-            return OpenStream(handle, first, events, slot, lambda: self._verdict(handle, False))
+            broke = partial(self._verdict, handle, False)
+            return OpenStream(handle, first, chunk, events, slot, broke)
 
         return await self._route(request, ctx, attempt)
 
@@ -136,7 +143,8 @@ class Dispatcher:
         ctx: RequestContext,
         attempt: Callable[[NodeHandle, Timeouts], Awaitable[T]],
     ) -> T:
-        self.router.check_eligible(request.model, ctx.private_only)
+        if ctx.candidates is None:
+            self.router.check_eligible(request.model, ctx.private_only)
         errors: list[UpstreamError] = []
         self.budget.request_started()
         try:
@@ -201,7 +209,7 @@ class Dispatcher:
         failed = {e.node for e in errors}
         while True:
             self._check_deadline(ctx)
-            pick = self.router.pick(model, ctx.private_only, exclude=failed)
+            pick = self.router.pick(model, ctx.private_only, failed, ctx.candidates)
             if pick.handle is not None:
                 return pick.handle
             if pick.busy:
@@ -227,7 +235,11 @@ class Dispatcher:
         if delay >= remaining:
             return None
         await self.clock.sleep(delay)
-        pick = self.router.pick(model, ctx.private_only)
+        # A node that may still be working on this request is not sent it again: that could
+        # duplicate a generation (and its bill). Only a node that answered with its failure
+        # (5xx, 429…) or was never reached is tried twice.
+        unsure = {e.node for e in errors if _may_still_run(e)}
+        pick = self.router.pick(model, ctx.private_only, unsure, ctx.candidates)
         return pick.handle
 
     async def _wait_for_capacity(self, model: str, ctx: RequestContext) -> None:
@@ -298,14 +310,16 @@ class Dispatcher:
         return UpstreamsExhausted(errors)
 
 
-async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> SseEvent:
-    """The first data event, which commits the stream; an in-band error counts as a failure."""
+async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> tuple[SseEvent, Any]:
+    """The first data event, which commits the stream, and its data parsed (the relay takes
+    it from there); an in-band error counts as a failure."""
     first = await anext(events, None)
     if first is None or first.is_done:
         raise UpstreamConnectError(handle.name, "stream ended before its first chunk")
-    if first.event == "error" or is_error_payload(first.data):
+    chunk = parse_chunk(first.data)
+    if first.event == "error" or is_error_chunk(chunk):
         raise UpstreamStatusError(handle.name, 200, "the stream began with an error event")
-    return first
+    return first, chunk
 
 
 def _detached(error: UpstreamError) -> UpstreamError:
@@ -318,6 +332,13 @@ def _detached(error: UpstreamError) -> UpstreamError:
     error.__context__ = None
     error.__cause__ = None
     return error
+
+
+def _may_still_run(error: UpstreamError) -> bool:
+    """The request reached the node and no answer came back: it may be generating still."""
+    if isinstance(error, UpstreamTimeout):
+        return error.phase != "connection"
+    return isinstance(error, UpstreamConnectError) and error.delivered
 
 
 def _delivered(error: UpstreamError) -> bool:

@@ -11,10 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import aiohttp
-
 from spillway.errors import UpstreamError
-from spillway.nodes.signals import fetch_load
 from spillway.routing.router import NodeHandle, Router
 
 log = logging.getLogger("spillway.routing")
@@ -38,13 +35,10 @@ class NodeMonitor:
         self.probe_interval_s = probe_interval_s
         self.on_change = on_change
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        watched = [h for h in self.router.handles if h.load_signal != "none"]
-        if watched:
-            self._session = aiohttp.ClientSession(trust_env=False)
-            self._tasks += [asyncio.create_task(self._poll(h)) for h in watched]
+        watched = [h for h in self.router.handles if h.metrics is not None]
+        self._tasks += [asyncio.create_task(self._poll(h)) for h in watched]
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
 
     async def aclose(self) -> None:
@@ -53,16 +47,14 @@ class NodeMonitor:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._session is not None:
-            await self._session.close()
 
     async def _poll(self, handle: NodeHandle) -> None:
-        assert self._session is not None
-        url = handle.metrics_url
-        assert url is not None  # set at start-up for every node with a load signal
+        """Read the node's metrics (its source is closed with the node, not here)."""
+        source = handle.metrics
+        assert source is not None  # only nodes with a metrics source are polled
         timeout = min(self.signal_interval_s, 2.0)
         while True:
-            load = await fetch_load(self._session, url, handle.load_signal, timeout)
+            load = await source.fetch_load(handle.load_signal, timeout)
             self.router.observe_engine(handle, load)
             self.on_change(handle)
             await asyncio.sleep(self.signal_interval_s)

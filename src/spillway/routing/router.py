@@ -22,7 +22,7 @@ from spillway.config.schema import LoadSignal, NodeKind, Timeouts
 from spillway.errors import ModelNotFound, NoEligibleNode
 from spillway.nodes.base import Node
 from spillway.nodes.process_status import ProcessStatus, ProcessView
-from spillway.nodes.signals import EngineLoad
+from spillway.nodes.signals import EngineLoad, MetricsSource
 from spillway.nodes.tokens import TokenCounter
 from spillway.resilience.breaker import BreakerBoard, BreakerState
 
@@ -57,7 +57,8 @@ class NodeHandle:
     timeouts: Timeouts
     counter: TokenCounter
     load_signal: LoadSignal = "none"
-    metrics_url: str | None = None
+    #: where the engine's metrics are read, through the node's transport
+    metrics: MetricsSource | None = None
     #: the smallest spill threshold among the models this node serves
     spill_wait_s: float = 5.0
     in_flight: int = 0
@@ -161,16 +162,27 @@ class Router:
         handles = self.serving(model)
         return [h for h in handles if h.private] if private_only else handles
 
-    def check_eligible(self, model: str, private_only: bool) -> None:
-        """Fail at once when the policy leaves no node at all for this request."""
-        if not self.eligible(model, private_only):
+    def check_eligible(self, model: str, private_only: bool) -> list[NodeHandle]:
+        """The nodes this request may use; fail at once when the policy leaves none."""
+        handles = self.eligible(model, private_only)
+        if not handles:
             raise NoEligibleNode(
                 f"No private node serves '{model}', and this API key is private_only, "
                 "so the request was not sent to a cloud node."
             )
+        return handles
 
-    def pick(self, model: str, private_only: bool, exclude: Collection[str] = ()) -> Pick:
-        handles = [h for h in self.eligible(model, private_only) if h.name not in exclude]
+    def pick(
+        self,
+        model: str,
+        private_only: bool,
+        exclude: Collection[str] = (),
+        candidates: Collection[NodeHandle] | None = None,
+    ) -> Pick:
+        """``candidates``: ``eligible(model, private_only)``, when the caller has it already."""
+        if candidates is None:
+            candidates = self.eligible(model, private_only)
+        handles = [h for h in candidates if h.name not in exclude]
         now = self.clock.monotonic()
         usable = [
             h

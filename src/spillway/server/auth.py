@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from spillway.config.schema import KeyConfig
 from spillway.errors import AuthenticationFailed
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    tenant: str
-    private_only: bool
-    admin: bool = False
-    #: a short digest naming the key in the ledger and budgets; never the key itself
-    key_id: str = ""
-
-
-#: Who a request is when the gateway has no keys configured (open mode).
-ANONYMOUS = Principal(tenant="default", private_only=False)
+from spillway.pipeline.principal import ANONYMOUS, Principal
 
 
 class KeyRing:

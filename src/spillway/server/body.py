@@ -36,6 +36,10 @@ async def read_within_limits(request: web.Request, server: ServerConfig) -> byte
     except web.RequestPayloadError as exc:
         request[CLOSE_CONNECTION] = True
         raise _undecodable(request, exc) from None
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        raise PayloadTooLarge(
+            f"The request body is larger than {limit} bytes. Send less."
+        ) from None
 
 
 def _too_slow(seconds: float) -> InvalidRequest:

@@ -26,7 +26,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from spillway.config.schema import ServerConfig
-from spillway.errors import SpillwayError
+from spillway.errors import TooManyConnections
+from spillway.secrets import Redactor
+from spillway.server.responses import error_body
 
 log = logging.getLogger("spillway.server")
 
@@ -41,6 +43,8 @@ FILE_HEADROOM = 128
 #: descriptors. Below 16 the gateway is of no use.
 MAX_DEFAULT_CONNECTIONS = 10_000
 MIN_DEFAULT_CONNECTIONS = 16
+#: How long a refused connection waits for the client to close after our answer.
+LINGER_S = 2.0
 #: Refusals are logged at most this often.
 WARN_EVERY_S = 60.0
 
@@ -146,6 +150,11 @@ class ConnectionCap:
     def __init__(self, server: web.Server, limit: int):
         self._server = server
         self.limit = limit
+        #: handlers made but not yet connected, with when: aiohttp lists a connection only
+        #: from its connection_made, a loop iteration after this factory, so a burst of
+        #: accepts in one iteration would all see the old count (asyncio's loop does that;
+        #: uvloop does not). RequestHandler has __slots__ and no weak references.
+        self._fresh: dict[RequestHandler, float] = {}
         self.evicted = 0
         self.refused = 0
         self._warned_at = -WARN_EVERY_S
@@ -155,14 +164,32 @@ class ConnectionCap:
         # In the order they opened. A copy, so O(open connections) per accept: a few
         # microseconds at a thousand, and accepts are rare next to requests.
         handlers = self._server.connections
-        if len(handlers) < self.limit:
-            return self._server()
+        if len(handlers) + self._connecting() < self.limit:
+            return self._made()
         if _close_oldest_idle(handlers):
             self.evicted += 1
-            return self._server()
+            return self._made()
         self.refused += 1
         self._warn()
         return _Refusal(self._refusal)
+
+    def _made(self) -> RequestHandler:
+        handler = self._server()
+        self._fresh[handler] = asyncio.get_running_loop().time()
+        return handler
+
+    def _connecting(self) -> int:
+        """Handlers made and not yet connected. Forgotten once connected (a transport), closed
+        (aiohttp drops ``_manager``), or a second old (an accept that never completed)."""
+        if not self._fresh:
+            return 0
+        stale = asyncio.get_running_loop().time() - 1.0
+        self._fresh = {
+            h: at
+            for h, at in self._fresh.items()
+            if h.transport is None and h._manager is not None and at > stale
+        }
+        return len(self._fresh)
 
     def _warn(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -194,12 +221,11 @@ def _waits_for_a_request(handler: RequestHandler) -> bool:
 
 
 def _refusal_bytes(limit: int) -> bytes:
-    error = SpillwayError(
+    error = TooManyConnections(
         f"The gateway has {limit} connections open, all busy with requests. Retry shortly; "
         "its operator can raise server.max_connections (and ulimit -n)."
     )
-    error.error_type, error.code = "service_unavailable", "too_many_connections"
-    body = orjson.dumps(error.envelope())
+    body = orjson.dumps(error_body(error, Redactor([])))
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -208,12 +234,28 @@ def _refusal_bytes(limit: int) -> bytes:
 
 
 class _Refusal(asyncio.Protocol):
-    """A connection over the cap: answered 503 before it is read, then closed."""
+    """A connection over the cap: answered 503 at once, then closed.
+
+    Closed *lingering*: the answer is followed by our FIN, and what the client sends is read
+    and dropped until it closes too, for at most LINGER_S. Closed at once, a socket with the
+    client's unread request in it is reset, and the reset can reach the client before the
+    503 does (seen on uvloop: every client that had sent its request got a reset)."""
 
     def __init__(self, answer: bytes):
         self._answer = answer
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        writer = cast(asyncio.WriteTransport, transport)
+        self._transport = writer = cast(asyncio.Transport, transport)
         writer.write(self._answer)
-        writer.close()
+        if not writer.can_write_eof():
+            writer.close()
+            return
+        writer.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, writer.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request we will not serve
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close

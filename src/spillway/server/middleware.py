@@ -14,7 +14,7 @@ from spillway.errors import (
     PayloadTooLarge,
     SpillwayError,
 )
-from spillway.server.auth import Principal
+from spillway.pipeline.principal import Principal
 from spillway.server.responses import error_response
 from spillway.server.state import GATEWAY
 

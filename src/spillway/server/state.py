@@ -11,7 +11,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from spillway.cache.service import ResponseCache
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
 from spillway.errors import StartupError
@@ -23,8 +22,11 @@ from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.http import HttpNode
 from spillway.nodes.managed import ManagedLlamaServer
 from spillway.nodes.process_status import ProcessView, StatusFile
-from spillway.nodes.signals import metrics_url
+from spillway.nodes.signals import MetricsSource, metrics_url
 from spillway.nodes.tokens import counter_for
+from spillway.nodes.transport import transport_for
+from spillway.pipeline.accounting import Accountant
+from spillway.pipeline.service import Pipeline, PipelineSettings
 from spillway.prices import LIST_PRICES, Exchange, Price
 from spillway.resilience.breaker import BreakerBoard, BreakerPolicy
 from spillway.resilience.queue import WaitQueue
@@ -33,7 +35,6 @@ from spillway.routing.dispatch import Dispatcher
 from spillway.routing.monitor import NodeMonitor
 from spillway.routing.router import NodeHandle, Router
 from spillway.secrets import Redactor
-from spillway.server.accounting import Accountant
 from spillway.server.auth import KeyRing, key_id
 from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
@@ -46,12 +47,11 @@ class Gateway:
     config: Config
     clock: Clock
     router: Router
-    dispatcher: Dispatcher
     keys: KeyRing
     redactor: Redactor
     health: HealthBoard
-    accountant: Accountant
-    cache: ResponseCache
+    #: a request's whole path (dispatcher, cache, accountant), for every front door
+    pipeline: Pipeline
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -75,7 +75,9 @@ async def build_gateway(
     for name, spec in config.nodes.items():
         base_url, tokenizer = spec.base_url, spec.tokenizer
         if spec.managed is not None:
-            server = ManagedLlamaServer(name, spec.managed, config.server.data_dir / "logs", clock)
+            key = spec.api_key.get_secret_value() if spec.api_key else None
+            logs = config.server.data_dir / "logs"
+            server = ManagedLlamaServer(name, spec.managed, logs, clock, api_key=key)
             await server.start()
             stack.push_async_callback(server.aclose)
             processes[name] = server
@@ -96,24 +98,23 @@ async def build_gateway(
     )
     monitor.start()
     stack.push_async_callback(monitor.aclose)
-    accountant = await _accountant(config, router, clock, stack)
+    accountant = await _accountant(config, clock, stack)
     cache = await build_cache(config, router, clock, stack)
+    redactor = Redactor.for_config(config)
+    settings = PipelineSettings(config.timeouts.deadline_s, config.cache.cache_tool_calls)
+    pipeline = Pipeline(router, dispatcher, cache, accountant, redactor, clock, settings)
     return Gateway(
         config=config,
         clock=clock,
         router=router,
-        dispatcher=dispatcher,
         keys=KeyRing(config.keys),
-        redactor=Redactor.for_config(config),
+        redactor=redactor,
         health=HealthBoard(router, clock),
-        accountant=accountant,
-        cache=cache,
+        pipeline=pipeline,
     )
 
 
-async def _accountant(
-    config: Config, router: Router, clock: Clock, stack: AsyncExitStack
-) -> Accountant:
+async def _accountant(config: Config, clock: Clock, stack: AsyncExitStack) -> Accountant:
     """Costing, budgets and the write-behind ledger; closed in reverse: count, flush, close."""
     ledger = config.ledger
     exchange = Exchange(ledger.cny_per_usd)
@@ -140,7 +141,7 @@ async def _accountant(
         if ledger.retention_days:
             task = asyncio.create_task(retention_loop(store, ledger.retention_days, clock))
             stack.callback(task.cancel)
-    accountant = Accountant(router, costing, budgets, writer, clock, ledger.max_output_tokens)
+    accountant = Accountant(costing, budgets, writer, clock, ledger.max_output_tokens)
     stack.push_async_callback(accountant.aclose)
     return accountant
 
@@ -196,21 +197,32 @@ def _handle(
     config: Config,
     stack: AsyncExitStack,
 ) -> NodeHandle:
-    api_key = spec.api_key.get_secret_value() if spec.api_key else None
-    try:
-        node = HttpNode(
-            name,
-            base_url,
-            api_key,
-            max_connections=max(2 * spec.max_concurrency, 32),
-            max_response_bytes=spec.max_response_bytes,
-        )
-    except ValueError as exc:  # a URL or key HTTP cannot carry; the message never echoes a key
-        raise StartupError(f"nodes.{name}: {exc}") from None
-    stack.push_async_callback(node.aclose)
     signal_url = spec.metrics_url
     if signal_url is None and spec.load_signal != "none":
         signal_url = metrics_url(base_url, spec.load_signal)
+    https = any(url.startswith("https://") for url in (base_url, signal_url or ""))
+    if not spec.verify:
+        log.warning(
+            "node %s: verify = false: its TLS certificate and host name are not checked, so "
+            "anyone on the path can read and answer its requests",
+            name,
+        )
+    metrics = None
+    try:  # one transport per node: one SSL context, shared by its requests and its scrapes
+        transport = transport_for(spec, https=https)
+        node = HttpNode(
+            name,
+            base_url,
+            transport,
+            max_connections=max(2 * spec.max_concurrency, 32),
+            max_response_bytes=spec.max_response_bytes,
+        )
+        stack.push_async_callback(node.aclose)
+        if signal_url is not None and spec.load_signal != "none":
+            metrics = MetricsSource(signal_url, transport)
+            stack.push_async_callback(metrics.aclose)
+    except ValueError as exc:  # a URL, header or TLS file that will not do; never a secret
+        raise StartupError(f"nodes.{name}: {exc}") from None
     return NodeHandle(
         name=name,
         kind=spec.kind,
@@ -221,7 +233,7 @@ def _handle(
         timeouts=config.timeouts_for(name),
         counter=counter_for(tokenizer),
         load_signal=spec.load_signal,
-        metrics_url=signal_url,
+        metrics=metrics,
         spill_wait_s=min(config.policy_for(m).spill_wait_s for m in spec.models),
     )
 

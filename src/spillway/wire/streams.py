@@ -40,22 +40,14 @@ def usage_from(payload: Any) -> Usage | None:
     return None
 
 
-def reply_usage(body: bytes) -> Usage | None:
+def reply_usage(data: dict[str, Any]) -> Usage | None:
     """The usage a node reported in a complete (non-streamed) answer, if any."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return usage_from(data.get("usage")) if isinstance(data, dict) else None
+    return usage_from(data.get("usage"))
 
 
-def reply_text(body: bytes) -> str:
+def reply_text(data: dict[str, Any]) -> str:
     """The generated text of a complete chat answer, for counting its tokens."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ""
-    choices = data.get("choices") if isinstance(data, dict) else None
+    choices = data.get("choices")
     parts: list[str] = []
     for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
@@ -78,16 +70,19 @@ class ChunkRelay:
     #: log-probabilities, reasoning, a refusal, a second choice): it cannot be replayed
     #: faithfully from the text alone, so the cache leaves it alone
     plain_text: bool = True
+    #: characters of generated text past MAX_GATHERED_CHARS: not kept, only counted
+    overflow_chars: int = 0
     _text: list[str] = field(default_factory=list)
     _content: list[str] = field(default_factory=list)
+    _gathered: int = 0
     _meta: dict[str, Any] = field(default_factory=dict)
 
-    def observe(self, data: bytes) -> bytes | None:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return data  # not ours to judge; pass it on as the node sent it
-        if not isinstance(chunk, dict):
+    def observe(self, data: bytes, chunk: Any = None) -> bytes | None:
+        """The bytes to forward for one event's data (None: forward nothing). ``chunk`` is
+        the data already parsed, when the caller had to parse it first (the commit point)."""
+        if chunk is None:
+            chunk = parse_chunk(data)
+        if not isinstance(chunk, dict):  # not ours to judge: pass it on as the node sent it
             return data
         if _is_error(chunk):
             self.error_message = _error_message(chunk["error"])
@@ -136,8 +131,9 @@ class ChunkRelay:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reasons.append(choice["finish_reason"])
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str) and len(self.finish_reasons) < MAX_FINISH_REASONS:
+                self.finish_reasons.append(reason)
             if choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
                 self.plain_text = False
             delta = choice.get("delta")
@@ -145,21 +141,39 @@ class ChunkRelay:
                 self._gather_delta(delta)
 
     def _gather_delta(self, delta: dict[str, Any]) -> None:
-        if isinstance(delta.get("content"), str):
-            self._content.append(delta["content"])
+        content = delta.get("content")
+        if isinstance(content, str) and self._gathered + len(content) <= MAX_GATHERED_CHARS:
+            self._content.append(content)
         for key in ("content", "reasoning_content", "refusal"):
             if isinstance(delta.get(key), str):
-                self._text.append(delta[key])
+                self._keep(delta[key])
         if any(delta.get(k) for k in _NOT_PLAIN):
             self.plain_text = False
         for call in delta.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
-                self._text.extend(
-                    v for k in ("name", "arguments") if isinstance(v := function.get(k), str)
-                )
+                for key in ("name", "arguments"):
+                    if isinstance(value := function.get(key), str):
+                        self._keep(value)
+
+    def _keep(self, text: str) -> None:
+        """Gather text up to MAX_GATHERED_CHARS; past it, only count it (and the answer is
+        then too long to cache: its content is no longer whole)."""
+        if self._gathered + len(text) <= MAX_GATHERED_CHARS:
+            self._text.append(text)
+            self._gathered += len(text)
+        else:
+            self.overflow_chars += len(text)
+            self.plain_text = False
 
 
+#: The most generated text a relay keeps from one stream, for the cache's copy and for counting
+#: tokens when the node reports none. A stream itself is not limited (it is relayed as it
+#: comes); without this, a node streaming for its whole total_s would make the gateway hold
+#: everything it said. 4 Mi characters is about a million tokens.
+MAX_GATHERED_CHARS = 4 * 1024 * 1024
+#: finish reasons kept: one per choice, and a request asks for at most 128 choices
+MAX_FINISH_REASONS = 256
 _META_FIELDS = ("id", "object", "created", "model", "system_fingerprint")
 _NOT_PLAIN = ("tool_calls", "function_call", "reasoning_content", "refusal", "audio")
 
@@ -174,15 +188,17 @@ def _error_message(error: Any) -> str:
     return str(error)
 
 
-def is_error_payload(data: bytes) -> bool:
-    """Is this SSE data an in-band error (``{"error": {...}}``) rather than a chunk?"""
-    if b'"error"' not in data:
-        return False
+def parse_chunk(data: bytes) -> Any:
+    """An event's data as JSON, or None when it is not JSON."""
     try:
-        payload = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return False
-    return _is_error(payload)
+        return None
+
+
+def is_error_chunk(chunk: Any) -> bool:
+    """Is this parsed SSE data an in-band error (``{"error": {...}}``) rather than a chunk?"""
+    return _is_error(chunk)
 
 
 def _is_error(payload: Any) -> bool:

@@ -29,11 +29,11 @@ def snapshot(gateway: Gateway) -> dict[str, Any]:
                 "requests": c.requests,
                 "spilled": c.spilled,
                 "spill_share": _share(c.spilled, c.requests),
-                "waiting": gateway.dispatcher.queues[model].waiting,
+                "waiting": gateway.pipeline.dispatcher.queues[model].waiting,
             }
             for model, c in router.counters.items()
         },
-        "retry_budget": _plain(gateway.dispatcher.budget.stats()),
+        "retry_budget": _plain(gateway.pipeline.dispatcher.budget.stats()),
     }
 
 

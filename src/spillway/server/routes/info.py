@@ -35,7 +35,7 @@ async def readyz(request: web.Request) -> web.Response:
     """200 only when every public model has at least one node answering right now."""
     gateway = request.app[GATEWAY]
     ready, body = await gateway.health.readiness()
-    body["cache"] = gateway.cache.describe()
+    body["cache"] = gateway.pipeline.cache.describe()
     return web.Response(
         body=orjson.dumps(body), status=200 if ready else 503, content_type="application/json"
     )

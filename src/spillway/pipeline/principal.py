@@ -1,0 +1,18 @@
+"""Who is asking: the tenant and policy an authenticated key maps to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    private_only: bool
+    admin: bool = False
+    #: a short digest naming the key in the ledger and budgets; never the key itself
+    key_id: str = ""
+
+
+#: Who a request is when the gateway has no keys configured (open mode).
+ANONYMOUS = Principal(tenant="default", private_only=False)

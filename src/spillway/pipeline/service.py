@@ -1,0 +1,244 @@
+"""``Pipeline``: a request's whole life, from whatever front door it came through.
+
+For a chat request: open its tally → read and parse it (the door's ``inbound``) → the nodes
+it may use, once → the cache's plan and keys → a hit, or an identical request's answer in
+flight, or our own call: reserve against the budget, dispatch (fallback, retries, the commit
+point), and offer the answer to the cache → exactly one ledger record, written when the
+answer is complete or, for a stream, when the door closes it. Each reply is parsed once (by
+the node client) and its usage counted at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from spillway.cache.answers import CachedAnswer, from_reply, replay_body, replay_chunks
+from spillway.cache.merging import wait_for_leader
+from spillway.cache.service import Hit, Probe, ResponseCache
+from spillway.clock import Clock
+from spillway.errors import InvalidRequest, SpillwayError
+from spillway.nodes.tokens import TokenCounter
+from spillway.pipeline.accounting import Accountant, Tally
+from spillway.pipeline.calls import Answer, Call, Inbound, Route, Stream
+from spillway.pipeline.sharing import Sharing
+from spillway.pipeline.streams import ReplayStream, UpstreamStream
+from spillway.routing.dispatch import Dispatcher, RequestContext
+from spillway.routing.router import NodeHandle, Router
+from spillway.secrets import Redactor
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest
+from spillway.wire.streams import Usage, reply_text, reply_usage
+
+log = logging.getLogger("spillway.pipeline")
+
+#: A client may shorten the request's deadline (all attempts included) with this directive.
+TIMEOUT_DIRECTIVE = "x-spillway-timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    #: the deadline of every request, all attempts included (``timeouts.deadline_s``)
+    deadline_s: float
+    #: store answers that call tools (``cache.cache_tool_calls``)
+    cache_tool_calls: bool
+
+
+class Pipeline:
+    def __init__(
+        self,
+        router: Router,
+        dispatcher: Dispatcher,
+        cache: ResponseCache,
+        accountant: Accountant,
+        redactor: Redactor,
+        clock: Clock,
+        settings: PipelineSettings,
+    ):
+        self.router = router
+        self.dispatcher = dispatcher
+        self.cache = cache
+        self.accountant = accountant
+        self._redactor = redactor
+        self._clock = clock
+        self._settings = settings
+
+    async def chat(self, call: Call, inbound: Inbound[ChatRequest]) -> Answer | Stream:
+        """A complete answer, or a committed stream the caller must close."""
+        tally = self._open(call)
+        try:
+            result = await self._chat(call, await inbound(), tally)
+        except BaseException as exc:
+            self._end(tally, exc)
+            raise
+        if isinstance(result, Answer):
+            self.accountant.close(tally)
+        return result  # a stream owns the tally now: its aclose writes the record
+
+    async def embeddings(self, call: Call, inbound: Inbound[EmbeddingsRequest]) -> Answer:
+        tally = self._open(call)
+        try:
+            embed = await inbound()
+            tally.asked_for(embed.model)
+            candidates = self._candidates(embed.model, call)
+            self.accountant.reserve(tally, embed, candidates)
+            ctx = self._context(call, candidates)
+            answer = await self.dispatcher.complete(embed, ctx)
+            self._note_reply(tally, answer.handle, embed, answer.reply.data)
+            handle = answer.handle
+            result = Answer(answer.reply.body, Route(handle.name, handle.kind))
+        except BaseException as exc:
+            self._end(tally, exc)
+            raise
+        self.accountant.close(tally)
+        return result
+
+    def _open(self, call: Call) -> Tally:
+        return self.accountant.open(call.request_id, call.principal, call.client_request_id)
+
+    def _end(self, tally: Tally, exc: BaseException) -> None:
+        """The request failed before its answer: record how, once."""
+        if isinstance(exc, SpillwayError):
+            tally.ended("error", exc.code or exc.kind)
+        elif isinstance(exc, asyncio.CancelledError):
+            tally.ended("error", "client_disconnected")  # the client went away first
+        else:
+            tally.ended("error", "internal_error")
+        self.accountant.close(tally)
+
+    async def _chat(self, call: Call, chat: ChatRequest, tally: Tally) -> Answer | Stream:
+        tally.asked_for(chat.model)
+        candidates = self._candidates(chat.model, call)
+        principal = call.principal
+        probe = self.cache.probe(
+            chat.body, call.directives, principal.tenant, chat.model, principal.private_only
+        )
+        ctx = self._context(call, candidates)
+        if probe.keys is None:
+            return await self._upstream(chat, ctx, tally, None, ("bypass", probe.note))
+        return await self._cached_or_upstream(chat, ctx, tally, probe)
+
+    async def _cached_or_upstream(
+        self, chat: ChatRequest, ctx: RequestContext, tally: Tally, probe: Probe
+    ) -> Answer | Stream:
+        """A hit; else the answer of an identical request in flight; else our own call."""
+        assert probe.keys is not None
+        cache = self.cache
+        lookup = await cache.lookup(probe)
+        if lookup.hit is not None:
+            hit_route = Route(None, "cache", f"hit-{lookup.hit.kind}", probe.note)
+            return self._from_cache(chat, tally, lookup.hit, hit_route)
+        leader = cache.merger.follow(probe.keys.exact)
+        if leader is not None:
+            shared = await wait_for_leader(leader, ctx.deadline - self._clock.monotonic())
+            if shared is not None:
+                cache.merger.count_merged()
+                hit = Hit("exact", CachedAnswer.from_bytes(shared))
+                return self._from_cache(
+                    chat, tally, hit, Route(None, "cache", "hit-exact", "", True)
+                )
+        now = self._clock.wall()
+        sharing = Sharing(cache, probe, lookup.vector, leads=leader is None, now=now)
+        try:
+            result = await self._upstream(chat, ctx, tally, sharing, ("miss", probe.note))
+        except BaseException:
+            sharing.settle()
+            raise
+        if isinstance(result, Answer):
+            sharing.settle()  # a stream settles when it closes
+        return result
+
+    def _from_cache(
+        self, chat: ChatRequest, tally: Tally, hit: Hit, route: Route
+    ) -> Answer | Stream:
+        tally.replayed(hit.answer)
+        now = self._clock.wall()
+        if not chat.stream:
+            return Answer(replay_body(hit.answer, now), route)
+        chunks = replay_chunks(hit.answer, now, chat.include_usage)
+        return ReplayStream(chunks, route, tally, self.accountant)
+
+    async def _upstream(
+        self,
+        chat: ChatRequest,
+        ctx: RequestContext,
+        tally: Tally,
+        sharing: Sharing | None,
+        cache: tuple[str, str],
+    ) -> Answer | Stream:
+        """Dispatch to the fleet; ``cache`` is the cache's part (status, note) for the route."""
+        assert ctx.candidates is not None
+        self.accountant.reserve(tally, chat, list(ctx.candidates))
+        if not chat.stream:
+            answer = await self.dispatcher.complete(chat, ctx)
+            reply, handle = answer.reply, answer.handle
+            self._note_reply(tally, handle, chat, reply.data)
+            if sharing is not None:
+                tools = self._settings.cache_tool_calls
+                build = partial(
+                    from_reply, reply.data, node=handle.name, now=sharing.now, tools=tools
+                )
+                sharing.offer(build, tally.usage, tally.counting)
+            return Answer(reply.body, Route(handle.name, handle.kind, *cache))
+        opened = await self.dispatcher.open_stream(chat, ctx)
+        tally.answered_by(opened.handle, chat.model)
+        tally.first_token_at(self._clock.monotonic())
+        return UpstreamStream(
+            opened,
+            chat,
+            Route(opened.handle.name, opened.handle.kind, *cache),
+            tally,
+            self.accountant,
+            self._redactor,
+            sharing,
+        )
+
+    def _note_reply(
+        self,
+        tally: Tally,
+        handle: NodeHandle,
+        request: ChatRequest | EmbeddingsRequest,
+        data: dict[str, object],
+    ) -> None:
+        tally.answered_by(handle, request.model)
+        tally.used(reply_usage(data))
+        if tally.usage is not None:
+            return
+
+        def count(counter: TokenCounter) -> Usage:  # the node reported none
+            if isinstance(request, EmbeddingsRequest):
+                return Usage(counter.completion_tokens(request.text()), 0)
+            prompt = counter.prompt_tokens(request.body)
+            return Usage(prompt, counter.completion_tokens(reply_text(data)))
+
+        self.accountant.count_later(tally, count)
+
+    def _candidates(self, model: str, call: Call) -> list[NodeHandle]:
+        """The nodes this request may use, worked out once (404 for an unknown model, 503
+        for a private_only key no private node serves)."""
+        return self.router.check_eligible(model, call.principal.private_only)
+
+    def _context(self, call: Call, candidates: list[NodeHandle]) -> RequestContext:
+        principal = call.principal
+        deadline = self._clock.monotonic() + self._budget_s(call)
+        return RequestContext(
+            call.request_id, principal.tenant, principal.private_only, deadline, tuple(candidates)
+        )
+
+    def _budget_s(self, call: Call) -> float:
+        """The configured deadline, shortened (never lengthened) by the client's directive."""
+        configured = self._settings.deadline_s
+        asked = call.directives.get(TIMEOUT_DIRECTIVE)
+        if asked is None:
+            return configured
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < float("inf"):
+            raise InvalidRequest(
+                f"Header {TIMEOUT_DIRECTIVE} must be a positive number of seconds, e.g. 30 or 2.5.",
+                param=TIMEOUT_DIRECTIVE,
+            )
+        return min(seconds, configured)
