@@ -7,7 +7,12 @@ import orjson
 import pytest
 
 from spillway.config.schema import Timeouts
-from spillway.errors import UpstreamBadAnswer, UpstreamRejected, UpstreamStatusError
+from spillway.errors import (
+    UpstreamBadAnswer,
+    UpstreamRejected,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from spillway.nodes.http import HttpNode
 from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
@@ -108,3 +113,16 @@ async def test_a_key_cut_by_the_length_limit_is_still_masked(key: str) -> None:
         await node.aclose()
     assert "canary" not in str(caught.value)
     assert caught.value.detail == "HTTP 500: " + "x" * 186 + "*** and more t"  # 200 characters
+
+
+async def test_an_answer_still_arriving_at_total_s_is_a_timeout() -> None:
+    """The whole answer must be in within total_s: a node that sends its head and part of
+    its body, then nothing, is given up on at that deadline (one timer per request)."""
+    head = f"HTTP/1.1 200 OK\r\n{JSON}Content-Length: 100000\r\n\r\n"
+    async with raw_node(endless(head, total=64 * 1024)) as raw:
+        node = node_at(raw.base_url)
+        with pytest.raises(UpstreamTimeout) as caught:
+            await node.chat(b"{}", Timeouts(total_s=0.3))
+        await node.aclose()
+    assert caught.value.detail == "no complete answer within 0.3 s"
+    assert caught.value.may_fall_back

@@ -49,7 +49,7 @@ def plan(
 ) -> CachePlan:
     configured = model.cache or cache.mode
     if configured == "off":
-        return CachePlan(None, reason="caching is off for this model")
+        return _OFF
     mode = _asked_mode(headers) or configured
     if mode == "off":
         return CachePlan(None, reason=f"{MODE_HEADER}: off")
@@ -66,6 +66,10 @@ def plan(
         ttl_s=model.cache_ttl_s or cache.ttl_s,
         threshold=model.cache_threshold or cache.threshold,
     )
+
+
+#: One plan for every request to a model whose caching is off: nothing to decide per request.
+_OFF = CachePlan(None, reason="caching is off for this model")
 
 
 def _asked_mode(headers: Mapping[str, str]) -> str | None:

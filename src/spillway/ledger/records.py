@@ -12,7 +12,7 @@ Source = Literal["private", "cloud", "cache"]
 Status = Literal["ok", "error", "incomplete"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen init is 2x dearer
 class LedgerRecord:
     """What one request was, what it used, and what it cost.
 

@@ -80,6 +80,10 @@ class AnswerTooLarge(H1Error):
         self.limit = limit
 
 
+class AnswerTimedOut(H1Error):
+    """The answer was not complete by its deadline (``Connection.exchange``)."""
+
+
 class Response:
     """One answer: status and headers once they are in; the body whole or chunk by chunk.
 
@@ -95,7 +99,7 @@ class Response:
 
     __slots__ = (
         "_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_limit", "_streaming",
-        "_until_eof", "_waiter", "answered", "headers", "status",
+        "_timer", "_until_eof", "_waiter", "answered", "headers", "status",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, max_body: int) -> None:
@@ -112,6 +116,23 @@ class Response:
         self._streaming = False
         self._decoder: zlib._Decompress | None = None
         self._until_eof = False  # no length and not chunked: the body ends when the socket does
+        self._timer: asyncio.TimerHandle | None = None
+
+    def expire_at(self, deadline: float) -> None:
+        """Fail the answer (``AnswerTimedOut``) unless it is complete by ``deadline`` (the
+        loop's clock). One timer handle: cheaper on every request than ``asyncio.timeout``,
+        which makes, reschedules and unwinds a cancellation scope."""
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._fail(AnswerTimedOut("the answer was not complete in time"))
+
+    def _settled(self) -> None:
+        """Complete or failed: the deadline no longer matters."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     @property
     def content_type(self) -> str:
@@ -121,7 +142,8 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body (decoded if the node compressed it)."""
-        await self.wait_until(lambda: self._done)
+        if not self._done:  # a small answer is often whole by the time its headers are read
+            await self.wait_until(lambda: self._done)
         body = b"".join(self._chunks)
         self._chunks.clear()
         return body
@@ -140,6 +162,7 @@ class Response:
 
     def close(self) -> None:
         """Give up on the rest of the answer (a no-op once it is complete)."""
+        self._settled()
         if not self._done:
             self._conn.close()
 
@@ -221,6 +244,7 @@ class Response:
             self._hold(data[:room])
             self._conn.close()
             self._done = True
+            self._settled()
             self._wake()
             return
         self._hold(data)
@@ -246,11 +270,13 @@ class Response:
             if self._error is not None or self._done:
                 return
         self._done = True
+        self._settled()
         self._wake()
 
     def _fail(self, error: H1Error) -> None:
         if not self._done and self._error is None:
             self._error = error
+            self._settled()
             self._conn.close()
             self._wake()
 
@@ -310,13 +336,16 @@ class Connection(asyncio.Protocol):
             and not self.transport.is_closing()
         )
 
-    async def exchange(self, data: bytes, max_body: int) -> Response:
+    async def exchange(self, data: bytes, max_body: int, deadline: float | None = None) -> Response:
         """Send one request; return once the answer's status and headers are in. The answer
-        may hold at most ``max_body`` bytes of body (see ``Response``)."""
+        may hold at most ``max_body`` bytes of body (see ``Response``), and must be complete
+        by ``deadline`` (the loop's clock), if one is given."""
         if not self.usable:  # closed between our taking it and this write: nothing was sent
             raise ConnectFailed("connection closed before the request was sent")
         assert self.transport is not None
         response = self.current = Response(self, max_body)
+        if deadline is not None:
+            response.expire_at(deadline)
         self._head_bytes = self._parsed_head_bytes = 0
         self.transport.write(data)
         await response.wait_until(lambda: response.status != 0)

@@ -24,7 +24,14 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.nodes.base import Reply
-from spillway.nodes.h1 import AnswerTooLarge, ConnectFailed, ConnectTimedOut, H1Error, Response
+from spillway.nodes.h1 import (
+    AnswerTimedOut,
+    AnswerTooLarge,
+    ConnectFailed,
+    ConnectTimedOut,
+    H1Error,
+    Response,
+)
 from spillway.nodes.pool import Pool
 from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
@@ -104,11 +111,13 @@ class HttpNode:
         phase: str,
     ) -> tuple[Response, bytes]:  # fmt: skip
         """Status, headers and the whole body; ``total_s`` covers connecting, sending and
-        reading it all."""
+        reading it all (the connection within ``connect_s`` of it)."""
+        deadline = asyncio.get_running_loop().time() + total_s
         try:
-            async with asyncio.timeout(total_s):
-                resp = await self._pool.request(method, path, body, connect_timeout_s=connect_s)
-                return resp, await resp.read()
+            resp = await self._pool.request(
+                method, path, body, connect_timeout_s=min(connect_s, total_s), deadline=deadline
+            )
+            return resp, await resp.read()
         except Exception as exc:
             self._translate(exc, phase, total_s, connect_s)
 
@@ -188,6 +197,8 @@ class HttpNode:
             raise UpstreamConnectError(
                 self.name, f"cannot connect ({exc.reason})", delivered=False
             ) from None
+        if isinstance(exc, AnswerTimedOut):
+            raise UpstreamTimeout(self.name, phase, seconds) from None
         if isinstance(exc, AnswerTooLarge):
             raise UpstreamBadAnswer(
                 self.name,

@@ -103,7 +103,13 @@ class Pool:
         return self._proxied
 
     async def request(
-        self, method: str, path: str, body: bytes | None, *, connect_timeout_s: float
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        *,
+        connect_timeout_s: float,
+        deadline: float | None = None,
     ) -> Response:
         """Send one request; return once the answer's status and headers are in.
 
@@ -112,17 +118,17 @@ class Pool:
         connections with requests in them), so a POST is never sent again here: sent twice,
         a generation could run twice. Stale connections are caught before the write instead
         (``_take_idle``). Only a GET or HEAD on a kept-alive connection goes once more, on a
-        fresh connection.
+        fresh connection. ``deadline`` (the loop's clock): the whole answer must be in by then.
         """
         data = self._encode(method, path, body)
         conn = await self._acquire(connect_timeout_s)
         try:
-            return await conn.exchange(data, self._max_body)
+            return await conn.exchange(data, self._max_body, deadline)
         except ConnectionBroke as exc:
             if exc.answered or not conn.used or method not in RESENDABLE:
                 raise
         fresh = await self._acquire(connect_timeout_s, fresh=True)
-        return await fresh.exchange(data, self._max_body)
+        return await fresh.exchange(data, self._max_body, deadline)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -31,7 +31,7 @@ from spillway.wire.streams import Usage
 log = logging.getLogger("spillway.ledger")
 
 
-@dataclass
+@dataclass(slots=True)
 class Tally:
     """What accounting learns about one request as it goes. The pipeline tells it through
     these methods; only this module sets its fields."""

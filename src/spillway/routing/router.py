@@ -184,6 +184,8 @@ class Router:
             candidates = self.eligible(model, private_only)
         handles = [h for h in candidates if h.name not in exclude]
         now = self.clock.monotonic()
+        if len(handles) == 1:
+            return self._pick_only(handles[0], now, private_only)
         usable = [
             h
             for h in handles
@@ -199,6 +201,16 @@ class Router:
             if self._has_room(handle, now, ignore_hot=True) and self.board.allow(handle.name):
                 return Pick(handle)
         return Pick(None, busy=bool(private or cloud))
+
+    def _pick_only(self, handle: NodeHandle, now: float, private_only: bool) -> Pick:
+        """``pick`` for one candidate (one node per model is common): the same rules, with
+        no ranking to do."""
+        if self.board.state(handle.name) is BreakerState.OPEN or handle.out_of_service():
+            return Pick(None)
+        ignore_hot = private_only or not handle.private
+        if self._has_room(handle, now, ignore_hot) and self.board.allow(handle.name):
+            return Pick(handle)
+        return Pick(None, busy=True)
 
     def score(self, handle: NodeHandle, now: float) -> tuple[float, float]:
         """Lower is better: load against the node's target, then its smoothed TTFT."""
