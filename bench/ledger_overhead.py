@@ -21,11 +21,10 @@ from spillway.ledger.costing import Costing
 from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.tokens import EstimatingCounter
+from spillway.pipeline.accounting import Accountant
+from spillway.pipeline.principal import Principal
 from spillway.prices import LIST_PRICES, Exchange
-from spillway.resilience.breaker import BreakerBoard, BreakerPolicy
-from spillway.routing.router import NodeHandle, Router
-from spillway.server.accounting import Accountant
-from spillway.server.auth import Principal
+from spillway.routing.router import NodeHandle
 from spillway.wire.streams import Usage
 
 
@@ -36,12 +35,11 @@ def build(writer: LedgerWriter | None) -> tuple[Accountant, NodeHandle]:
         name="cloud", kind="cloud", node=dummy, models={"m": "m-up"}, max_concurrency=64,
         weight=1.0, timeouts=Timeouts(), counter=EstimatingCounter(),
     )  # fmt: skip
-    router = Router([handle], BreakerBoard(BreakerPolicy(), clock, {}), clock, 5.0)
     prices = {"cloud": LIST_PRICES["deepseek-v3.2"]}
     exchange = Exchange()
     costing = Costing(prices, {}, LIST_PRICES["gpt-4.1"], exchange, "USD", clock)
     budgets = Budgets({}, exchange, "USD", clock)
-    return Accountant(router, costing, budgets, writer, clock, 4096), handle
+    return Accountant(costing, budgets, writer, clock, 4096), handle
 
 
 def hot_path_ns(
@@ -52,9 +50,9 @@ def hot_path_ns(
     for i in range(requests):
         started = time.perf_counter_ns()
         tally = accountant.open(f"{prefix}-{i}", principal)
-        tally.model = "m"
+        tally.asked_for("m")
         tally.answered_by(handle, "m")
-        tally.usage = Usage(120, 80)
+        tally.used(Usage(120, 80))
         accountant.close(tally)
         samples.append(time.perf_counter_ns() - started)
     return samples
