@@ -4,7 +4,8 @@ another CPU does, by SIGILL. Fault injection only.
 
     python crashing_node.py --port N [--heal-file PATH] [--mode sigill|error]
 
-``--mode error`` answers every chat request 500 instead (a server that never generates).
+``--mode error`` answers every chat request 500 instead (a server that never generates);
+``--mode hang`` never answers one.
 While ``--heal-file`` exists it serves instead: an OpenAI ``chat.completion`` with usage.
 Standard library only, so it starts fast and needs nothing installed.
 """
@@ -52,6 +53,8 @@ def handler(mode: str, heal_file: Path | None) -> type[BaseHTTPRequestHandler]:
                 self._json(200, completion(str(body.get("model", "m"))))
             elif mode == "error":
                 self._json(500, {"error": {"message": "no generation", "type": "server_error"}})
+            elif mode == "hang":
+                time.sleep(3600)  # a generation that never comes
             else:
                 os.kill(os.getpid(), signal.SIGILL)
 
@@ -73,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--heal-file", type=Path)
-    parser.add_argument("--mode", choices=("sigill", "error"), default="sigill")
+    parser.add_argument("--mode", choices=("sigill", "error", "hang"), default="sigill")
     options = parser.parse_args()
     # SIGILL must kill: undo any handler an interpreter option may have installed.
     signal.signal(signal.SIGILL, signal.SIG_DFL)

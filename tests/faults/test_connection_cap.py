@@ -222,3 +222,19 @@ tenant = "t"
     text = log.read_text()
     assert "at most 64 client connections" in text
     assert "Too many open files" not in text and "Traceback" not in text
+
+
+async def test_keyless_requests_with_unsent_bodies_cannot_hold_the_connections(upstream):
+    """Each sends a head with Content-Length and no body, and no key: refused with 401 at
+    once. aiohttp then read on for the body for 10 s, the connection counted as busy, and
+    twenty such connections kept a keyed client out under a cap of 20."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    async with serving(upstream, max_connections=20) as (port, _runner):
+        attackers = [await connect(port, head) for _ in range(20)]
+        for reader, _ in attackers:  # each got its 401, then the gateway hung up
+            answer = await asyncio.wait_for(reader.read(), 2)
+            assert answer.startswith(b"HTTP/1.1 401 ")
+        reply = await client(port).chat.completions.create(model="m", messages=MESSAGES)
+        assert reply.choices
+        for _, writer in attackers:
+            writer.close()

@@ -7,6 +7,9 @@ well-behaved fake that takes over when "a" fails.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,10 +21,11 @@ import orjson
 import pytest
 
 from tests.fakes.gateway import node, running_gateway
-from tests.fakes.hostile import Answer, MiB, endless, fixed, gzip_bomb, raw_node
+from tests.fakes.hostile import Answer, MiB, RawNode, endless, fixed, gzip_bomb, raw_node
 from tests.fakes.upstream import FakeUpstream, closed_port
-from tests.faults.test_failover import FAST, ask
+from tests.faults.test_failover import FAST, ask, cyclic_garbage_of_spillway
 from tests.faults.test_ledger import ledger_rows
+from tests.faults.test_signals_live import until
 
 JSON = "Content-Type: application/json\r\n"
 KEY_A = "node-a-key-REDTEAM-0123456789"  # not shaped like sk-…: only a's own key masks it
@@ -43,6 +47,10 @@ def fleet(a_url: str, b: FakeUpstream, **a_extra: Any) -> dict[str, Any]:
 HOSTILE: dict[str, tuple[Callable[[], Answer], dict[str, Any]]] = {
     "html-200": (lambda: fixed("200 OK", b"<html><h1>502 Bad Gateway</h1></html>", JSON), {}),
     "broken-json-200": (lambda: fixed("200 OK", b'{"id": "chatcmpl-1", "choices": [{', JSON), {}),
+    "an-error-behind-a-200": (  # some providers and proxies answer a failure with 200
+        lambda: fixed("200 OK", orjson.dumps({"error": {"message": f"bad key {KEY_A}"}}), JSON),
+        {},
+    ),
     "10-GiB-content-length": (lambda: endless(HUGE, total=256 * MiB), {}),
     "1-GiB-gzip-bomb": (  # about 1 MiB on the wire; with the node's own, smaller limit
         lambda: fixed("200 OK", gzip_bomb(1024), f"{JSON}Content-Encoding: gzip\r\n"),
@@ -128,3 +136,129 @@ async def test_an_in_band_stream_error_is_scrubbed_before_it_is_cut(b: FakeUpstr
     said = str(caught.value)
     assert "x" * 200 in said and "key=***" in said
     assert "REDT" not in said
+
+
+async def _hang_up(writer: asyncio.StreamWriter, _node: RawNode) -> None:
+    writer.close()  # reads the request, answers nothing
+
+
+CLOSE_HEAD = f"HTTP/1.1 200 OK\r\n{JSON}Connection: close\r\n\r\n"
+SSE_CLOSE_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+FAILING: dict[str, tuple[Callable[[], Answer], bool]] = {
+    "stream, node hangs up": (lambda: _hang_up, True),
+    "400 passed back": (
+        lambda: fixed("400 Bad Request", b'{"error": {"message": "no"}}', JSON),
+        False,
+    ),
+    "answer over the limit": (lambda: endless(CLOSE_HEAD, total=256 * MiB), False),
+    "stream line over the limit": (lambda: endless(SSE_CLOSE_HEAD, total=256 * MiB), True),
+}
+
+
+@pytest.mark.parametrize("failure", FAILING)
+async def test_a_failing_node_leaves_no_reference_cycle(b: FakeUpstream, failure: str) -> None:
+    """Each failure shape below kept its request (and the partial answer: up to 64 MiB) in a
+    reference cycle that only a full collection frees (the stored error's traceback held the
+    frames that held the response; a re-raise from a helper held the error)."""
+    make, stream = FAILING[failure]
+    async with raw_node(make()) as a:
+        config = fleet(a.base_url, b, max_response_bytes=MiB)
+        config["nodes"] = {"a": config["nodes"]["a"]}  # nothing to fall back to
+        async with running_gateway(config) as gw:
+            client = gw.client()
+            big = [{"role": "user", "content": "x" * 100_000}]
+            with contextlib.suppress(openai.APIError):
+                await ask(client, stream, messages=big)
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(3):
+                    with contextlib.suppress(openai.APIError):
+                        await ask(client, stream, messages=big)
+                leftovers = cyclic_garbage_of_spillway()
+            finally:
+                gc.enable()
+    assert leftovers == []
+
+
+async def test_a_readiness_probe_reads_a_model_list_no_longer_than_a_mebibyte(
+    b: FakeUpstream,
+) -> None:
+    """/readyz needs no key: each poll of a node whose GET /models never ends used to read up
+    to the node's max_response_bytes (64 MiB)."""
+    async with (
+        raw_node(endless(CLOSE_HEAD, total=256 * MiB)) as a,
+        running_gateway(fleet(a.base_url, b)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(gw.url + "/readyz") as response:
+            nodes = (await response.json())["nodes"]
+        await asyncio.wait_for(a.ended.wait(), 5)
+    assert nodes["a"]["state"] == "down" and nodes["b"]["state"] == "up"
+    assert a.sent < 16 * MiB  # 1 MiB read, the rest what the sockets' buffers took
+
+
+def endless_sse() -> Answer:
+    """A well-formed stream that never ends: 16 KiB chunks as fast as they are taken."""
+    delta = {"index": 0, "delta": {"content": "x" * 16384}, "finish_reason": None}
+    event = b"data: " + orjson.dumps({"object": "chat.completion.chunk", "choices": [delta]})
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+
+    async def answer(writer: asyncio.StreamWriter, node: RawNode) -> None:
+        writer.write(head)
+        try:
+            while True:
+                writer.write(event + b"\n\n")
+                await writer.drain()
+                node.sent += len(event)
+        except ConnectionError:
+            node.cut_off = True
+        finally:
+            node.ended.set()
+
+    return answer
+
+
+async def test_a_client_that_stops_reading_a_stream_frees_the_node_after_idle_s(
+    b: FakeUpstream,
+) -> None:
+    """Only the node's reads were bounded: a client that read nothing held the node's slot
+    (and its connection) for ever, and a few such clients pushed others to the cloud."""
+    body = orjson.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    async with raw_node(endless_sse()) as a:
+        config = fleet(a.base_url, b)
+        config["nodes"]["a"]["timeouts"] = {"idle_s": 1.0, "total_s": 600.0}
+        async with running_gateway(config) as gw:
+            _reader, writer = await asyncio.open_connection(
+                "127.0.0.1", int(gw.url.rsplit(":", 1)[1])
+            )
+            writer.write(request)  # and never read a byte
+            await asyncio.sleep(0.5)
+            assert gw.in_flight()["a"] == 1
+            await until(lambda: gw.in_flight()["a"] == 0, 10)  # about idle_s after it stalled
+            writer.close()
+        await asyncio.wait_for(a.ended.wait(), 5)
+    assert a.cut_off
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b"data: upstream auth failed for Bearer " + KEY_A.encode(), b'data: "just a string"'],
+    ids=["text", "a-json-string"],
+)
+async def test_a_stream_that_does_not_begin_with_a_chunk_falls_back(
+    b: FakeUpstream, first: bytes
+) -> None:
+    """Before, the event was relayed raw (the node's key with it), the stream committed to
+    the node, and it ended with [DONE] as a success."""
+    sse = "Content-Type: text/event-stream\r\n"
+    async with (
+        raw_node(fixed("200 OK", first + b"\n\ndata: [DONE]\n\n", sse)) as a,
+        running_gateway(fleet(a.base_url, b)) as gw,
+    ):
+        result = await ask(gw.client(), stream=True)
+    assert (result.node, result.text) == ("b", "b-0 b-1 b-2 b-3 ")

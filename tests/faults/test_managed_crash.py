@@ -87,12 +87,18 @@ async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
     assert server.status().state == "stopped"
 
 
-async def test_readiness_needs_a_generated_token_not_only_models(tmp_path: Path) -> None:
-    spec = standin(tmp_path / "never", mode="error", start_timeout_s=1.5)
+@pytest.mark.parametrize("mode", ["error", "hang"])
+async def test_readiness_needs_a_generated_token_not_only_models(tmp_path: Path, mode: str) -> None:
+    spec = standin(tmp_path / "never", mode=mode, start_timeout_s=1.5)
     server = ManagedLlamaServer("local", spec, tmp_path, SystemClock())
-    with pytest.raises(NodeStartError, match=r"did not generate a token within 1\.5 s"):
+    started = time.monotonic()
+    with pytest.raises(NodeStartError, match=r"did not generate a token within 1\.5 s") as caught:
         await server.start()  # GET /v1/models answers 200 all along
+    took = time.monotonic() - started
     await server.aclose()
+    assert took < 4.0  # start_timeout_s, not the 30 s a single probe may take
+    assert str(tmp_path) in caught.value.message  # the operator is told where the log is
+    assert server.status().reason is None or str(tmp_path) not in server.status().reason
 
 
 async def test_clients_readyz_and_nodes_name_the_crash(tmp_path: Path) -> None:

@@ -302,3 +302,23 @@ async def test_with_the_real_sqlite_store(tmp_path: Path) -> None:
         assert await store.spend("k1", T0) == Decimal("0.123000")
     finally:
         await store.aclose()
+
+
+async def test_a_record_no_store_can_take_is_set_aside_not_retried_for_ever(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite cannot hold 2**63: the whole batch used to fail and be retried for ever, with
+    every later record piling up behind it (and lost at shutdown)."""
+    store = SqlLedgerStore(sqlite_url(tmp_path))
+    await store.open()
+    writer = LedgerWriter(store, SystemClock(), flush_interval_s=60)
+    poison = replace(make_record(1), prompt_tokens=2**63)
+    for record in (make_record(0), poison, make_record(2)):
+        writer.record(record)
+    await writer.flush()
+    stored = sorted(r.request_id for r in await store.query())
+    await writer.aclose()
+    await store.aclose()
+    assert stored == [make_record(0).request_id, make_record(2).request_id]
+    assert writer.stats() == WriterStats(written=2, pending=0, failures=0, rejected=1)
+    assert "set aside (OverflowError" in caplog.text and poison.request_id in caplog.text

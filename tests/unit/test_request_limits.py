@@ -84,3 +84,12 @@ def test_a_model_name_over_the_limit_is_refused_without_echoing_it() -> None:
 def test_a_model_name_at_the_limit_is_accepted() -> None:
     name = "m" * MAX_MODEL_CHARS
     assert parse_chat(orjson.dumps({"model": name, "messages": MESSAGES})).model == name
+
+
+@pytest.mark.parametrize("model", ["m\nforged row", "m\x1b]8;;http://x\x1b\\", "m\x00", "m\x85"])
+def test_a_model_name_with_control_characters_is_refused(model: str) -> None:
+    """It is stored in the ledger and printed by `spillway report`: a line break forged a
+    table row, an escape sequence ran in the operator's terminal."""
+    with pytest.raises(InvalidRequest, match="control characters") as caught:
+        parse_chat(orjson.dumps({"model": model, "messages": MESSAGES}))
+    assert caught.value.param == "model"

@@ -1,10 +1,12 @@
 from typing import Any
 
 import orjson
+import pytest
 
 from spillway.wire.streams import (
     MAX_FINISH_REASONS,
     MAX_GATHERED_CHARS,
+    MAX_USAGE_TOKENS,
     ChunkRelay,
     Usage,
     usage_from,
@@ -113,12 +115,14 @@ def test_usage_chunk_without_any_chunk_still_has_object() -> None:
     assert made["usage"]["total_tokens"] == 3
 
 
-def test_non_json_and_non_object_data_pass_through() -> None:
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"text"', b"upstream key sk-x"])
+def test_data_that_is_not_a_chunk_breaks_the_stream_and_is_not_passed_on(raw: bytes) -> None:
+    """An OpenAI stream carries chunks (the caller handles [DONE]). Before, anything else went
+    to the client as the node sent it, unscrubbed, and the stream still ended as a success."""
     relay = ChunkRelay(include_usage=False)
-    for raw in (b"not json", b"[DONE]", b"[1, 2]", b'"text"'):
-        assert relay.observe(raw) == raw
+    assert relay.observe(raw) is None
     assert relay.chunks == 0
-    assert relay.error_message is None
+    assert relay.error_message == "sent an event that is not a chunk (not a JSON object)"
 
 
 def test_usage_from_requires_integer_counts() -> None:
@@ -145,3 +149,12 @@ def test_a_long_stream_is_relayed_whole_but_kept_only_up_to_the_cap() -> None:
     assert len(relay.content) <= MAX_GATHERED_CHARS
     assert not relay.plain_text  # no longer whole: never cached
     assert len(relay.finish_reasons) == MAX_FINISH_REASONS
+
+
+def test_usage_out_of_any_sane_range_is_not_believed() -> None:
+    """A node's 2**63 once stopped the ledger, and a negative count refilled a budget: the
+    answer's tokens are counted instead (usage_from says None)."""
+    for bad in (-1, -100_000_000, 2**63, MAX_USAGE_TOKENS + 1, True, 1.0):
+        assert usage_from({"prompt_tokens": bad, "completion_tokens": 1}) is None
+        assert usage_from({"prompt_tokens": 1, "completion_tokens": bad}) is None
+    assert usage_from({"prompt_tokens": MAX_USAGE_TOKENS, "completion_tokens": 0}) is not None

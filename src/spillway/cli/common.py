@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from aiohttp.http_exceptions import HttpProcessingError
 
 from spillway.config.load import environ, find_config_file, load_config
 from spillway.config.schema import Config
@@ -57,3 +58,21 @@ def setup_logging(config: Config, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("aiohttp.server").addFilter(BadRequestsQuietly())
+
+
+class BadRequestsQuietly(logging.Filter):
+    """aiohttp logs every request it cannot parse (a malformed header, a bad request line)
+    at ERROR with a traceback, and anyone can send those, without a key: one line per request
+    at INFO, with no traceback, names what was wrong without flooding the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = (
+                "refused a malformed HTTP request: %s",
+                (type(error).__name__,),
+            )
+            record.exc_info = record.exc_text = None
+        return True

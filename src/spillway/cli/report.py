@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import click
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from spillway.cli.common import config_option, load_or_exit, require_charts
 from spillway.config.schema import Config
@@ -114,7 +116,7 @@ def _table(rows: list[Summary], by: str, currency: str, reference: str) -> Table
         table.add_column(column, justify="left" if column == by else "right")  # fmt: skip
     for row in rows:
         table.add_row(
-            row.group, str(row.requests), str(row.errors + row.incomplete),
+            Text(printable(row.group)), str(row.requests), str(row.errors + row.incomplete),
             _money(row.cost), _money(row.reference_cost), _money(row.savings),
             _pct(row.private_share), _pct(row.cloud_share), _pct(row.cache_hit_rate),
             _money(row.cache_avoided), _ms(row.latency_p50_ms), _ms(row.latency_p95_ms),
@@ -122,6 +124,12 @@ def _table(rows: list[Summary], by: str, currency: str, reference: str) -> Table
             style="bold" if row.group == "total" else None,
         )  # fmt: skip
     return table
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (escape sequences, line breaks) shown as ``?``: a
+    model name is the client's choice, and a terminal would run what it hides."""
+    return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _money(value: object) -> str:

@@ -98,7 +98,7 @@ def to_csv(rows: Sequence[Summary]) -> str:
     writer = csv.writer(out)
     writer.writerow([f.name for f in fields(Summary)])
     for row in rows:
-        writer.writerow(list(row.as_json().values()))
+        writer.writerow([_cell(value) for value in row.as_json().values()])
     return out.getvalue()
 
 
@@ -114,12 +114,22 @@ def records_csv(records: Iterable[LedgerRecord]) -> Iterable[str]:
         yield _drain(out)
 
 
+#: A text cell a spreadsheet would run as a formula starts with one of these (OWASP's list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: object) -> str:
+    """A value as a CSV cell. Text that a client or a node chose (a model name, a node's
+    error code) and that a spreadsheet would take for a formula is prefixed with ``'``,
+    which spreadsheets show as text; numbers are written as they are."""
     if value is None:
         return ""
     if hasattr(value, "isoformat"):
         return str(value.isoformat())
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
 
 
 def _drain(out: io.StringIO) -> str:

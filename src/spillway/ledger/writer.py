@@ -28,7 +28,9 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import orjson
 
 from spillway.clock import Clock
 from spillway.ledger.records import LedgerRecord, LedgerStore
@@ -41,6 +43,9 @@ CLOSE_TIMEOUT_S = 10.0
 #: not once per few hundred requests: each write has a fixed cost (a hand-off to the store's
 #: thread or connection, a transaction), and records in memory are cheap.
 MAX_BATCH = 2000
+#: What a store raises for a record it can never take (a value out of its range), as opposed
+#: to being unavailable: such a record is set aside, not retried for ever.
+RECORD_ERRORS = (ValueError, OverflowError, TypeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,8 @@ class WriterStats:
     written: int
     pending: int
     failures: int
+    #: records set aside because no store could take them (each logged whole)
+    rejected: int = 0
 
 
 class LedgerWriter:
@@ -80,6 +87,7 @@ class LedgerWriter:
         self._closed = False
         self._written = 0
         self._failures = 0
+        self._rejected = 0
         self._streak_started: float | None = None  # clock.monotonic() of a streak's 1st failure
 
     @property
@@ -87,7 +95,7 @@ class LedgerWriter:
         return len(self._pending)
 
     def stats(self) -> WriterStats:
-        return WriterStats(self._written, len(self._pending), self._failures)
+        return WriterStats(self._written, len(self._pending), self._failures, self._rejected)
 
     def record(self, rec: LedgerRecord) -> None:
         """Queue one record; never waits. Raises only on a caller bug (see below)."""
@@ -111,12 +119,34 @@ class LedgerWriter:
         async with self._flushing:
             while self._pending:
                 batch = list(itertools.islice(self._pending, self._max_batch))
-                await self._store.write(batch)
+                try:
+                    await self._store.write(batch)
+                except RECORD_ERRORS:
+                    await self._write_each(batch)
+                    continue
                 # Flushes never overlap and record() only appends, so the batch is still
                 # the oldest ``len(batch)`` records.
                 for _ in batch:
                     self._pending.popleft()
                 self._written += len(batch)
+
+    async def _write_each(self, batch: list[LedgerRecord]) -> None:
+        """The store refused the batch for what is in it, not for being down: write its
+        records one by one, and set aside (log whole, count) any it cannot take, so that one
+        bad record never stops the ledger. A store that fails meanwhile raises as usual."""
+        for record in batch:
+            try:
+                await self._store.write([record])
+            except RECORD_ERRORS as exc:
+                self._rejected += 1
+                log.error(
+                    "ledger: a record no store can take was set aside (%s): %s",
+                    _describe(exc),
+                    orjson.dumps(asdict(record), default=str).decode(),
+                )
+            else:
+                self._written += 1
+            self._pending.popleft()
 
     async def aclose(self) -> None:
         """Stop the task and write everything still pending (retrying up to close_timeout_s)."""

@@ -54,6 +54,15 @@ class H1Error(Exception):
         super().__init__(reason)
         self.reason = reason
 
+    def fresh(self) -> H1Error:
+        """A copy to raise, so that the stored one never holds a traceback: raised itself, it
+        would keep the frames it passed (a response with its body, the request) alive in a
+        reference cycle through the response that stores it."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.args = self.args
+        clone.__dict__.update(self.__dict__)
+        return clone
+
 
 class ConnectFailed(H1Error):
     """No connection could be opened: the request never reached the node."""
@@ -172,7 +181,7 @@ class Response:
         try:
             while not ready():
                 if self._error is not None:
-                    raise self._error
+                    raise self._error.fresh()
                 self._waiter = asyncio.get_running_loop().create_future()
                 try:
                     await self._waiter

@@ -9,6 +9,7 @@ proxy, TLS, headers), and the node's API key kept in the pool's headers only.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -37,6 +38,9 @@ from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
 from spillway.wire.sse import SseDecoder, SseEvent, SseTooLarge
 
+#: The most of a ``GET /models`` answer read (readiness and breaker probes, which anyone may
+#: make happen through /readyz): a model list is kilobytes.
+PROBE_MAX_BYTES = 1024 * 1024
 #: Node answers that mean "your request is wrong": forwarded to the client, never retried.
 REQUEST_ERRORS = frozenset({400, 413, 422})
 #: The most characters of a node's own words that spillway passes on: an error's
@@ -45,6 +49,7 @@ REQUEST_ERRORS = frozenset({400, 413, 422})
 MAX_MESSAGE_CHARS = 1000
 MAX_RAW_CHARS = 200
 MAX_FIELD_CHARS = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class HttpNode:
@@ -86,7 +91,9 @@ class HttpNode:
 
     async def probe(self, timeout_s: float) -> None:
         phase = "answer to GET /models"
-        resp, payload = await self._fetch("GET", "/models", None, timeout_s, timeout_s, phase)
+        resp, payload = await self._fetch(
+            "GET", "/models", None, timeout_s, timeout_s, phase, max_body=PROBE_MAX_BYTES
+        )
         if resp.status != 200:
             self._raise_for(resp, payload)
 
@@ -104,19 +111,22 @@ class HttpNode:
             raise UpstreamBadAnswer(
                 self.name, f"HTTP {resp.status} with a body that is not a JSON object"
             )
+        if data.get("error"):  # some providers and proxies answer a failure with 200
+            self._raise_for(resp, payload)
         return Reply(resp.status, payload, resp.content_type, data)
 
     async def _fetch(
         self, method: str, path: str, body: bytes | None, total_s: float, connect_s: float,
-        phase: str,
+        phase: str, max_body: int | None = None,
     ) -> tuple[Response, bytes]:  # fmt: skip
         """Status, headers and the whole body; ``total_s`` covers connecting, sending and
         reading it all (the connection within ``connect_s`` of it)."""
         deadline = asyncio.get_running_loop().time() + total_s
         try:
             resp = await self._pool.request(
-                method, path, body, connect_timeout_s=min(connect_s, total_s), deadline=deadline
-            )
+                method, path, body, connect_timeout_s=min(connect_s, total_s),
+                deadline=deadline, max_body=max_body,
+            )  # fmt: skip
             return resp, await resp.read()
         except Exception as exc:
             self._translate(exc, phase, total_s, connect_s)
@@ -156,6 +166,8 @@ class HttpNode:
             resp.close()
 
     def _raise_for(self, resp: Response, payload: bytes) -> NoReturn:
+        """The node's failure, from its answer (a 200 that carries an error included: the
+        node's failure, never the request's)."""
         status = resp.status
         if status == 407 and self._pool.proxied:  # the proxy's answer: the node saw nothing
             raise UpstreamConnectError(
@@ -181,7 +193,10 @@ class HttpNode:
 
     def _field(self, value: object) -> str | None:
         """A node's ``param`` or ``code``: a short scrubbed string; anything else is dropped."""
-        return self._words(value, MAX_FIELD_CHARS) if isinstance(value, str) else None
+        if not isinstance(value, str):
+            return None
+        # It becomes the ledger's error_code, which `spillway report` prints and exports.
+        return _CONTROL.sub("?", self._words(value, MAX_FIELD_CHARS))
 
     def _translate(
         self, exc: BaseException, phase: str, seconds: float, connect_s: float

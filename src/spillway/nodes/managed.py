@@ -187,6 +187,8 @@ class ManagedLlamaServer:
         self._set(state="starting")
         try:
             await self._spawn_until_ready()
+        except NodeStartError as exc:
+            raise NodeStartError(f"{exc.message}; see {self._log_path}") from None
         except NodeCrashed as crash:
             if killing_signal(crash.code) is None:
                 raise NodeStartError(
@@ -259,9 +261,11 @@ class ManagedLlamaServer:
             max_body_bytes=_PROBE_BODY_BYTES,
         )
         try:
-            while self._clock.monotonic() < deadline:
+            while (left := deadline - self._clock.monotonic()) > 0:
                 self._raise_if_exited()
-                if await _answers(pool) and await _generates(pool, self.spec.model_alias):
+                if await _answers(pool, left) and await _generates(
+                    pool, self.spec.model_alias, deadline - self._clock.monotonic()
+                ):
                     self._serving_since = self._clock.monotonic()
                     self._set(state="running", summary=None, reason=None, retry_at=None)
                     log.info("node %s ready on port %d (pid %s)", self.name, self.port, self.pid)
@@ -270,9 +274,10 @@ class ManagedLlamaServer:
         finally:
             await pool.aclose()
         await self._terminate()
+        # No file path here: this reason is shown on /readyz, which needs no key (the log
+        # line and a failed start name the node's log).
         raise NodeStartError(
-            f"node '{self.name}' did not generate a token within "
-            f"{self.spec.start_timeout_s:g} s; see {self._log_path}"
+            f"node '{self.name}' did not generate a token within {self.spec.start_timeout_s:g} s"
         )
 
     def _raise_if_exited(self) -> None:
@@ -333,11 +338,11 @@ class ManagedLlamaServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-async def _answers(pool: Pool) -> bool:
-    return await _ask(pool, "GET", "/models", None, _ANSWERS_TIMEOUT_S) is not None
+async def _answers(pool: Pool, left_s: float) -> bool:
+    return await _ask(pool, "GET", "/models", None, min(_ANSWERS_TIMEOUT_S, left_s)) is not None
 
 
-async def _generates(pool: Pool, model: str) -> bool:
+async def _generates(pool: Pool, model: str, left_s: float) -> bool:
     """One token of a chat completion: the path real requests take through the engine."""
     body = {
         "model": model,
@@ -345,7 +350,8 @@ async def _generates(pool: Pool, model: str) -> bool:
         "max_tokens": 1,
         "temperature": 0,
     }
-    payload = await _ask(pool, "POST", "/chat/completions", orjson.dumps(body), _PROBE_TIMEOUT_S)
+    timeout_s = max(0.01, min(_PROBE_TIMEOUT_S, left_s))
+    payload = await _ask(pool, "POST", "/chat/completions", orjson.dumps(body), timeout_s)
     try:
         answer = orjson.loads(payload) if payload is not None else None
     except orjson.JSONDecodeError:

@@ -110,6 +110,7 @@ class Pool:
         *,
         connect_timeout_s: float,
         deadline: float | None = None,
+        max_body: int | None = None,
     ) -> Response:
         """Send one request; return once the answer's status and headers are in.
 
@@ -119,16 +120,18 @@ class Pool:
         a generation could run twice. Stale connections are caught before the write instead
         (``_take_idle``). Only a GET or HEAD on a kept-alive connection goes once more, on a
         fresh connection. ``deadline`` (the loop's clock): the whole answer must be in by then.
+        ``max_body``: this answer's own, smaller limit on its body.
         """
         data = self._encode(method, path, body)
+        limit = self._max_body if max_body is None else min(max_body, self._max_body)
         conn = await self._acquire(connect_timeout_s)
         try:
-            return await conn.exchange(data, self._max_body, deadline)
+            return await conn.exchange(data, limit, deadline)
         except ConnectionBroke as exc:
             if exc.answered or not conn.used or method not in RESENDABLE:
                 raise
         fresh = await self._acquire(connect_timeout_s, fresh=True)
-        return await fresh.exchange(data, self._max_body, deadline)
+        return await fresh.exchange(data, limit, deadline)
 
     async def aclose(self) -> None:
         self._closed = True

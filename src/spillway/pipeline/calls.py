@@ -65,6 +65,9 @@ class Stream(Protocol):
 
     route: Route
     error: SpillwayError | None
+    #: the longest the door may take to hand one chunk to its client; a client that reads
+    #: nothing for that long is given up on (it would hold a node's slot for ever)
+    idle_s: float
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 

@@ -43,6 +43,8 @@ class PipelineSettings:
     deadline_s: float
     #: store answers that call tools (``cache.cache_tool_calls``)
     cache_tool_calls: bool
+    #: the longest a client may take to read a chunk of a replayed stream (``timeouts.idle_s``)
+    idle_s: float = 60.0
 
 
 class Pipeline:
@@ -157,7 +159,7 @@ class Pipeline:
         if not chat.stream:
             return Answer(replay_body(hit.answer, now), route)
         chunks = replay_chunks(hit.answer, now, chat.include_usage)
-        return ReplayStream(chunks, route, tally, self.accountant)
+        return ReplayStream(chunks, route, tally, self.accountant, self._settings.idle_s)
 
     async def _upstream(
         self,

@@ -47,6 +47,7 @@ class UpstreamStream:
     ):
         self.route = route
         self.error: SpillwayError | None = None
+        self.idle_s = opened.handle.timeouts.idle_s
         self._opened = opened
         self._chat = chat
         self._tally = tally
@@ -181,9 +182,17 @@ class UpstreamStream:
 class ReplayStream:
     """A cached answer replayed as a stream's chunks; its tally closes with it."""
 
-    def __init__(self, chunks: Iterator[bytes], route: Route, tally: Tally, accountant: Accountant):
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        route: Route,
+        tally: Tally,
+        accountant: Accountant,
+        idle_s: float,
+    ):
         self.route = route
         self.error: SpillwayError | None = None
+        self.idle_s = idle_s
         self._chunks = chunks
         self._tally = tally
         self._accountant = accountant

@@ -26,6 +26,7 @@ from spillway.errors import (
     DeadlineExceeded,
     NoEligibleNode,
     SpillwayError,
+    UpstreamBadAnswer,
     UpstreamConnectError,
     UpstreamError,
     UpstreamsExhausted,
@@ -159,6 +160,8 @@ class Dispatcher:
                         break
                     result = await self._try(handle, attempt, ctx)
                 except UpstreamError as exc:
+                    if not exc.may_fall_back:
+                        raise  # a bare raise: a helper holding ``exc`` would join its cycle
                     self._note_failure(exc, errors, ctx)
                     continue
                 finally:
@@ -271,8 +274,6 @@ class Dispatcher:
     def _note_failure(
         self, exc: UpstreamError, errors: list[UpstreamError], ctx: RequestContext
     ) -> None:
-        if not exc.may_fall_back:
-            raise exc
         log.warning("request %s: %s", ctx.request_id, exc.message)
         errors.append(_detached(exc))
 
@@ -319,6 +320,8 @@ async def _first_event(handle: NodeHandle, events: AsyncIterator[SseEvent]) -> t
     chunk = parse_chunk(first.data)
     if first.event == "error" or is_error_chunk(chunk):
         raise UpstreamStatusError(handle.name, 200, "the stream began with an error event")
+    if not isinstance(chunk, dict):  # text or a bare value: not a chunk, and not ours to show
+        raise UpstreamBadAnswer(handle.name, "the stream began with an event that is not a chunk")
     return first, chunk
 
 

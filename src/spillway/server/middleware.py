@@ -68,9 +68,17 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
     if not response.prepared:
         response.headers["x-request-id"] = rid
-    if request.get(CLOSE_CONNECTION, False):
+    if request.get(CLOSE_CONNECTION, False) or _body_left_unread(request):
         await _answer_and_close(request, response)
     return response
+
+
+def _body_left_unread(request: web.Request) -> bool:
+    """Answered without reading the body (a 401, say): aiohttp would go on reading it for up
+    to 10 s to reuse the connection, and a connection busy with that cannot make room under
+    ``server.max_connections``: keyless clients could hold every one. Closing costs a client
+    that sent a refused request one new connection."""
+    return request.body_exists and not request.content.is_eof()
 
 
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:

@@ -101,7 +101,9 @@ async def build_gateway(
     accountant = await _accountant(config, clock, stack)
     cache = await build_cache(config, router, clock, stack)
     redactor = Redactor.for_config(config)
-    settings = PipelineSettings(config.timeouts.deadline_s, config.cache.cache_tool_calls)
+    settings = PipelineSettings(
+        config.timeouts.deadline_s, config.cache.cache_tool_calls, config.timeouts.idle_s
+    )
     pipeline = Pipeline(router, dispatcher, cache, accountant, redactor, clock, settings)
     return Gateway(
         config=config,

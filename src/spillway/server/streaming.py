@@ -33,21 +33,49 @@ class _SseResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _ClientStalled(Exception):
+    """The client read nothing of what it was sent for ``idle_s``."""
+
+
+class _Sender:
+    """Writes to the client, and gives up on one that stops reading: a write waits (for the
+    client to read) only once the socket's send buffer is full, so it is bounded by
+    ``idle_s`` only then, and costs nothing extra while the client keeps up."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, idle_s: float):
+        self._transport = request.transport
+        self._response = response
+        self._idle_s = idle_s
+
+    async def __call__(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or not transport.get_write_buffer_size():
+            await self._response.write(data)
+            return
+        try:
+            async with asyncio.timeout(self._idle_s):
+                await self._response.write(data)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+
 async def send_stream(
     request: web.Request, stream: Stream, headers: dict[str, str], redactor: Redactor
 ) -> web.StreamResponse:
     response = _SseResponse(status=200, headers={**SSE_HEADERS, **headers})
+    send = _Sender(request, response, stream.idle_s)
     try:
         await response.prepare(request)
         async for chunk in stream:
-            await response.write(b"data: " + chunk + b"\n\n")
+            await send(b"data: " + chunk + b"\n\n")
         if stream.error is None:
-            await response.write(DONE_EVENT)
+            await send(DONE_EVENT)
         else:
-            await response.write(encode_error(error_body(stream.error, redactor)))
+            await send(encode_error(error_body(stream.error, redactor)))
         await response.write_eof()
-    except ConnectionResetError:
+    except (ConnectionResetError, _ClientStalled):
         stream.client_gone()
+        response.force_close()
     except asyncio.CancelledError:
         stream.client_gone(cancelled=True)
         raise

@@ -7,6 +7,7 @@ No pydantic here: this runs on every request.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ MAX_NESTING = 64
 #: The longest ``model`` accepted. It is echoed in errors and kept in every ledger record;
 #: real names are under 100 characters.
 MAX_MODEL_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,12 @@ def _model(body: dict[str, Any]) -> str:
         raise InvalidRequest(
             f"'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are allowed."
             " Use a model name from GET /v1/models.",
+            param="model",
+        )
+    if _CONTROL.search(model):  # it is stored in the ledger and printed by `spillway report`
+        raise InvalidRequest(
+            "'model' contains control characters (a line break, an escape…). Use a model name "
+            "from GET /v1/models.",
             param="model",
         )
     return model

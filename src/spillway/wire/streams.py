@@ -31,12 +31,27 @@ class Usage:
         }
 
 
+#: The most tokens a node's usage may claim for one answer. Beyond it (or below 0) the figure
+#: is not believed: the answer's tokens are counted instead. No context window is near it, and
+#: a node's 2**63 once stopped the ledger (SQLite cannot store it) and a negative count made a
+#: negative cost that refilled a budget.
+MAX_USAGE_TOKENS = 100_000_000
+
+
 def usage_from(payload: Any) -> Usage | None:
+    """A node's usage object, if it is one to believe (whole numbers, 0 to MAX_USAGE_TOKENS)."""
     if not isinstance(payload, dict):
         return None
-    prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens", 0)
-    if isinstance(prompt, int) and isinstance(completion, int):  # embeddings have no completion
-        return Usage(prompt, completion)
+    prompt = _tokens(payload.get("prompt_tokens"))
+    completion = _tokens(payload.get("completion_tokens", 0))  # embeddings have none
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion)
+
+
+def _tokens(value: Any) -> int | None:
+    if type(value) is int and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
     return None
 
 
@@ -82,8 +97,9 @@ class ChunkRelay:
         the data already parsed, when the caller had to parse it first (the commit point)."""
         if chunk is None:
             chunk = parse_chunk(data)
-        if not isinstance(chunk, dict):  # not ours to judge: pass it on as the node sent it
-            return data
+        if not isinstance(chunk, dict):  # an OpenAI stream carries chunks: this one is broken
+            self.error_message = "sent an event that is not a chunk (not a JSON object)"
+            return None
         if _is_error(chunk):
             self.error_message = _error_message(chunk["error"])
             return None
