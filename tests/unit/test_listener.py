@@ -113,3 +113,33 @@ async def test_a_burst_of_connections_does_not_overshoot_the_cap() -> None:
         for _reader, writer in held:
             writer.close()
     assert refused == 110  # the 10 admitted are still waiting for their answer
+
+
+async def answered(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer's status line (its headers and body read too)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+    return head.split(b"\r\n")[0]
+
+
+@pytest.mark.both_loops
+async def test_a_connection_that_never_sent_a_request_makes_room_first() -> None:
+    """Closing a kept-alive connection races its client's next request; a connection that
+    never sent one is what a flood is made of, and goes first, however old the other."""
+    missing = b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with capped(2) as (port, _release):
+        used, used_writer = await opened(port, missing)
+        assert (await answered(used)).startswith(b"HTTP/1.1 404")
+        await asyncio.sleep(0.05)  # its answer is out: it waits for its next request
+        unused, unused_writer = await opened(port)
+        _newcomer, newcomer_writer = await opened(port)  # over the cap
+        assert await asyncio.wait_for(unused.read(), 1) == b""  # the one never used went
+        used_writer.write(missing)
+        assert (await answered(used)).startswith(b"HTTP/1.1 404")  # the used one stayed
+        for writer in (used_writer, unused_writer, newcomer_writer):
+            writer.close()

@@ -205,11 +205,16 @@ class ConnectionCap:
 
 
 def _close_oldest_idle(handlers: list[RequestHandler]) -> bool:
-    for handler in handlers:
-        if _waits_for_a_request(handler):
-            handler.force_close()
-            return True
-    return False
+    """Close the longest-open idle connection that never carried a request, else the
+    longest-open idle one. Closing a kept-alive connection races its client's next request
+    (one written as the socket closes is lost unanswered); one that never sent anything is
+    also what a flood of connections is made of."""
+    idle = [h for h in handlers if _waits_for_a_request(h)]
+    if not idle:
+        return False
+    unused = [h for h in idle if h._request_count == 0]
+    (unused or idle)[0].force_close()
+    return True
 
 
 def _waits_for_a_request(handler: RequestHandler) -> bool:
