@@ -42,8 +42,8 @@ async def raw_node(answer: Answer) -> AsyncIterator[RawNode]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers[writer] = asyncio.current_task()
         try:
-            while (head := await _read_request(reader)) is not None:
-                node.heads.append(head)
+            while (request := await read_request(reader)) is not None:
+                node.heads.append(request[0])
                 await node.answer(writer, node)
         except ConnectionError:
             pass
@@ -61,7 +61,8 @@ async def raw_node(answer: Answer) -> AsyncIterator[RawNode]:
         await asyncio.gather(*(t for t in handlers.values() if t is not None))
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """The next request's head and body, or None once the client has gone."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -70,8 +71,7 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    return head
+    return head, await reader.readexactly(length)
 
 
 def fixed(status: str, body: bytes, headers: str = "") -> Answer:

@@ -30,7 +30,7 @@ from spillway.nodes.h1 import (
 )
 from spillway.nodes.http import HttpNode
 from spillway.nodes.pool import KEEPALIVE_IDLE_S, Pool
-from tests.fakes.hostile import GiB, endless, fixed, gzip_bomb, raw_node
+from tests.fakes.hostile import GiB, endless, fixed, gzip_bomb, raw_node, read_request
 
 OK_BODY = b'{"ok":true}'
 MiB = 1024 * 1024
@@ -57,18 +57,6 @@ class Server:
     answers: list[Answer]
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head, await reader.readexactly(length)
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     """Answers each request with the next scripted answer (the last one repeats)."""
@@ -79,7 +67,7 @@ async def server() -> AsyncIterator[Server]:
         seen.connections += 1
         conn = seen.connections
         try:
-            while (request := await _read_request(reader)) is not None:
+            while (request := await read_request(reader)) is not None:
                 seen.requests.append((conn, *request))
                 answer = srv.answers[min(len(seen.requests), len(srv.answers)) - 1]
                 await answer(writer, seen)
