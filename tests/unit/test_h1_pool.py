@@ -102,6 +102,14 @@ def reply(
     return answer
 
 
+async def answer_then_hang_up_on_the_second(writer: asyncio.StreamWriter, seen: Seen) -> None:
+    """Answers the first request, then drops the connection the second one came on."""
+    if len(seen.requests) == 2:
+        writer.close()
+        return
+    await reply()(writer, seen)
+
+
 def pool_for(server: Server, **kwargs: object) -> Pool:
     options: dict[str, object] = {
         "headers": {"Authorization": "Bearer sk-x"},
@@ -154,14 +162,7 @@ async def test_a_post_on_a_kept_alive_connection_that_breaks_is_never_sent_again
 ) -> None:
     """The node read the request, then dropped the connection (a crash, a restart): it may
     be generating. The pool does not send it again; the failure says it may have arrived."""
-
-    async def answer_then_hang_up(writer: asyncio.StreamWriter, seen: Seen) -> None:
-        if len(seen.requests) == 2:
-            writer.close()
-            return
-        await reply()(writer, seen)
-
-    server.answers = [answer_then_hang_up]
+    server.answers = [answer_then_hang_up_on_the_second]
     pool = pool_for(server)
     assert await post(pool) == (200, OK_BODY)
     with pytest.raises(ConnectionBroke) as caught:
@@ -174,13 +175,7 @@ async def test_a_post_on_a_kept_alive_connection_that_breaks_is_never_sent_again
 async def test_a_get_on_a_kept_alive_connection_that_breaks_goes_once_more(
     server: Server,
 ) -> None:
-    async def answer_then_hang_up(writer: asyncio.StreamWriter, seen: Seen) -> None:
-        if len(seen.requests) == 2:
-            writer.close()
-            return
-        await reply()(writer, seen)
-
-    server.answers = [answer_then_hang_up]
+    server.answers = [answer_then_hang_up_on_the_second]
     pool = pool_for(server)
     for _ in range(2):
         response = await pool.request("GET", "/models", None, connect_timeout_s=2)
