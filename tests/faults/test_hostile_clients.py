@@ -19,11 +19,10 @@ import openai
 import orjson
 import pytest
 
-from spillway.ledger.records import LedgerRecord
-from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 from spillway.wire.requests import MAX_MODEL_CHARS, MAX_NESTING
 from tests.fakes.gateway import RunningGateway, node, running_gateway
 from tests.fakes.upstream import FakeUpstream
+from tests.faults.test_ledger import ledger_rows
 
 KEY = "hostile-test-key-123456"
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
@@ -42,15 +41,6 @@ def config(upstream: FakeUpstream, data_dir: Path, **server: Any) -> dict[str, A
         "nodes": {"llm": node("private", upstream.base_url)},
         "keys": [{"key": KEY, "tenant": "t"}],
     }
-
-
-async def ledger_rows(data_dir: Path) -> list[LedgerRecord]:
-    store = SqlLedgerStore(sqlite_url(data_dir))
-    await store.open()
-    try:
-        return await store.query()
-    finally:
-        await store.aclose()
 
 
 def port_of(gw: RunningGateway) -> int:
