@@ -49,6 +49,13 @@ class Redactor:
                 text = text.replace(secret, MASK)
         return _KEY_SHAPES.sub(MASK, text)
 
+    def excerpt(self, text: str, limit: int, mark: str = "") -> str:
+        """At most ``limit`` characters of ``text`` fit to show, ``mark`` added if it was cut.
+        Scrubbed whole, then cut: cut first, a secret split at the cut would no longer be
+        recognised, and its first half would go out."""
+        text = self.scrub(text)
+        return text if len(text) <= limit else text[:limit] + mark
+
 
 def node_secrets(node: NodeConfig) -> list[str]:
     """What about one node must never be shown: its key, its headers' values, and its

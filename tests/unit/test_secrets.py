@@ -17,6 +17,14 @@ def test_longest_secret_is_masked_first() -> None:
     assert Redactor([SHORT, LONG]).scrub(f"got {LONG}") == f"got {MASK}"
 
 
+def test_an_excerpt_is_scrubbed_before_it_is_cut() -> None:
+    """Cut first, the key would be split at the cut and its first half would go out."""
+    text = f"bad key {LONG} given"
+    assert Redactor([LONG]).excerpt(text, 12) == f"bad key {MASK} "
+    assert Redactor([LONG]).excerpt(text, 12, "…") == f"bad key {MASK} …"
+    assert Redactor([LONG]).excerpt("short", 12, "…") == "short"
+
+
 @pytest.mark.parametrize(
     "key", ["sk-abcdefghijklmnop", "sk-proj-AbC_123-456789xyz", "hs-0123456789abcdef"]
 )

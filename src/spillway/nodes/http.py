@@ -177,26 +177,21 @@ class HttpNode:
             )
         error = _error_fields(payload)
         if error.get("message"):
-            message = self._words(str(error["message"]), MAX_MESSAGE_CHARS)
+            message = self._redactor.excerpt(str(error["message"]), MAX_MESSAGE_CHARS)
         else:
-            message = self._words(payload.decode("utf-8", "replace"), MAX_RAW_CHARS)
+            message = self._redactor.excerpt(payload.decode("utf-8", "replace"), MAX_RAW_CHARS)
         if status in REQUEST_ERRORS:
             param, code = self._field(error.get("param")), self._field(error.get("code"))
             raise UpstreamRejected(self.name, status, message, param=param, code=code)
         retry_after = resp.headers.get("retry-after")
         raise UpstreamStatusError(self.name, status, message, retry_after=retry_after)
 
-    def _words(self, text: str, limit: int) -> str:
-        """A node's text fit to pass on: scrubbed whole, then cut. Cut first, a key split at
-        the cut would no longer be recognised, and its first half would go out."""
-        return self._redactor.scrub(text)[:limit]
-
     def _field(self, value: object) -> str | None:
         """A node's ``param`` or ``code``: a short scrubbed string; anything else is dropped."""
         if not isinstance(value, str):
             return None
         # It becomes the ledger's error_code, which `spillway report` prints and exports.
-        return _CONTROL.sub("?", self._words(value, MAX_FIELD_CHARS))
+        return _CONTROL.sub("?", self._redactor.excerpt(value, MAX_FIELD_CHARS))
 
     def _translate(
         self, exc: BaseException, phase: str, seconds: float, connect_s: float

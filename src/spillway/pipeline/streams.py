@@ -118,7 +118,9 @@ class UpstreamStream:
         while event is not None and not event.is_done:
             out = self._relay.observe(event.data, chunk) if event.event != "error" else None
             if event.event == "error" or self._relay.error_message is not None:
-                said = self._node_words(self._relay.error_message or "error event")
+                said = self._redactor.excerpt(
+                    self._relay.error_message or "error event", MAX_NODE_WORDS
+                )
                 self._broken = StreamInterrupted(node, f"failed mid-stream: {said}")
                 return
             if out is not None:
@@ -172,11 +174,6 @@ class UpstreamStream:
             past = (relay.overflow_chars + 3) // 4
             completion = counter.completion_tokens(relay.text) + past
         return Usage(prompt, completion)
-
-    def _node_words(self, text: str) -> str:
-        """A node's text fit to pass on: scrubbed whole, then cut (cut first, a key split at
-        the cut would no longer be recognised, and its first half would go out)."""
-        return self._redactor.scrub(text)[:MAX_NODE_WORDS]
 
 
 class ReplayStream:

@@ -124,7 +124,5 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> SpillwayError:
 
 
 def _quoted(request: web.Request, text: str) -> str:
-    """A client's text fit to quote: scrubbed whole, then cut (cut first, a secret split at
-    the cut would no longer be recognised)."""
-    text = request.app[GATEWAY].redactor.scrub(text)
-    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "…"
+    """A client's text fit to quote in an error."""
+    return request.app[GATEWAY].redactor.excerpt(text, QUOTED_CHARS, "…")
