@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -21,6 +21,9 @@ from spillway.server.state import GATEWAY, Gateway
 class RunningGateway:
     base_url: str
     app: web.Application
+    #: Closed with the gateway: left to the garbage collector, a client closes itself on
+    #: whatever loop runs then, a later test's, and logs an error there.
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -31,7 +34,9 @@ class RunningGateway:
         return self.app[GATEWAY]
 
     def client(self, api_key: str = "no-key-needed") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
+        self.clients.append(client)
+        return client
 
     def in_flight(self) -> dict[str, int]:
         return {h.name: h.in_flight for h in self.gateway.router.handles}
@@ -55,9 +60,12 @@ async def _serve(config: Config) -> AsyncIterator[RunningGateway]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
+    running = RunningGateway(f"http://127.0.0.1:{port}/v1", app)
     try:
-        yield RunningGateway(f"http://127.0.0.1:{port}/v1", app)
+        yield running
     finally:
+        for client in running.clients:
+            await client.close()
         await runner.cleanup()
 
 
