@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from spillway.ledger.charts import spend_chart
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.report import DIMENSIONS, Summary, records_csv, summarize, to_csv
 from spillway.ledger.sql import SqlLedgerStore, sqlite_url
+from spillway.wire.requests import CONTROL_CHARS
 
 
 @click.command("report")
@@ -129,7 +129,7 @@ def _table(rows: list[Summary], by: str, currency: str, reference: str) -> Table
 def printable(text: str) -> str:
     """``text`` with control characters (escape sequences, line breaks) shown as ``?``: a
     model name is the client's choice, and a terminal would run what it hides."""
-    return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
+    return CONTROL_CHARS.sub("?", text)
 
 
 def _money(value: object) -> str:

@@ -9,7 +9,6 @@ proxy, TLS, headers), and the node's API key kept in the pool's headers only.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -36,6 +35,7 @@ from spillway.nodes.h1 import (
 from spillway.nodes.pool import Pool
 from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
+from spillway.wire.requests import CONTROL_CHARS
 from spillway.wire.sse import SseDecoder, SseEvent, SseTooLarge
 
 #: The most of a ``GET /models`` answer read (readiness and breaker probes, which anyone may
@@ -49,7 +49,6 @@ REQUEST_ERRORS = frozenset({400, 413, 422})
 MAX_MESSAGE_CHARS = 1000
 MAX_RAW_CHARS = 200
 MAX_FIELD_CHARS = 100
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class HttpNode:
@@ -191,7 +190,7 @@ class HttpNode:
         if not isinstance(value, str):
             return None
         # It becomes the ledger's error_code, which `spillway report` prints and exports.
-        return _CONTROL.sub("?", self._redactor.excerpt(value, MAX_FIELD_CHARS))
+        return CONTROL_CHARS.sub("?", self._redactor.excerpt(value, MAX_FIELD_CHARS))
 
     def _translate(
         self, exc: BaseException, phase: str, seconds: float, connect_s: float

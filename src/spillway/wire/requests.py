@@ -42,7 +42,9 @@ MAX_NESTING = 64
 #: The longest ``model`` accepted. It is echoed in errors and kept in every ledger record;
 #: real names are under 100 characters.
 MAX_MODEL_CHARS = 256
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Unicode's control characters (category Cc): a terminal would run what they hide (escape
+#: sequences, line breaks), so nothing that `spillway report` prints may carry them.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,7 @@ def _model(body: dict[str, Any]) -> str:
             " Use a model name from GET /v1/models.",
             param="model",
         )
-    if _CONTROL.search(model):  # it is stored in the ledger and printed by `spillway report`
+    if CONTROL_CHARS.search(model):  # it is stored in the ledger and printed by `spillway report`
         raise InvalidRequest(
             "'model' contains control characters (a line break, an escape…). Use a model name "
             "from GET /v1/models.",
