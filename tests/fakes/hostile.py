@@ -86,10 +86,9 @@ def fixed(status: str, body: bytes, headers: str = "") -> Answer:
     return answer
 
 
-def endless(head: str, total: int) -> Answer:
-    """``head`` as given (the status line, the headers, the blank line), then up to ``total``
-    bytes of body in 64 KiB pieces, stopping when the client hangs up."""
-    piece = b"x" * (64 * 1024)
+def endless(head: str, total: int, piece: bytes = b"x" * (64 * 1024)) -> Answer:
+    """``head`` as given (the status line, the headers, the blank line), then ``piece`` over
+    and over until ``total`` bytes of body are sent or the client hangs up."""
 
     async def answer(writer: asyncio.StreamWriter, node: RawNode) -> None:
         writer.write(head.encode())

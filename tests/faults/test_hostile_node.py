@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from tests.fakes.gateway import node, running_gateway
-from tests.fakes.hostile import Answer, MiB, RawNode, endless, fixed, gzip_bomb, raw_node
+from tests.fakes.hostile import Answer, GiB, MiB, RawNode, endless, fixed, gzip_bomb, raw_node
 from tests.fakes.upstream import FakeUpstream, closed_port
 from tests.faults.test_failover import FAST, ask, cyclic_garbage_of_spillway
 from tests.faults.test_ledger import ledger_rows
@@ -199,24 +199,10 @@ async def test_a_readiness_probe_reads_a_model_list_no_longer_than_a_mebibyte(
 
 
 def endless_sse() -> Answer:
-    """A well-formed stream that never ends: 16 KiB chunks as fast as they are taken."""
+    """A well-formed stream with no end in sight: 16 KiB chunks as fast as they are taken."""
     delta = {"index": 0, "delta": {"content": "x" * 16384}, "finish_reason": None}
     event = b"data: " + orjson.dumps({"object": "chat.completion.chunk", "choices": [delta]})
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-
-    async def answer(writer: asyncio.StreamWriter, node: RawNode) -> None:
-        writer.write(head)
-        try:
-            while True:
-                writer.write(event + b"\n\n")
-                await writer.drain()
-                node.sent += len(event)
-        except ConnectionError:
-            node.cut_off = True
-        finally:
-            node.ended.set()
-
-    return answer
+    return endless(SSE_CLOSE_HEAD, total=64 * GiB, piece=event + b"\n\n")
 
 
 async def test_a_client_that_stops_reading_a_stream_frees_the_node_after_idle_s(
