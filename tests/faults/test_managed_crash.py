@@ -26,6 +26,7 @@ from spillway.config.schema import ManagedNode
 from spillway.nodes import managed
 from spillway.nodes.managed import ManagedLlamaServer, NodeStartError
 from tests.fakes.gateway import running_gateway
+from tests.faults.test_signals_live import until
 
 STANDIN = Path(__file__).parent.parent / "fakes" / "crashing_node.py"
 
@@ -47,13 +48,6 @@ def standin(heal_file: Path, mode: str = "sigill", **extra: Any) -> ManagedNode:
     return ManagedNode(command=(*command, "--mode", mode), **extra)
 
 
-async def until(condition: Any, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -69,7 +63,7 @@ async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
         assert status.summary == "process killed by SIGILL"
         assert status.reason is not None and "CPU instructions" in status.reason
         assert "install_llama_cpp.py" in status.reason  # says how to fix it
-        await until(lambda: len(clock.backoffs) >= 4)
+        await until(lambda: len(clock.backoffs) >= 4, 30)
         assert clock.backoffs[:4] == [1.0, 2.0, 4.0, 8.0]  # not once a second
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert errors[0].startswith("node local: process killed by SIGILL: illegal instruction")
@@ -77,7 +71,7 @@ async def test_a_node_killed_by_sigill_is_failed_logged_and_backed_off(
         assert "restarting in 8 s (crash 4 in a row)" in errors[3]
         # It serves again: ready only after the one-token probe, and the reason is cleared.
         heal.touch()
-        await until(lambda: server.status().serving)
+        await until(lambda: server.status().serving, 30)
         assert server.status().reason is None and server.status().restarts >= 4
         assert any("ready on port" in r.getMessage() for r in caplog.records)
         assert server.status().crashes >= 4
