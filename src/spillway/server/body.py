@@ -24,7 +24,7 @@ async def read_within_limits(request: web.Request, server: ServerConfig) -> byte
     """The whole body, decompressed as its ``Content-Encoding`` says (aiohttp does that)."""
     limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes. Send less.")
+        raise _too_large(limit)
     try:
         if request.content.is_eof():  # came whole with the head (most do): no timer needed
             return await request.read()
@@ -37,9 +37,11 @@ async def read_within_limits(request: web.Request, server: ServerConfig) -> byte
         request[CLOSE_CONNECTION] = True
         raise _undecodable(request, exc) from None
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
-        raise PayloadTooLarge(
-            f"The request body is larger than {limit} bytes. Send less."
-        ) from None
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes. Send less.")
 
 
 def _too_slow(seconds: float) -> InvalidRequest:
