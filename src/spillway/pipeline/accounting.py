@@ -116,7 +116,6 @@ class Accountant:
         sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
         """
         model = request.model
-        tally.asked_for(model)
         if self._budgets.remaining(tally.principal.key_id) is None:
             return
         prompts = _most_prompt_tokens(request, {h.models[model] for h in handles})
