@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -108,7 +108,7 @@ class Accountant:
         self,
         tally: Tally,
         request: ChatRequest | EmbeddingsRequest,
-        handles: list[NodeHandle],
+        handles: Sequence[NodeHandle],
     ) -> None:
         """Hold the most this request can cost against its key's budget (429 if it can't).
 

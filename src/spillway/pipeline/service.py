@@ -171,7 +171,7 @@ class Pipeline:
     ) -> Answer | Stream:
         """Dispatch to the fleet; ``cache`` is the cache's part (status, note) for the route."""
         assert ctx.candidates is not None
-        self.accountant.reserve(tally, chat, list(ctx.candidates))
+        self.accountant.reserve(tally, chat, ctx.candidates)
         if not chat.stream:
             answer = await self.dispatcher.complete(chat, ctx)
             reply, handle = answer.reply, answer.handle
