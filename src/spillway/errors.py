@@ -15,6 +15,8 @@ Each front door renders it in its own protocol (``server/responses.py`` for Open
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
     ├── PermissionDenied               403 permission_error       code=permission_denied
     ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
+    ├── RateLimitExceeded              429 requests | tokens      code=rate_limit_exceeded
+    │                                      (+Retry-After and the key's quota)
     ├── InsufficientQuota              429 insufficient_quota     code=insufficient_quota
     ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
     ├── TooManyConnections             503 service_unavailable    code=too_many_connections
@@ -38,6 +40,8 @@ tracebacks or file paths.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from spillway.quota import Quota
 
 
 class SpillwayError(Exception):
@@ -108,6 +112,22 @@ class QueueFull(SpillwayError):
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitExceeded(SpillwayError):
+    """The API key is over its ``rpm``, ``tpm`` or ``max_parallel``. ``kind`` is OpenAI's
+    type for it: "requests" (rpm and max_parallel) or "tokens"; ``quota`` is what the key's
+    limits looked like; ``retry_after_s`` is None when waiting cannot help (one request over
+    the whole tpm)."""
+
+    status = 429
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, quota: Quota, retry_after_s: int | None):
+        super().__init__(message)
+        self.kind = kind
+        self.quota = quota
         self.retry_after_s = retry_after_s
 
 

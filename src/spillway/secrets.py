@@ -37,7 +37,7 @@ class Redactor:
         cache = config.cache
         if cache.secret is not None:
             secrets.append(cache.secret.get_secret_value())
-        for url in (cache.redis_url, cache.pgvector_url, config.ledger.url):
+        for url in (cache.redis_url, cache.pgvector_url, config.ledger.url, config.state.redis_url):
             password = urlsplit(url.get_secret_value()).password if url else None
             if password:
                 secrets.append(password)

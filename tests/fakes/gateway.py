@@ -53,8 +53,9 @@ async def running_gateway(raw: dict[str, Any]) -> AsyncIterator[RunningGateway]:
 
 
 @asynccontextmanager
-async def _serve(config: Config) -> AsyncIterator[RunningGateway]:
-    app = build_app(config)
+async def _serve(config: Config, processes: int = 1) -> AsyncIterator[RunningGateway]:
+    """``processes``: as if that many workers shared the port (each enforcing its share)."""
+    app = build_app(config, processes=processes)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -25,9 +25,11 @@ LAYERS = {
     "spillway.secrets": 0,
     "spillway.prices": 0,
     "spillway.ids": 0,
+    "spillway.quota": 0,
     "spillway.wire": 1,
     "spillway.nodes": 2,
     "spillway.resilience": 2,
+    "spillway.state": 2,
     "spillway.routing": 3,
     "spillway.cache": 3,
     "spillway.ledger": 3,
@@ -42,6 +44,7 @@ SAME_LAYER = {
     ("spillway.config", "spillway.errors"),
     ("spillway.secrets", "spillway.config"),
     ("spillway.config", "spillway.prices"),
+    ("spillway.errors", "spillway.quota"),
 }
 _ENV_NAMES = {"environ", "getenv", "environb"}
 #: The ``train`` extra and the training code (``training/`` at the repository root): the gateway

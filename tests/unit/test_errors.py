@@ -15,6 +15,7 @@ from spillway.errors import (
     PayloadTooLarge,
     PermissionDenied,
     QueueFull,
+    RateLimitExceeded,
     SpillwayError,
     StartupError,
     StreamInterrupted,
@@ -26,10 +27,12 @@ from spillway.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from spillway.quota import Quota
 from spillway.secrets import Redactor
 from spillway.server.responses import error_body, error_headers
 
 #: One instance of every error class, with the status and OpenAI type it must answer with.
+QUOTA = Quota(30, 0, 2.0, 1000, 10, 59.4)
 EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]] = {
     SpillwayError: (lambda: SpillwayError("x"), 500, "server_error"),
     ConfigError: (lambda: ConfigError("nodes.a", "bad"), 500, "server_error"),
@@ -43,6 +46,11 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     PermissionDenied: (lambda: PermissionDenied("x"), 403, "permission_error"),
     QueueFull: (lambda: QueueFull("x", retry_after_s=2), 429, "rate_limit_error"),
     InsufficientQuota: (lambda: InsufficientQuota("x"), 429, "insufficient_quota"),
+    RateLimitExceeded: (
+        lambda: RateLimitExceeded("x", kind="tokens", quota=QUOTA, retry_after_s=3),
+        429,
+        "tokens",
+    ),
     DeadlineExceeded: (lambda: DeadlineExceeded("x"), 504, "timeout"),
     UpstreamError: (lambda: UpstreamError("a", "x"), 502, "upstream_error"),
     UpstreamConnectError: (lambda: UpstreamConnectError("a", "x"), 502, "upstream_error"),

@@ -26,15 +26,13 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from spillway.cache.keys import tag
 from spillway.cache.stores import Entry, ScopeStats
 from spillway.clock import Clock
 from spillway.secrets import Redactor, redacted_url
+from spillway.state.redis import connect
 
 POOL_SIZE = 32
 _SCAN_BATCH = 1_000
@@ -72,17 +70,7 @@ class RedisCacheStore:
         self._prefix = f"{namespace}:cache:e:"
         self._names = f"{namespace}:cache:names"
         with self._failures("connect"):
-            # Blocking: a burst past POOL_SIZE waits (within the timeout) for a connection,
-            # where the default pool would fail the call at once.
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=POOL_SIZE,
-                timeout=timeout_s,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
-            self._redis = Redis.from_pool(pool)
+            self._redis = connect(url, timeout_s, POOL_SIZE)
         self._get = self._redis.register_script(_GET_SCRIPT)
 
     async def open(self) -> None:

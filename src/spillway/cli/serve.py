@@ -67,13 +67,16 @@ def serve(
 
 
 def run_server(
-    config: Config, reuse_port: bool = False, supervised: Mapping[str, Path] | None = None
+    config: Config,
+    reuse_port: bool = False,
+    supervised: Mapping[str, Path] | None = None,
+    processes: int = 1,
 ) -> None:
     """One gateway process, serving until SIGTERM or SIGINT. ``supervised``: managed nodes
-    the parent of ``--workers`` runs, with their status files."""
+    the parent of ``--workers`` runs, with their status files; ``processes``: the workers."""
     if reuse_port:
         setup_logging(config)  # a spawned worker starts with fresh logging
-    app = build_app(config, supervised=supervised)
+    app = build_app(config, supervised=supervised, processes=processes)
     app.on_startup.append(_freeze_startup_objects)  # after the gateway is built
     # What web.run_app does, with spillway's listener (server/listener.py: the connection
     # cap and idle timeouts), which run_app has no way to take.

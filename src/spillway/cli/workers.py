@@ -42,7 +42,7 @@ async def _supervise(config: Config, workers: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
         resolved, supervised = await _start_managed_nodes(config, stack)
-        procs = [_spawn(resolved, supervised, i) for i in range(workers)]
+        procs = [_spawn(resolved, supervised, i, workers) for i in range(workers)]
         log.info("started %d workers on port %d", workers, config.server.port)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -50,7 +50,7 @@ async def _supervise(config: Config, workers: int) -> None:
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stop.is_set():
                     log.warning("worker %d exited with %s; starting a new one", i, proc.exitcode)
-                    procs[i] = _spawn(resolved, supervised, i)
+                    procs[i] = _spawn(resolved, supervised, i, workers)
         await asyncio.to_thread(_stop_all, procs)
 
 
@@ -84,9 +84,9 @@ async def _start_managed_nodes(
     return config.model_copy(update={"nodes": nodes}), supervised
 
 
-def _spawn(config: Config, supervised: dict[str, Path], index: int) -> SpawnProcess:
+def _spawn(config: Config, supervised: dict[str, Path], index: int, workers: int) -> SpawnProcess:
     proc = _SPAWN.Process(
-        target=_worker_main, args=(config, supervised), name=f"spillway-worker-{index}"
+        target=_worker_main, args=(config, supervised, workers), name=f"spillway-worker-{index}"
     )
     proc.start()
     return proc
@@ -103,11 +103,11 @@ def _stop_all(procs: list[SpawnProcess], grace_s: float = 40.0) -> None:
             proc.join()
 
 
-def _worker_main(config: Config, supervised: dict[str, Path]) -> None:
+def _worker_main(config: Config, supervised: dict[str, Path], workers: int) -> None:
     from spillway.cli.serve import run_server
 
     # A session of its own: a terminal's Ctrl-C reaches only the parent, which stops the
     # workers in order; and a worker never outlives its parent.
     os.setsid()
     die_with_parent()
-    run_server(config, reuse_port=True, supervised=supervised)
+    run_server(config, reuse_port=True, supervised=supervised, processes=workers)

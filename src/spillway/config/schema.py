@@ -25,18 +25,15 @@ from pydantic import (
 
 from spillway.config.headers import check_header_name, check_header_value
 from spillway.config.proxies import NO_PROXY, masked_password, parse_proxy_url
+from spillway.config.state import LimitsConfig, StateConfig
+from spillway.config.urls import LEDGER_SCHEMES, PG_SCHEMES, REDIS_SCHEMES, check_scheme
 from spillway.prices import LIST_PRICES, Currency
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 NodeKind = Literal["private", "cloud"]
-_LEDGER_SCHEMES = frozenset(
-    {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
-)
 LoadSignal = Literal["vllm", "sglang", "llamacpp", "mindie", "none"]
 CacheMode = Literal["off", "exact", "semantic"]
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
-_PG_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
 
 
 class _Frozen(BaseModel):
@@ -152,12 +149,12 @@ class CacheConfig(_Frozen):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        return _check_scheme(value, _REDIS_SCHEMES, "redis://host:6379/0")
+        return check_scheme(value, REDIS_SCHEMES, "redis://host:6379/0")
 
     @field_validator("pgvector_url")
     @classmethod
     def _pg_url(cls, value: SecretStr | None) -> SecretStr | None:
-        return _check_scheme(value, _PG_SCHEMES, "postgresql://user:password@host:5432/db")
+        return check_scheme(value, PG_SCHEMES, "postgresql://user:password@host:5432/db")
 
     @model_validator(mode="after")
     def _backends(self) -> CacheConfig:
@@ -179,17 +176,6 @@ class CacheConfig(_Frozen):
     @property
     def local_embedder(self) -> bool:
         return self.embedder == "local"
-
-
-def _check_scheme(
-    value: SecretStr | None, schemes: frozenset[str], example: str
-) -> SecretStr | None:
-    if value is None:
-        return None
-    scheme = value.get_secret_value().split(":", 1)[0]
-    if scheme not in schemes:
-        raise ValueError(f"unsupported URL scheme '{scheme}': use {example}")
-    return value
 
 
 class PriceConfig(_Frozen):
@@ -240,7 +226,7 @@ class LedgerConfig(_Frozen):
         if value is None:
             return None
         scheme = value.get_secret_value().split(":", 1)[0]
-        if scheme not in _LEDGER_SCHEMES:
+        if scheme not in LEDGER_SCHEMES:
             raise ValueError(
                 f"unsupported database '{scheme}': use postgresql+asyncpg://… or sqlite:///…"
             )
@@ -447,6 +433,11 @@ class KeyConfig(_Frozen):
     #: may read /admin endpoints
     admin: bool = False
     budget: BudgetConfig | None = None
+    #: rate limits (docs/configuration.md#rate-limits): requests and tokens per minute, and
+    #: requests in flight at once; fleet-wide with ``[state] redis_url``
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_parallel: int | None = Field(default=None, ge=1)
 
     @field_validator("key")
     @classmethod
@@ -487,6 +478,8 @@ class Config(_Frozen):
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
     breaker: BreakerConfig = BreakerConfig()
+    state: StateConfig = StateConfig()
+    limits: LimitsConfig = LimitsConfig()
     models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]
     keys: tuple[KeyConfig, ...] = ()

@@ -25,6 +25,7 @@ from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.tokens import EstimatingCounter, TokenCounter, most_prompt_tokens
 from spillway.pipeline.principal import Principal
 from spillway.routing.router import NodeHandle
+from spillway.state.limits import Permit
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.streams import Usage
 
@@ -56,6 +57,8 @@ class Tally:
     client_request_id: str | None = None
     #: set when the answer came from the cache (a hit, or an identical request's answer)
     from_cache: CachedAnswer | None = None
+    #: the request's place in its key's rate limits, settled with the record
+    permit: Permit | None = None
 
     def asked_for(self, model: str) -> None:
         self.model = model
@@ -170,6 +173,8 @@ class Accountant:
         node = tally.handle.name if tally.handle else None
         charge = self._costing.charge(node, usage.prompt_tokens, usage.completion_tokens)
         self._budgets.settle(tally.reservation, charge.cost)
+        if tally.permit is not None:  # a node's tokens: none for an answer from the cache
+            tally.permit.settle(0 if cached else usage.prompt_tokens + usage.completion_tokens)
         if self._writer is None:
             return
         avoided = Decimal(0)

@@ -9,6 +9,7 @@ from typing import Literal, Protocol, TypeVar
 
 from spillway.errors import SpillwayError
 from spillway.pipeline.principal import Principal
+from spillway.quota import Quota
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest
 
 R = TypeVar("R", ChatRequest, EmbeddingsRequest)
@@ -44,6 +45,8 @@ class Route:
     cache_note: str = ""
     #: the answer was shared by an identical request already in flight
     merged: bool = False
+    #: the key's rate limits once this request was counted (None: the key has none)
+    quota: Quota | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spillway.state.buckets import KeyLimits
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -12,6 +14,8 @@ class Principal:
     admin: bool = False
     #: a short digest naming the key in the ledger and budgets; never the key itself
     key_id: str = ""
+    #: the key's rpm, tpm and max_parallel; None when it has none
+    limits: KeyLimits | None = None
 
 
 #: Who a request is when the gateway has no keys configured (open mode).

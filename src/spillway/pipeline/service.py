@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
 
 from spillway.cache.answers import CachedAnswer, from_reply, replay_body, replay_chunks
 from spillway.cache.merging import wait_for_leader
@@ -22,6 +23,7 @@ from spillway.clock import Clock
 from spillway.errors import InvalidRequest, SpillwayError
 from spillway.nodes.tokens import TokenCounter
 from spillway.pipeline.accounting import Accountant, Tally
+from spillway.pipeline.admission import Admission
 from spillway.pipeline.calls import Answer, Call, Inbound, Route, Stream
 from spillway.pipeline.sharing import Sharing
 from spillway.pipeline.streams import ReplayStream, UpstreamStream
@@ -54,6 +56,7 @@ class Pipeline:
         dispatcher: Dispatcher,
         cache: ResponseCache,
         accountant: Accountant,
+        admission: Admission,
         redactor: Redactor,
         clock: Clock,
         settings: PipelineSettings,
@@ -62,6 +65,7 @@ class Pipeline:
         self.dispatcher = dispatcher
         self.cache = cache
         self.accountant = accountant
+        self.admission = admission
         self._redactor = redactor
         self._clock = clock
         self._settings = settings
@@ -76,7 +80,8 @@ class Pipeline:
             raise
         if isinstance(result, Answer):
             self.accountant.close(tally)
-        return result  # a stream owns the tally now: its aclose writes the record
+            return _with_quota(result, tally)
+        return _with_quota(result, tally)  # a stream owns the tally now: its aclose writes
 
     async def embeddings(self, call: Call, inbound: Inbound[EmbeddingsRequest]) -> Answer:
         tally = self._open(call)
@@ -84,6 +89,7 @@ class Pipeline:
             embed = await inbound()
             tally.asked_for(embed.model)
             candidates = self._candidates(embed.model, call)
+            tally.permit = await self.admission.admit(call.principal, embed, tally.request_id)
             self.accountant.reserve(tally, embed, candidates)
             ctx = self._context(call, candidates)
             answer = await self.dispatcher.complete(embed, ctx)
@@ -94,7 +100,7 @@ class Pipeline:
             self._end(tally, exc)
             raise
         self.accountant.close(tally)
-        return result
+        return _with_quota(result, tally)
 
     def _open(self, call: Call) -> Tally:
         return self.accountant.open(call.request_id, call.principal, call.client_request_id)
@@ -113,6 +119,7 @@ class Pipeline:
         tally.asked_for(chat.model)
         candidates = self._candidates(chat.model, call)
         principal = call.principal
+        tally.permit = await self.admission.admit(principal, chat, tally.request_id)
         probe = self.cache.probe(
             chat.body, call.directives, principal.tenant, chat.model, principal.private_only
         )
@@ -244,3 +251,17 @@ class Pipeline:
                 param=TIMEOUT_DIRECTIVE,
             )
         return min(seconds, configured)
+
+
+_Result = TypeVar("_Result", Answer, Stream)
+
+
+def _with_quota(result: _Result, tally: Tally) -> _Result:
+    """The answer, with what the key's rate limits looked like once it was counted."""
+    if tally.permit is None:
+        return result
+    route = replace(result.route, quota=tally.permit.quota)
+    if isinstance(result, Answer):
+        return replace(result, route=route)
+    result.route = route
+    return result

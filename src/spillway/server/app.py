@@ -19,14 +19,19 @@ log = logging.getLogger("spillway.server")
 
 
 def build_app(
-    config: Config, clock: Clock | None = None, supervised: Mapping[str, Path] | None = None
+    config: Config,
+    clock: Clock | None = None,
+    supervised: Mapping[str, Path] | None = None,
+    processes: int = 1,
 ) -> web.Application:
-    """``supervised``: managed nodes another process runs, with their status files."""
+    """``supervised``: managed nodes another process runs, with their status files;
+    ``processes``: how many gateway processes share the port (``--workers``)."""
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[gateway_middleware],
     )
-    app.cleanup_ctx.append(gateway_context(config, clock or SystemClock(), supervised))
+    context = gateway_context(config, clock or SystemClock(), supervised, processes)
+    app.cleanup_ctx.append(context)
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/v1/embeddings", chat.embeddings)
     app.router.add_get("/v1/models", info.list_models)

@@ -7,6 +7,7 @@ import hashlib
 from spillway.config.schema import KeyConfig
 from spillway.errors import AuthenticationFailed
 from spillway.pipeline.principal import ANONYMOUS, Principal
+from spillway.state.buckets import KeyLimits
 
 
 class KeyRing:
@@ -49,7 +50,10 @@ class KeyRing:
 
 def _principal(key: KeyConfig) -> Principal:
     digest = _digest(key.key.get_secret_value())
-    return Principal(key.tenant, key.private_only, key.admin, key_id_of(digest))
+    limits = KeyLimits(key.rpm, key.tpm, key.max_parallel)
+    return Principal(
+        key.tenant, key.private_only, key.admin, key_id_of(digest), limits if limits.any else None
+    )
 
 
 def _digest(secret: str) -> bytes:

@@ -4,6 +4,11 @@
 "cannot connect (ConnectionRefusedError)", "no answer to GET /models within 2 s"), never
 the node's: an error body may carry anything the node chose to send, its key included. The
 node's full error goes to the log when that summary changes.
+
+With shared state configured, ``state`` says whether its Redis answers: ``"ok"``, or
+``"degraded"`` while it does not. Degraded is still ready (200): every replica loses the same
+Redis at once, and a load balancer that drained them all would turn a limits problem into an
+outage; the replicas serve on with their local share of the limits meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from spillway.errors import (
     UpstreamTimeout,
 )
 from spillway.routing.router import NodeHandle, Router
+from spillway.state.redis import SharedState
 
 log = logging.getLogger("spillway.health")
 
@@ -42,9 +48,10 @@ class NodeHealth:
 
 
 class HealthBoard:
-    def __init__(self, router: Router, clock: Clock):
+    def __init__(self, router: Router, clock: Clock, shared: SharedState | None = None):
         self._router = router
         self._clock = clock
+        self._shared = shared
         self._last: dict[str, NodeHealth] = {}
         self._lock = asyncio.Lock()
 
@@ -59,7 +66,10 @@ class HealthBoard:
         }
         nodes = {h.name: self._describe(h) for h in self._router.handles}
         ready = all(models.values())
-        return ready, {"ready": ready, "models": models, "nodes": nodes}
+        body: dict[str, Any] = {"ready": ready, "models": models, "nodes": nodes}
+        if self._shared is not None:
+            body["state"] = "degraded" if self._shared.degraded else "ok"
+        return ready, body
 
     def _stale(self) -> bool:
         now = self._clock.monotonic()

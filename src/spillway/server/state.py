@@ -26,6 +26,7 @@ from spillway.nodes.signals import MetricsSource, metrics_url
 from spillway.nodes.tokens import counter_for
 from spillway.nodes.transport import transport_for
 from spillway.pipeline.accounting import Accountant
+from spillway.pipeline.admission import Admission
 from spillway.pipeline.service import Pipeline, PipelineSettings
 from spillway.prices import LIST_PRICES, Exchange, Price
 from spillway.resilience.breaker import BreakerBoard, BreakerPolicy
@@ -38,6 +39,8 @@ from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing, key_id
 from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
+from spillway.state.limits import RateLimiter
+from spillway.state.redis import SharedState
 
 log = logging.getLogger("spillway.server")
 
@@ -62,13 +65,15 @@ async def build_gateway(
     clock: Clock,
     stack: AsyncExitStack,
     supervised: Mapping[str, Path] | None = None,
+    processes: int = 1,
 ) -> Gateway:
     """Start every node (managed ones first wait until they generate) and wire the gateway.
 
     ``supervised``: nodes another process supervises (``--workers``' parent), each with the
-    status file it keeps.
+    status file it keeps. ``processes``: how many gateway processes share the port
+    (``--workers``); without shared state each enforces that share of the rate limits.
     """
-    processes: dict[str, ProcessView] = {
+    views: dict[str, ProcessView] = {
         name: StatusFile(path, clock.monotonic) for name, path in (supervised or {}).items()
     }
     handles = []
@@ -80,11 +85,11 @@ async def build_gateway(
             server = ManagedLlamaServer(name, spec.managed, logs, clock, api_key=key)
             await server.start()
             stack.push_async_callback(server.aclose)
-            processes[name] = server
+            views[name] = server
             base_url, tokenizer = server.base_url, tokenizer or server.model_path
         assert base_url is not None  # the schema requires base_url or managed
         handle = _handle(name, spec, base_url, tokenizer, config, stack)
-        handle.process = processes.get(name)
+        handle.process = views.get(name)
         handles.append(handle)
     router = Router(
         handles, _breakers(config, handles, clock), clock, config.routing.signal_stale_s
@@ -104,16 +109,52 @@ async def build_gateway(
     settings = PipelineSettings(
         config.timeouts.deadline_s, config.cache.cache_tool_calls, config.timeouts.idle_s
     )
-    pipeline = Pipeline(router, dispatcher, cache, accountant, redactor, clock, settings)
+    shared = await _shared_state(config, clock, stack)
+    limiter = _rate_limiter(config, clock, stack, shared, processes)
+    admission = Admission(limiter, config.limits.output_reserve_tokens)
+    pipeline = Pipeline(router, dispatcher, cache, accountant, admission, redactor, clock, settings)
     return Gateway(
         config=config,
         clock=clock,
         router=router,
         keys=KeyRing(config.keys),
         redactor=redactor,
-        health=HealthBoard(router, clock),
+        health=HealthBoard(router, clock, shared),
         pipeline=pipeline,
     )
+
+
+async def _shared_state(config: Config, clock: Clock, stack: AsyncExitStack) -> SharedState | None:
+    """The Redis replicas share (``[state] redis_url``); a Redis down at start is an outage,
+    not a failed start."""
+    state = config.state
+    if state.redis_url is None:
+        return None
+    shared = SharedState(
+        state.redis_url.get_secret_value(),
+        clock,
+        timeout_s=state.timeout_s,
+        namespace=state.namespace,
+    )
+    await shared.open()
+    stack.push_async_callback(shared.aclose)
+    return shared
+
+
+def _rate_limiter(
+    config: Config,
+    clock: Clock,
+    stack: AsyncExitStack,
+    shared: SharedState | None,
+    processes: int,
+) -> RateLimiter:
+    """Per-key limits: fleet-wide through ``shared``, else this process's share of them
+    (``processes`` gateways share the port)."""
+    lease_s = config.state.lease_s
+    limiter = RateLimiter(clock, shared, local_share=processes, lease_s=lease_s)
+    limiter.start()
+    stack.push_async_callback(limiter.aclose)
+    return limiter
 
 
 async def _accountant(config: Config, clock: Clock, stack: AsyncExitStack) -> Accountant:
@@ -241,13 +282,16 @@ def _handle(
 
 
 def gateway_context(
-    config: Config, clock: Clock, supervised: Mapping[str, Path] | None = None
+    config: Config,
+    clock: Clock,
+    supervised: Mapping[str, Path] | None = None,
+    processes: int = 1,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """An aiohttp cleanup context that builds the Gateway and tears it down in reverse."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            app[GATEWAY] = await build_gateway(config, clock, stack, supervised)
+            app[GATEWAY] = await build_gateway(config, clock, stack, supervised, processes)
             yield
             log.info("shutting down: closing nodes")
 

@@ -1,0 +1,80 @@
+"""A key's rate limits at the door of the pipeline: count the request, or refuse it clearly.
+
+What a request counts for ``tpm`` before its real usage is known: the prompt's estimate (the
+body's size at about 4 bytes a token, as the estimating token counter reads it) plus, for a
+chat, ``max_tokens`` per choice, or ``[limits] output_reserve_tokens`` when it sets none.
+When the request ends the count is settled on what it really used (nothing, for an answer
+from the cache: no node spent a token on it).
+"""
+
+from __future__ import annotations
+
+import math
+
+from spillway.errors import RateLimitExceeded
+from spillway.nodes.tokens import EstimatingCounter
+from spillway.pipeline.principal import Principal
+from spillway.state.limits import Permit, RateLimited, RateLimiter, Refusal
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest
+
+_ESTIMATE = EstimatingCounter()
+
+
+class Admission:
+    def __init__(self, limiter: RateLimiter, output_reserve_tokens: int):
+        self._limiter = limiter
+        self._reserve = output_reserve_tokens
+
+    async def admit(
+        self, principal: Principal, request: ChatRequest | EmbeddingsRequest, request_id: str
+    ) -> Permit | None:
+        """The request's permit (None for a key without limits); ``RateLimitExceeded`` when
+        a limit says no."""
+        limits = principal.limits
+        if limits is None:
+            return None
+        tokens = self.tokens_asked(request) if limits.tpm else 0
+        try:
+            return await self._limiter.admit(principal.key_id, limits, tokens, request_id)
+        except RateLimited as exc:
+            raise refused(exc.refusal) from None
+
+    def tokens_asked(self, request: ChatRequest | EmbeddingsRequest) -> int:
+        prompt = _ESTIMATE.prompt_tokens(request.body)
+        if isinstance(request, EmbeddingsRequest):
+            return prompt
+        choices = request.body.get("n") or 1
+        return prompt + (request.max_tokens or self._reserve) * choices
+
+
+def refused(refusal: Refusal) -> RateLimitExceeded:
+    """The client's error for a refusal: which limit, and what to do about it."""
+    limits, quota = refusal.limits, refusal.quota
+    if refusal.retry_after_s is None:
+        return RateLimitExceeded(
+            f"This request counts about {refusal.tokens} tokens (its prompt's estimate plus "
+            f"max_tokens), more than this API key's tpm of {limits.tpm}, so it can never be "
+            "admitted. Lower max_tokens or shorten the prompt.",
+            kind="tokens",
+            quota=quota,
+            retry_after_s=None,
+        )
+    wait = max(1, math.ceil(refusal.retry_after_s))
+    if refusal.limit == "tokens":
+        message = (
+            f"Rate limit reached for this API key on tokens per minute (tpm): limit "
+            f"{limits.tpm}, and this request counts about {refusal.tokens} (its prompt's "
+            f"estimate plus max_tokens). Try again in {wait} s, or set a lower max_tokens."
+        )
+    elif refusal.limit == "requests":
+        message = (
+            f"Rate limit reached for this API key on requests per minute (rpm): limit "
+            f"{limits.rpm}. Try again in {wait} s."
+        )
+    else:
+        message = (
+            f"This API key already has {limits.max_parallel} requests in flight, its "
+            "max_parallel. Try again when one of them has finished."
+        )
+    kind = "tokens" if refusal.limit == "tokens" else "requests"
+    return RateLimitExceeded(message, kind=kind, quota=quota, retry_after_s=wait)
