@@ -50,6 +50,8 @@ class FakeUpstream:
     received: list[Received] = field(default_factory=list)
     cancelled_at: list[float] = field(default_factory=list)
     in_flight: int = 0
+    #: the most requests it has had in flight at once
+    peak_in_flight: int = 0
     port: int = 0
     #: served at GET /metrics (Prometheus text), None for a 404 like an engine without metrics
     metrics_text: str | None = None
@@ -116,6 +118,7 @@ class FakeUpstream:
         body = await request.json()
         self.received.append(Received(body, dict(request.headers)))
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             return await self._answer(request, body)
         except asyncio.CancelledError:

@@ -1,7 +1,7 @@
 """Three `spillway serve` processes sharing one real Redis (``[state] redis_url``) in front of
-a scripted node: a key's rpm holds across the replicas, a paused Redis costs no request and
-none a long wait, and the max_parallel places of a replica killed with -9 come free within
-the lease."""
+scripted nodes: a node's max_concurrency and a key's rpm hold across the replicas, a paused
+Redis costs no request and none a long wait, and the places a replica killed with -9 held
+come free within the lease."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +38,24 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
+PRIVATE = ("p1", "p2", "p3")
+PER_NODE = 4
+
+
 @pytest.fixture
-async def node() -> AsyncIterator[FakeUpstream]:
-    fake = await FakeUpstream("llm").start()
-    yield fake
-    await fake.stop()
+async def fleet() -> AsyncIterator[dict[str, FakeUpstream]]:
+    fakes = {name: await FakeUpstream(name).start() for name in (*PRIVATE, "cloud")}
+    yield fakes
+    for fake in fakes.values():
+        await fake.stop()
 
 
 @pytest.fixture
 async def replicas(
-    redis: RedisServer, node: FakeUpstream, tmp_path: Path
+    redis: RedisServer, fleet: dict[str, FakeUpstream], tmp_path: Path
 ) -> AsyncIterator[list[Replica]]:
     config = tmp_path / "spillway.toml"
-    config.write_text(_config(node.base_url, redis.url, tmp_path.name))
+    config.write_text(_config(fleet, redis.url, tmp_path.name))
     running = [_start(config, tmp_path / f"r{i}") for i in range(3)]
     try:
         await asyncio.gather(*(_wait_ready(r) for r in running))
@@ -66,8 +71,26 @@ async def replicas(
                 replica.proc.kill()
 
 
-def _config(node_url: str, redis_url: str, namespace: str) -> str:
-    return f"""
+def _config(fleet: dict[str, FakeUpstream], redis_url: str, namespace: str) -> str:
+    nodes = "".join(
+        f"""
+[nodes.{name}]
+kind = "private"
+base_url = "{fleet[name].base_url}"
+models = {{ m = "llm-model" }}
+max_concurrency = {PER_NODE}
+"""
+        for name in PRIVATE
+    )
+    return (
+        nodes
+        + f"""
+[nodes.cloud]
+kind = "cloud"
+base_url = "{fleet["cloud"].base_url}"
+api_key = "sk-replica-cloud-0123456789"
+models = {{ m = "cloud-model" }}
+max_concurrency = 256
 [server]
 access_log = false
 [state]
@@ -76,11 +99,8 @@ namespace = "{namespace}"
 lease_s = {LEASE_S}
 [cache]
 mode = "off"
-[nodes.llm]
-kind = "private"
-base_url = "{node_url}"
-models = {{ m = "llm-model" }}
-max_concurrency = 256
+[routing]
+queue_size = 512
 [[keys]]
 key = "{KEY}"
 tenant = "load"
@@ -94,6 +114,7 @@ key = "{PARALLEL_KEY}"
 tenant = "slow"
 max_parallel = 2
 """
+    )
 
 
 def _start(config: Path, workdir: Path) -> Replica:
@@ -121,12 +142,38 @@ async def _wait_ready(replica: Replica, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{replica.url} not ready: {replica.log.read_text()}")
 
 
-async def chat(client: httpx.AsyncClient, replica: Replica, key: str) -> httpx.Response:
+async def chat(
+    client: httpx.AsyncClient, replica: Replica, key: str, model: str = "m"
+) -> httpx.Response:
     return await client.post(
         replica.url + "/v1/chat/completions",
-        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
         headers={"Authorization": f"Bearer {key}"},
     )
+
+
+async def test_no_node_sees_more_than_its_max_concurrency_and_the_excess_spills(
+    fleet: dict[str, FakeUpstream], replicas: list[Replica]
+) -> None:
+    """48 clients over 3 replicas, 3 private nodes of 4 slots: each replica alone would
+    give every node up to 4, 12 in all."""
+    for fake in fleet.values():
+        fake.script = Script(latency_s=0.2)
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client: httpx.AsyncClient, replica: Replica) -> None:
+        while not stop.is_set():
+            statuses.append((await chat(client, replica, KEY)).status_code)
+
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=64)) as client:
+        loops = [asyncio.create_task(client_loop(client, replicas[i % 3])) for i in range(48)]
+        await asyncio.sleep(3.0)
+        stop.set()
+        await asyncio.gather(*loops)
+    peaks = {name: fleet[name].peak_in_flight for name in PRIVATE}
+    assert peaks == dict.fromkeys(PRIVATE, PER_NODE), peaks  # full, never over
+    assert fleet["cloud"].calls > 0 and set(statuses) == {200}
 
 
 async def test_rpm_30_admits_30_of_a_burst_of_90_over_three_replicas(
@@ -189,23 +236,59 @@ async def test_a_paused_redis_fails_no_request_and_slows_none_past_1_5_s(
 
 
 async def test_a_killed_replicas_parallel_places_come_free_within_the_lease(
-    node: FakeUpstream, replicas: list[Replica]
+    fleet: dict[str, FakeUpstream], replicas: list[Replica]
 ) -> None:
-    node.script = Script(latency_s=60)
+    for fake in fleet.values():
+        fake.script = Script(latency_s=60)
     async with httpx.AsyncClient(timeout=70) as client:
         held = [asyncio.create_task(chat(client, replicas[0], PARALLEL_KEY)) for _ in range(2)]
         await asyncio.sleep(1.0)
-        assert node.in_flight == 2
+        assert sum(fake.in_flight for fake in fleet.values()) == 2
         refused = await chat(client, replicas[1], PARALLEL_KEY)
         assert refused.status_code == 429 and "max_parallel" in refused.text
-        os.kill(replicas[0].proc.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        node.script = Script()
-        while (await chat(client, replicas[1], PARALLEL_KEY)).status_code != 200:
-            assert time.monotonic() - killed_at < LEASE_S + 1.0
-            await asyncio.sleep(0.1)
-        freed_after = time.monotonic() - killed_at
-        for task in held:
-            task.cancel()
-        await asyncio.gather(*held, return_exceptions=True)
+        freed_after = await kill_then_wait(
+            fleet, replicas, held, lambda: chat(client, replicas[1], PARALLEL_KEY),
+            lambda answer: answer.status_code == 200,
+        )  # fmt: skip
     assert freed_after <= LEASE_S + 1.0
+
+
+async def test_a_killed_replicas_node_slots_come_free_within_the_lease(
+    fleet: dict[str, FakeUpstream], replicas: list[Replica]
+) -> None:
+    for name in PRIVATE:
+        fleet[name].script = Script(latency_s=60)
+    async with httpx.AsyncClient(timeout=70) as client:
+        held = [asyncio.create_task(chat(client, replicas[0], KEY)) for _ in range(12)]
+        await asyncio.sleep(1.0)
+        assert [fleet[name].in_flight for name in PRIVATE] == [PER_NODE] * 3
+        spilled = await chat(client, replicas[1], KEY)  # every private slot is held
+        assert spilled.headers["x-spillway-source"] == "cloud"
+        freed_after = await kill_then_wait(
+            fleet, replicas, held, lambda: chat(client, replicas[1], KEY),
+            lambda answer: answer.headers["x-spillway-source"] == "private",
+        )  # fmt: skip
+    assert freed_after <= LEASE_S + 1.0
+
+
+async def kill_then_wait(
+    fleet: dict[str, FakeUpstream],
+    replicas: list[Replica],
+    held: list[asyncio.Task[httpx.Response]],
+    ask: Callable[[], Awaitable[httpx.Response]],
+    freed: Callable[[httpx.Response], bool],
+) -> float:
+    """Kill replica 0 (-9) with ``held`` in flight through it, make the nodes fast again,
+    and ask until ``freed`` says its places are free: how many seconds that took."""
+    os.kill(replicas[0].proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    for fake in fleet.values():
+        fake.script = Script()
+    while not freed(await ask()):
+        assert time.monotonic() - killed_at < LEASE_S + 1.0
+        await asyncio.sleep(0.1)
+    seconds = time.monotonic() - killed_at
+    for task in held:
+        task.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
+    return seconds

@@ -10,12 +10,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from spillway.clock import SystemClock
 from spillway.state import redis as state_redis
 from spillway.state.buckets import KeyLimits
+from spillway.state.leases import Leases
 from spillway.state.limits import Permit, RateLimited, RateLimiter
 from spillway.state.redis import SharedState
 from tests.redis_server import RedisServer, redis_server
@@ -40,35 +42,46 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
 
-async def replica(url: str, namespace: str, lease_s: float = 15.0) -> RateLimiter:
+@dataclass
+class Replica:
+    """What one replica holds: its connection, its leases, its limiter."""
+
+    shared: SharedState
+    leases: Leases
+    limiter: RateLimiter
+
+    async def admit(self, key: str, limits: KeyLimits, tokens: int, permit_id: str) -> Permit:
+        return await self.limiter.admit(key, limits, tokens, permit_id)
+
+
+async def replica(url: str, namespace: str, lease_s: float = 15.0) -> Replica:
     shared = SharedState(url, SystemClock(), timeout_s=0.25, namespace=namespace)
     await shared.open()
-    limiter = RateLimiter(SystemClock(), shared, lease_s=lease_s)
-    limiter._shared_for_test = shared  # type: ignore[attr-defined]
-    return limiter
+    leases = Leases(shared, SystemClock(), lease_s)
+    return Replica(shared, leases, RateLimiter(SystemClock(), shared, leases))
 
 
-async def close(*limiters: RateLimiter) -> None:
-    for limiter in limiters:
-        await limiter.aclose()
-        await limiter._shared_for_test.aclose()  # type: ignore[attr-defined]
+async def close(*replicas: Replica) -> None:
+    for r in replicas:
+        await r.leases.aclose()
+        await r.shared.aclose()
 
 
 @pytest.fixture
-async def pair(server: RedisServer, namespace: str) -> AsyncIterator[list[RateLimiter]]:
+async def pair(server: RedisServer, namespace: str) -> AsyncIterator[list[Replica]]:
     limiters = [await replica(server.url, namespace) for _ in range(2)]
     yield limiters
     await close(*limiters)
 
 
-async def admits(limiter: RateLimiter, limits: KeyLimits, tokens: int = 0) -> Permit | None:
+async def admits(limiter: Replica, limits: KeyLimits, tokens: int = 0) -> Permit | None:
     try:
         return await limiter.admit("key", limits, tokens, uuid.uuid4().hex)
     except RateLimited:
         return None
 
 
-async def test_replicas_share_one_requests_bucket(pair: list[RateLimiter]) -> None:
+async def test_replicas_share_one_requests_bucket(pair: list[Replica]) -> None:
     a, b = pair
     limits = KeyLimits(rpm=5)
     got = [await admits(a, limits) for _ in range(3)] + [await admits(b, limits) for _ in range(4)]
@@ -80,19 +93,19 @@ async def test_replicas_share_one_requests_bucket(pair: list[RateLimiter]) -> No
     assert got[4] is not None and got[4].quota.remaining_requests == 0
 
 
-async def test_tokens_settle_across_replicas(pair: list[RateLimiter]) -> None:
+async def test_tokens_settle_across_replicas(pair: list[Replica]) -> None:
     a, b = pair
     limits = KeyLimits(tpm=1_000)
     first = await admits(a, limits, 800)
     assert first is not None and first.quota.remaining_tokens == 200
     assert await admits(b, limits, 300) is None
     first.settle(100)  # it used 100 of its 800: 700 back
-    await a.aclose()  # waits for the settle in flight
+    await a.leases.aclose()  # waits for the settle in flight
     second = await admits(b, limits, 300)
     assert second is not None and 590 <= second.quota.remaining_tokens <= 610
 
 
-async def test_a_request_over_the_whole_tpm_is_refused_for_good(pair: list[RateLimiter]) -> None:
+async def test_a_request_over_the_whole_tpm_is_refused_for_good(pair: list[Replica]) -> None:
     with pytest.raises(RateLimited) as refused:
         await pair[0].admit("key", KeyLimits(tpm=100), 101, "x")
     assert refused.value.refusal.retry_after_s is None
@@ -121,7 +134,7 @@ async def test_a_live_replica_keeps_its_leases_and_settling_frees_them(
 ) -> None:
     a = await replica(server.url, namespace, lease_s=1.0)
     b = await replica(server.url, namespace, lease_s=1.0)
-    a.start()
+    a.leases.start()
     limits = KeyLimits(max_parallel=1)
     try:
         held = await admits(a, limits)
@@ -140,7 +153,7 @@ async def test_a_paused_redis_costs_one_bounded_call_then_the_local_share(
 ) -> None:
     caplog.set_level(logging.WARNING, "spillway.state")
     a, b, c = [await replica(own_server.url, namespace) for _ in range(3)]
-    shared = a._shared_for_test  # type: ignore[attr-defined]
+    shared = a.shared
     limits = KeyLimits(rpm=30)
     try:
         await shared._beat()

@@ -37,6 +37,7 @@ from spillway.nodes.base import Reply
 from spillway.resilience.queue import WaitQueue
 from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_after
 from spillway.routing.router import NodeHandle, Router, Slot
+from spillway.state.slots import FleetSlots
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
 from spillway.wire.streams import is_error_chunk, parse_chunk
@@ -44,6 +45,9 @@ from spillway.wire.streams import is_error_chunk, parse_chunk
 log = logging.getLogger("spillway.routing")
 T = TypeVar("T")
 Request = ChatRequest | EmbeddingsRequest
+#: While every node this request may use is full fleet-wide (its slots are held by other
+#: replicas, whose releases wake nobody here), the request looks again this often.
+FLEET_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +99,10 @@ class Dispatcher:
         clock: Clock,
         ttft_smoothing: float = 0.2,
         rand: Callable[[], float] = random.random,
+        slots: FleetSlots | None = None,
     ):
         self.router = router
+        self.slots = slots
         self.board = router.board
         self.budget = budget
         self.queues = queues
@@ -106,9 +112,8 @@ class Dispatcher:
         self.rand = rand
 
     async def complete(self, request: Request, ctx: RequestContext) -> Answer:
-        async def attempt(handle: NodeHandle, timeouts: Timeouts) -> Answer:
+        async def attempt(handle: NodeHandle, timeouts: Timeouts, slot: Slot) -> Answer:
             body = body_for_node(request, handle.models[request.model])
-            slot = handle.acquire()
             try:
                 if isinstance(request, ChatRequest):
                     reply = await handle.node.chat(body, timeouts)
@@ -121,9 +126,8 @@ class Dispatcher:
         return await self._route(request, ctx, attempt)
 
     async def open_stream(self, request: ChatRequest, ctx: RequestContext) -> OpenStream:
-        async def attempt(handle: NodeHandle, timeouts: Timeouts) -> OpenStream:
+        async def attempt(handle: NodeHandle, timeouts: Timeouts, slot: Slot) -> OpenStream:
             body = body_for_node(request, handle.models[request.model])
-            slot = handle.acquire()
             started = self.clock.monotonic()
             events = handle.node.stream(body, timeouts)
             try:
@@ -142,7 +146,7 @@ class Dispatcher:
         self,
         request: Request,
         ctx: RequestContext,
-        attempt: Callable[[NodeHandle, Timeouts], Awaitable[T]],
+        attempt: Callable[[NodeHandle, Timeouts, Slot], Awaitable[T]],
     ) -> T:
         if ctx.candidates is None:
             self.router.check_eligible(request.model, ctx.private_only)
@@ -155,10 +159,11 @@ class Dispatcher:
                     log.warning("request %s: retry budget spent; not retrying", ctx.request_id)
                     break
                 try:
-                    handle = await self._next_node(request.model, ctx, errors, number)
-                    if handle is None:
+                    picked = await self._next_node(request.model, ctx, errors, number)
+                    if picked is None:
                         break
-                    result = await self._try(handle, attempt, ctx)
+                    handle, slot = picked
+                    result = await self._try(handle, slot, attempt, ctx)
                 except UpstreamError as exc:
                     if not exc.may_fall_back:
                         raise  # a bare raise: a helper holding ``exc`` would join its cycle
@@ -176,15 +181,21 @@ class Dispatcher:
     async def _try(
         self,
         handle: NodeHandle,
-        attempt: Callable[[NodeHandle, Timeouts], Awaitable[T]],
+        slot: Slot,
+        attempt: Callable[[NodeHandle, Timeouts, Slot], Awaitable[T]],
         ctx: RequestContext,
     ) -> T:
-        """One attempt on one node, with its breaker told the outcome."""
+        """One attempt on one node, with its breaker told the outcome. ``attempt`` owns the
+        slot: it gives it back, or hands it on with a committed stream."""
         ok: bool | None = None
         timeouts: Timeouts | None = None
         try:
-            timeouts = self._attempt_timeouts(handle, ctx)
-            result = await attempt(handle, timeouts)
+            try:
+                timeouts = self._attempt_timeouts(handle, ctx)
+            except BaseException:
+                slot.release()
+                raise
+            result = await attempt(handle, timeouts, slot)
             ok = True
             return result
         except UpstreamError as exc:
@@ -207,20 +218,49 @@ class Dispatcher:
 
     async def _next_node(
         self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
-    ) -> NodeHandle | None:
-        """The node for this attempt, waiting for capacity if every node is merely busy."""
+    ) -> tuple[NodeHandle, Slot] | None:
+        """The node for this attempt and a slot on it, waiting for capacity if every node
+        is merely busy (here, or fleet-wide)."""
         failed = {e.node for e in errors}
+        full: set[str] = set()  # nodes whose every slot another replica holds
         while True:
             self._check_deadline(ctx)
-            pick = self.router.pick(model, ctx.private_only, failed, ctx.candidates)
+            excluded = failed | full if full else failed
+            pick = self.router.pick(model, ctx.private_only, excluded, ctx.candidates)
             if pick.handle is not None:
-                return pick.handle
-            if pick.busy:
-                await self._wait_for_capacity(model, ctx)
+                slot = await self._claim(pick.handle, ctx, number)
+                if slot is not None:
+                    return pick.handle, slot
+                full.add(pick.handle.name)
+                continue
+            if pick.busy or full:
+                await self._wait_for_capacity(model, ctx, FLEET_POLL_S if full else None)
+                full.clear()
                 continue
             if not errors:
                 raise self._unavailable(model, ctx)
-            return await self._retry_failed_node(model, ctx, errors, number)
+            handle = await self._retry_failed_node(model, ctx, errors, number)
+            if handle is None:
+                return None
+            slot = await self._claim(handle, ctx, number)
+            if slot is None:  # full fleet-wide meanwhile: look again, from the top
+                failed.discard(handle.name)
+                continue
+            return handle, slot
+
+    async def _claim(self, handle: NodeHandle, ctx: RequestContext, number: int) -> Slot | None:
+        """A slot on the picked node: here, and fleet-wide when replicas share state (None
+        when the fleet has none free; the breaker's admission is handed back then)."""
+        if self.slots is None:
+            return handle.acquire()
+        member = f"{ctx.request_id}:{number}"
+        if not await self.slots.claim(
+            handle.name, handle.max_concurrency, handle.in_flight, member
+        ):
+            self.board.release(handle.name)
+            return None
+        slots = self.slots
+        return handle.acquire(lambda: slots.release(member))
 
     async def _retry_failed_node(
         self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
@@ -245,10 +285,19 @@ class Dispatcher:
         pick = self.router.pick(model, ctx.private_only, unsure, ctx.candidates)
         return pick.handle
 
-    async def _wait_for_capacity(self, model: str, ctx: RequestContext) -> None:
+    async def _wait_for_capacity(
+        self, model: str, ctx: RequestContext, poll_s: float | None = None
+    ) -> None:
+        """Wait for a slot freed here; with ``poll_s``, at most that long (a slot freed on
+        another replica wakes nobody here)."""
+        deadline = ctx.deadline
+        if poll_s is not None:
+            deadline = min(deadline, self.clock.monotonic() + poll_s)
         try:
-            await self.queues[model].wait(ctx.deadline)
+            await self.queues[model].wait(deadline)
         except DeadlineExceeded:
+            if deadline < ctx.deadline:
+                return
             raise NoEligibleNode(
                 f"Every node that may serve '{model}' stayed busy until the request's deadline."
                 + (

@@ -79,10 +79,12 @@ class NodeHandle:
         status = self.process.status()
         return None if status.serving else status
 
-    def acquire(self) -> Slot:
+    def acquire(self, on_release: Callable[[], None] | None = None) -> Slot:
+        """One more request in flight here; ``on_release``: also run when it ends (give
+        back the slot's fleet-wide lease)."""
         self.in_flight += 1
         self.stats.attempts += 1
-        return Slot(self)
+        return Slot(self, on_release)
 
     def engine_load(self, now: float, stale_s: float) -> EngineLoad | None:
         """The engine's own reading, or None when there is none or it is too old to trust."""
@@ -95,15 +97,18 @@ class NodeHandle:
 class Slot:
     """One in-flight request on a node; ``release`` is idempotent."""
 
-    __slots__ = ("_handle",)
+    __slots__ = ("_handle", "_on_release")
 
-    def __init__(self, handle: NodeHandle):
+    def __init__(self, handle: NodeHandle, on_release: Callable[[], None] | None = None):
         self._handle: NodeHandle | None = handle
+        self._on_release = on_release
 
     def release(self) -> None:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.in_flight -= 1
+            if self._on_release is not None:
+                self._on_release()
             for wake in handle.on_release:
                 wake()
 

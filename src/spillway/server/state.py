@@ -39,8 +39,10 @@ from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing, key_id
 from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
+from spillway.state.leases import Leases
 from spillway.state.limits import RateLimiter
 from spillway.state.redis import SharedState
+from spillway.state.slots import FleetSlots
 
 log = logging.getLogger("spillway.server")
 
@@ -76,6 +78,10 @@ async def build_gateway(
     views: dict[str, ProcessView] = {
         name: StatusFile(path, clock.monotonic) for name, path in (supervised or {}).items()
     }
+    shared = await _shared_state(config, clock, stack)
+    leases = _leases(config, shared, clock, stack)
+    # Without shared state, N workers split each node's slots (at least 1 each).
+    split = processes if shared is None else 1
     handles = []
     for name, spec in config.nodes.items():
         base_url, tokenizer = spec.base_url, spec.tokenizer
@@ -88,13 +94,14 @@ async def build_gateway(
             views[name] = server
             base_url, tokenizer = server.base_url, tokenizer or server.model_path
         assert base_url is not None  # the schema requires base_url or managed
-        handle = _handle(name, spec, base_url, tokenizer, config, stack)
+        handle = _handle(name, spec, base_url, tokenizer, config, stack, split)
         handle.process = views.get(name)
         handles.append(handle)
     router = Router(
         handles, _breakers(config, handles, clock), clock, config.routing.signal_stale_s
     )
-    dispatcher = _dispatcher(config, router, clock)
+    slots = FleetSlots(shared, leases) if shared is not None and leases is not None else None
+    dispatcher = _dispatcher(config, router, clock, slots)
     monitor = NodeMonitor(
         router,
         config.routing.signal_interval_s,
@@ -109,8 +116,7 @@ async def build_gateway(
     settings = PipelineSettings(
         config.timeouts.deadline_s, config.cache.cache_tool_calls, config.timeouts.idle_s
     )
-    shared = await _shared_state(config, clock, stack)
-    limiter = _rate_limiter(config, clock, stack, shared, processes)
+    limiter = RateLimiter(clock, shared, leases, local_share=processes)
     admission = Admission(limiter, config.limits.output_reserve_tokens)
     pipeline = Pipeline(router, dispatcher, cache, accountant, admission, redactor, clock, settings)
     return Gateway(
@@ -141,20 +147,16 @@ async def _shared_state(config: Config, clock: Clock, stack: AsyncExitStack) -> 
     return shared
 
 
-def _rate_limiter(
-    config: Config,
-    clock: Clock,
-    stack: AsyncExitStack,
-    shared: SharedState | None,
-    processes: int,
-) -> RateLimiter:
-    """Per-key limits: fleet-wide through ``shared``, else this process's share of them
-    (``processes`` gateways share the port)."""
-    lease_s = config.state.lease_s
-    limiter = RateLimiter(clock, shared, local_share=processes, lease_s=lease_s)
-    limiter.start()
-    stack.push_async_callback(limiter.aclose)
-    return limiter
+def _leases(
+    config: Config, shared: SharedState | None, clock: Clock, stack: AsyncExitStack
+) -> Leases | None:
+    """The places this replica holds in Redis (node slots, max_parallel), renewed."""
+    if shared is None:
+        return None
+    leases = Leases(shared, clock, config.state.lease_s)
+    leases.start()
+    stack.push_async_callback(leases.aclose)
+    return leases
 
 
 async def _accountant(config: Config, clock: Clock, stack: AsyncExitStack) -> Accountant:
@@ -208,7 +210,9 @@ def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> Breake
     return BreakerBoard(policy, clock, pools)
 
 
-def _dispatcher(config: Config, router: Router, clock: Clock) -> Dispatcher:
+def _dispatcher(
+    config: Config, router: Router, clock: Clock, slots: FleetSlots | None
+) -> Dispatcher:
     routing = config.routing
     queues = {m: WaitQueue(routing.queue_size, clock, model=m) for m in router.models()}
     for handle in router.handles:
@@ -223,6 +227,7 @@ def _dispatcher(config: Config, router: Router, clock: Clock) -> Dispatcher:
         RetryPolicy(routing.max_attempts, routing.backoff_base_s, routing.backoff_cap_s),
         clock,
         ttft_smoothing=routing.ttft_smoothing,
+        slots=slots,
     )
 
 
@@ -239,7 +244,9 @@ def _handle(
     tokenizer: Path | None,
     config: Config,
     stack: AsyncExitStack,
+    split: int = 1,
 ) -> NodeHandle:
+    """``split``: how many processes share the node's slots, each keeping to its part."""
     signal_url = spec.metrics_url
     if signal_url is None and spec.load_signal != "none":
         signal_url = metrics_url(base_url, spec.load_signal)
@@ -271,7 +278,7 @@ def _handle(
         kind=spec.kind,
         node=node,
         models=dict(spec.models),
-        max_concurrency=spec.max_concurrency,
+        max_concurrency=max(1, spec.max_concurrency // split),
         weight=spec.weight,
         timeouts=config.timeouts_for(name),
         counter=counter_for(tokenizer),

@@ -22,17 +22,15 @@ or the leases run out.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from spillway.clock import Clock
 from spillway.quota import Quota
 from spillway.state.buckets import KeyLimits, LocalBuckets, Verdict, quota
+from spillway.state.leases import Leases
 from spillway.state.redis import SharedState, StateDown
 
 log = logging.getLogger("spillway.limits")
@@ -152,33 +150,20 @@ class RateLimiter:
         self,
         clock: Clock,
         shared: SharedState | None = None,
+        leases: Leases | None = None,
         *,
         local_share: int = 1,
-        lease_s: float = 15.0,
     ):
+        if (shared is None) != (leases is None):
+            raise ValueError("shared state and its leases come together")
         self._clock = clock
         self._shared = shared
+        self._leases = leases
         self._local = LocalBuckets()
         self._local_share = max(1, local_share)
-        self._lease_ms = int(lease_s * 1000)
-        self._held: dict[str, str] = {}  # permit id -> key, for Redis leases to renew
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._renewer: asyncio.Task[None] | None = None
         if shared is not None:
             self._admit = shared.redis.register_script(_ADMIT)
             self._settle_script = shared.redis.register_script(_SETTLE)
-
-    def start(self) -> None:
-        if self._shared is not None and self._renewer is None:
-            self._renewer = asyncio.create_task(self._renew_forever(), name="limits-leases")
-
-    async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def admit(self, key: str, limits: KeyLimits, tokens: int, permit_id: str) -> Permit:
         """Count a request of about ``tokens`` against ``key``'s limits, or raise
@@ -199,8 +184,9 @@ class RateLimiter:
     async def _admit_shared(
         self, shared: SharedState, key: str, limits: KeyLimits, tokens: int, permit_id: str
     ) -> Permit:
+        assert self._leases is not None
         argv: list[int | str] = [limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0]
-        argv += [tokens, permit_id, self._lease_ms, IDLE_EXPIRY_MS]
+        argv += [tokens, permit_id, self._leases.lease_ms, IDLE_EXPIRY_MS]
         keys = _keys(shared, key)
         admitted, limit, wait_ms, requests, held = await shared.call(
             lambda _: self._admit(keys=keys, args=argv)
@@ -211,58 +197,28 @@ class RateLimiter:
             verdict = Verdict(False, now, _text(limit), math.inf if wait < 0 else wait)
             raise RateLimited(_refusal(verdict, limits, tokens))
         if limits.max_parallel:
-            self._held[permit_id] = key
+            self._leases.held(permit_id, keys[1])
         return Permit(self, key, limits, permit_id, tokens, True, now)
 
     def _settle(self, permit: Permit, refund: int) -> None:
         if not permit._shared:
             self._local.settle(permit._key, permit._limits, refund, self._clock.monotonic() * 1000)
             return
-        self._held.pop(permit._id, None)
+        assert self._shared is not None and self._leases is not None
+        self._leases.forget(permit._id)  # the settling script removes it
         if not permit._limits.tpm and not permit._limits.max_parallel:
             return
-        task = asyncio.create_task(self._settle_shared(permit, refund))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _settle_shared(self, permit: Permit, refund: int) -> None:
-        assert self._shared is not None
         keys = _keys(self._shared, permit._key)
         argv: list[int | str] = [permit._limits.tpm or 0, refund, permit._id]
         # Down: the refund is lost (the bucket stays fuller-charged: stricter, not looser) and
         # the lease runs out on its own.
-        with contextlib.suppress(StateDown):
-            await self._shared.call(lambda _: self._settle_script(keys=keys, args=argv))
-
-    async def _renew_forever(self) -> None:
-        assert self._shared is not None
-        shared = self._shared
-        while True:
-            await self._clock.sleep(self._lease_ms / 3000)
-            if self._held:
-                with contextlib.suppress(StateDown):
-                    await shared.call(self._renew)
-
-    async def _renew(self, redis: Redis) -> None:
-        """Push back the expiry of every lease this replica holds (XX: never revive one that
-        settled meanwhile)."""
-        assert self._shared is not None
-        expires = int(await _server_ms(redis)) + self._lease_ms
-        pipe = redis.pipeline(transaction=False)
-        for permit_id, key in list(self._held.items()):
-            pipe.zadd(_keys(self._shared, key)[1], {permit_id: expires}, xx=True)
-        await pipe.execute()
+        self._leases.spawn(self._shared.call(lambda _: self._settle_script(keys=keys, args=argv)))
 
 
 def _keys(shared: SharedState, key: str) -> list[str]:
     # The key id in braces: on a Redis Cluster, both keys of a key hash to one slot.
     base = shared.key("rl", "{" + key + "}")
     return [base, base + ":p"]
-
-
-async def _server_ms(redis: Redis) -> float:
-    seconds, micros = await redis.time()
-    return seconds * 1000 + micros / 1000
 
 
 def _text(value: bytes | str) -> str:

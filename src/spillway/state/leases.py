@@ -1,0 +1,96 @@
+"""Places held in Redis sorted sets (a key's requests in flight, a node's slots) as leases.
+
+A lease is a member of a sorted set scored by when it expires, on Redis's clock; whoever
+counts the set first drops the expired ones. This replica renews every lease it holds each
+``lease_s / 3`` (one pipelined round trip for all of them), and removes one when its request
+ends. So a replica that dies, is killed or loses the network stops renewing, and its places
+come free within ``lease_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+from redis.asyncio import Redis
+
+from spillway.clock import Clock
+from spillway.state.redis import SharedState, StateDown
+
+#: Lua: take a place in KEYS[1] if fewer than ARGV[1] unexpired ones are held (1), else 0.
+CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"""
+
+
+class Leases:
+    """The leases this replica holds, renewed in the background, released when done."""
+
+    def __init__(self, shared: SharedState, clock: Clock, lease_s: float):
+        self._shared = shared
+        self._clock = clock
+        self.lease_ms = int(lease_s * 1000)
+        self._held: dict[str, str] = {}  # member -> the sorted set holding it
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="state-leases")
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def held(self, member: str, zset: str) -> None:
+        """A lease taken in ``zset`` (by a script): renew it from now on."""
+        self._held[member] = zset
+
+    def release(self, member: str) -> None:
+        """The request ended: drop the lease now (in the background; if Redis is down it
+        simply runs out)."""
+        zset = self._held.pop(member, None)
+        if zset is not None:
+            self.spawn(self._shared.call(lambda redis: redis.zrem(zset, member)))
+
+    def spawn(self, call: Awaitable[object]) -> None:
+        """Run a fire-and-forget state call; an outage only means it did not happen."""
+
+        async def run() -> None:
+            with contextlib.suppress(StateDown):
+                await call
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, member: str) -> None:
+        """Stop renewing a lease something else removes (a script that settles it)."""
+        self._held.pop(member, None)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await self._clock.sleep(self.lease_ms / 3000)
+            if self._held:
+                with contextlib.suppress(StateDown):
+                    await self._shared.call(self._renew)
+
+    async def _renew(self, redis: Redis) -> None:
+        """Push back every held lease's expiry (XX: never revive one released meanwhile)."""
+        seconds, micros = await redis.time()
+        expires = seconds * 1000 + micros // 1000 + self.lease_ms
+        pipe = redis.pipeline(transaction=False)
+        for member, zset in list(self._held.items()):
+            pipe.zadd(zset, {member: expires}, xx=True)
+        await pipe.execute()
