@@ -292,3 +292,15 @@ async def kill_then_wait(
         task.cancel()
     await asyncio.gather(*held, return_exceptions=True)
     return seconds
+
+
+async def test_a_failing_node_behind_three_replicas_gets_five_failures_in_all(
+    fleet: dict[str, FakeUpstream], replicas: list[Replica]
+) -> None:
+    """Each replica alone would need its own 5 failures (15 in all) to stop using it."""
+    fleet["p1"].script = Script(mode="status", status=503)
+    async with httpx.AsyncClient(timeout=10) as client:
+        answers = [await chat(client, replicas[i % 3], KEY) for i in range(30)]
+    assert {a.status_code for a in answers} == {200}  # each fell back to another node
+    assert fleet["p1"].calls == 5  # the default consecutive_failures; open for 30 s now
+    assert all(a.headers["x-spillway-node"] != "p1" for a in answers)

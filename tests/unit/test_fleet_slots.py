@@ -1,5 +1,6 @@
-"""A node's max_concurrency across replicas (state/slots.py) in a real Redis: claims up to
-the limit from any replica, releases, leases that run out, and the local share while Redis
+"""A node's slots and breaker across replicas (state/slots.py) in a real Redis: claims up to
+the limit from any replica, releases, leases that run out, the fleet-wide breaker (5 failures
+in all, probes counted across the fleet, the pool rule), and the local share while Redis
 does not answer."""
 
 from __future__ import annotations
@@ -8,14 +9,35 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from spillway.clock import SystemClock
+from spillway.config.schema import BreakerConfig
 from spillway.state.leases import Leases
 from spillway.state.redis import SharedState
-from spillway.state.slots import FleetSlots
+from spillway.state.slots import Claim, FleetSlots
 from tests.redis_server import RedisServer, redis_server
+
+BREAKER = BreakerConfig(open_base_s=1.0, open_max_s=4.0, half_open_probes=2)
+POOLS = {"m": ["n", "other"]}
+
+
+@dataclass
+class Replica:
+    shared: SharedState
+    leases: Leases
+    slots: FleetSlots
+
+    async def claim(self, node: str, limit: int = 4, here: int = 0) -> Claim:
+        return await self.slots.claim(node, limit, here, uuid.uuid4().hex)
+
+    async def fail(self, node: str) -> None:
+        claim = await self.claim(node)
+        assert claim.granted
+        await self.slots.record(node, claim, ok=False)
+        self.slots.release(claim)
 
 
 @pytest.fixture
@@ -25,55 +47,116 @@ def server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def three(server: RedisServer) -> AsyncIterator[list[tuple[FleetSlots, Leases]]]:
+async def three(server: RedisServer) -> AsyncIterator[list[Replica]]:
     namespace = f"t{uuid.uuid4().hex[:8]}"
     made = []
     for _ in range(3):
         shared = SharedState(server.url, SystemClock(), namespace=namespace)
         await shared.open()
         leases = Leases(shared, SystemClock(), lease_s=1.0)
-        made.append((shared, leases, FleetSlots(shared, leases)))
-    await made[0][0]._beat()  # the first to start counts all three now
-    yield [(slots, leases) for _, leases, slots in made]
-    for shared, leases, _ in made:
-        await leases.aclose()
-        await shared.aclose()
+        made.append(Replica(shared, leases, FleetSlots(shared, leases, BREAKER, POOLS)))
+    await made[0].shared._beat()  # the first to start counts all three now
+    yield made
+    for r in made:
+        await r.leases.aclose()
+        await r.shared.aclose()
 
 
 async def test_claims_up_to_the_limit_from_any_replica_and_release_frees_one(
-    three: list[tuple[FleetSlots, Leases]],
+    three: list[Replica],
 ) -> None:
-    (a, _), (b, _), (c, leases_c) = three
-    granted = [await s.claim("n1", 4, 0, f"r{i}") for i, s in enumerate([a, b, c, a, b])]
-    assert granted == [True, True, True, True, False]
-    assert await c.claim("n2", 4, 0, "other-node")  # each node has its own slots
-    c.release("r2")
-    await leases_c.aclose()  # the release has reached Redis
-    assert await b.claim("n1", 4, 0, "r5")
+    a, b, c = three
+    claims = [await r.claim("n") for r in (a, b, c, a, b)]
+    assert [cl.granted for cl in claims] == [True, True, True, True, False]
+    assert claims[4].open_s is None  # refused for want of a slot, not by the breaker
+    assert (await c.claim("other")).granted  # each node has its own slots
+    c.slots.release(claims[2])
+    await c.leases.aclose()  # the release has reached Redis
+    assert (await b.claim("n")).granted
 
 
-async def test_unrenewed_slots_run_out_and_renewed_ones_do_not(
-    three: list[tuple[FleetSlots, Leases]],
-) -> None:
-    (a, _), (b, leases_b), (c, _) = three
-    leases_b.start()
-    assert await a.claim("n", 2, 0, "dies")  # a never renews: as if killed
-    assert await b.claim("n", 2, 0, "lives")
-    assert not await c.claim("n", 2, 0, "x")
+async def test_unrenewed_slots_run_out_and_renewed_ones_do_not(three: list[Replica]) -> None:
+    a, b, c = three
+    b.leases.start()
+    assert (await a.claim("n", limit=2)).granted  # a never renews: as if killed
+    assert (await b.claim("n", limit=2)).granted
+    assert not (await c.claim("n", limit=2)).granted
     await asyncio.sleep(1.3)
-    assert await c.claim("n", 2, 0, "y")  # "dies" ran out; "lives" was renewed
-    assert not await c.claim("n", 2, 0, "z")
+    assert (await c.claim("n", limit=2)).granted  # a's ran out; b's was renewed
+    assert not (await c.claim("n", limit=2)).granted
+
+
+async def test_five_failures_across_replicas_open_the_breaker_for_all(
+    three: list[Replica],
+) -> None:
+    a, b, c = three
+    for replica in (a, b, c, a):
+        await replica.fail("n")
+    assert (await b.claim("n")).granted  # 4 failures in a row: still closed
+    await b.fail("n")
+    refused = [await r.claim("n") for r in three]
+    assert not any(cl.granted for cl in refused)
+    assert all(cl.open_s is not None and 0.5 < cl.open_s <= 1.0 for cl in refused)
+
+
+async def test_half_open_admits_the_probes_once_across_the_fleet_then_closes(
+    three: list[Replica],
+) -> None:
+    a, b, c = three
+    for _ in range(5):
+        await a.fail("n")
+    await asyncio.sleep(1.05)  # open_base_s: the next claims are probes
+    probes = [await r.claim("n") for r in (a, b, c)]
+    assert [p.granted for p in probes] == [True, True, False]  # half_open_probes = 2
+    assert all(p.probe for p in probes[:2])
+    for replica, probe in zip((a, b), probes, strict=False):
+        await replica.slots.record("n", probe, ok=True)
+    closed = await c.claim("n")
+    assert closed.granted and not closed.probe
+
+
+async def test_a_failed_probe_reopens_for_longer(three: list[Replica]) -> None:
+    a, b, _ = three
+    for _ in range(5):
+        await a.fail("n")
+    await asyncio.sleep(1.05)
+    probe = await b.claim("n")
+    await b.slots.record("n", probe, ok=False)
+    refused = await a.claim("n")
+    assert not refused.granted and refused.open_s is not None and refused.open_s > 1.5
+
+
+async def test_the_pool_rule_keeps_one_node_of_two_in_rotation(three: list[Replica]) -> None:
+    a, b, _ = three
+    for _ in range(5):
+        await a.fail("n")
+    for _ in range(8):
+        await b.fail("other")  # the pool of two may lose only one
+    assert (await a.claim("other")).granted
+
+
+async def test_a_probe_whose_replica_died_frees_its_place_within_the_lease(
+    three: list[Replica],
+) -> None:
+    a, b, c = three
+    for _ in range(5):
+        await a.fail("n")
+    await asyncio.sleep(1.05)
+    assert (await a.claim("n")).probe and (await a.claim("n")).probe  # both, never recorded
+    assert not (await b.claim("n")).granted
+    await asyncio.sleep(1.1)  # a's probe leases ran out: it was never renewing
+    assert (await c.claim("n")).probe
 
 
 async def test_while_redis_is_paused_each_replica_keeps_to_its_share(
-    server: RedisServer, three: list[tuple[FleetSlots, Leases]]
+    server: RedisServer, three: list[Replica]
 ) -> None:
-    a, _ = three[0]
+    a = three[0]
     server.pause()
     try:
         started = time.monotonic()
-        assert await a.claim("n", 4, 0, "m1")  # 4 slots / 3 replicas: 1 here
-        assert not await a.claim("n", 4, 1, "m2")
+        assert (await a.claim("n", limit=4, here=0)).granted  # 4 slots / 3 replicas: 1 here
+        assert not (await a.claim("n", limit=4, here=1)).granted
         assert time.monotonic() - started < 0.5
     finally:
         server.resume()

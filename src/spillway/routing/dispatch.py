@@ -17,7 +17,6 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 from spillway.clock import Clock
@@ -137,7 +136,10 @@ class Dispatcher:
                 await events.aclose()  # type: ignore[attr-defined]
                 raise
             self.router.observe_ttft(handle, self.clock.monotonic() - started, self.ttft_smoothing)
-            broke = partial(self._verdict, handle, False)
+
+            def broke() -> None:  # after the commit point: recorded in the background
+                self._verdict(handle, False, slot)
+
             return OpenStream(handle, first, chunk, events, slot, broke)
 
         return await self._route(request, ctx, attempt)
@@ -204,17 +206,34 @@ class Dispatcher:
                 ok = None  # the request's own deadline cut the attempt short, not the node
             raise
         finally:
-            self._verdict(handle, ok)
+            failure = self._verdict(handle, ok, slot, wait=True)
+            if failure is not None:
+                await failure  # counted fleet-wide before the next attempt picks a node
 
-    def _verdict(self, handle: NodeHandle, ok: bool | None) -> None:
+    def _verdict(
+        self, handle: NodeHandle, ok: bool | None, slot: Slot, wait: bool = False
+    ) -> Awaitable[object] | None:
+        """Tell the node's breakers (here, and fleet-wide) how the attempt went. With
+        ``wait``, a failure's fleet-wide record is returned to be awaited."""
+        claim = slot.fleet
+        fleet = self.slots if claim is not None and not claim.local else None
         if ok is None:
             self.board.release(handle.name)
-            return
+            if fleet is not None and claim is not None:
+                fleet.no_verdict(claim)
+            return None
         self.board.record(handle.name, ok)
         if ok:
             handle.stats.successes += 1
         else:
             handle.stats.failures += 1
+        if fleet is None or claim is None:
+            return None
+        record = fleet.record(handle.name, claim, ok)
+        if wait and not ok:
+            return record
+        fleet.spawn(record)
+        return None
 
     async def _next_node(
         self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
@@ -223,44 +242,50 @@ class Dispatcher:
         is merely busy (here, or fleet-wide)."""
         failed = {e.node for e in errors}
         full: set[str] = set()  # nodes whose every slot another replica holds
+        broken: dict[str, float] = {}  # nodes the fleet's breaker keeps out: seconds left
         while True:
             self._check_deadline(ctx)
-            excluded = failed | full if full else failed
+            excluded = failed | full | broken.keys() if full or broken else failed
             pick = self.router.pick(model, ctx.private_only, excluded, ctx.candidates)
             if pick.handle is not None:
-                slot = await self._claim(pick.handle, ctx, number)
+                slot = await self._claim(pick.handle, ctx, number, broken)
                 if slot is not None:
                     return pick.handle, slot
-                full.add(pick.handle.name)
+                if pick.handle.name not in broken:
+                    full.add(pick.handle.name)
                 continue
             if pick.busy or full:
                 await self._wait_for_capacity(model, ctx, FLEET_POLL_S if full else None)
                 full.clear()
                 continue
             if not errors:
-                raise self._unavailable(model, ctx)
+                raise self._unavailable(model, ctx, broken)
             handle = await self._retry_failed_node(model, ctx, errors, number)
             if handle is None:
                 return None
-            slot = await self._claim(handle, ctx, number)
+            slot = await self._claim(handle, ctx, number, broken)
             if slot is None:  # full fleet-wide meanwhile: look again, from the top
                 failed.discard(handle.name)
                 continue
             return handle, slot
 
-    async def _claim(self, handle: NodeHandle, ctx: RequestContext, number: int) -> Slot | None:
-        """A slot on the picked node: here, and fleet-wide when replicas share state (None
-        when the fleet has none free; the breaker's admission is handed back then)."""
-        if self.slots is None:
+    async def _claim(
+        self, handle: NodeHandle, ctx: RequestContext, number: int, broken: dict[str, float]
+    ) -> Slot | None:
+        """A slot on the picked node: here, and fleet-wide when replicas share state. None
+        when the fleet refuses (no slot free, or its breaker open: then ``broken`` says for
+        how long); the local breaker's admission is handed back then."""
+        fleet = self.slots
+        if fleet is None:
             return handle.acquire()
         member = f"{ctx.request_id}:{number}"
-        if not await self.slots.claim(
-            handle.name, handle.max_concurrency, handle.in_flight, member
-        ):
+        claim = await fleet.claim(handle.name, handle.max_concurrency, handle.in_flight, member)
+        if not claim.granted:
             self.board.release(handle.name)
+            if claim.open_s is not None:
+                broken[handle.name] = claim.open_s
             return None
-        slots = self.slots
-        return handle.acquire(lambda: slots.release(member))
+        return handle.acquire(claim, lambda: fleet.release(claim))
 
     async def _retry_failed_node(
         self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
@@ -326,11 +351,17 @@ class Dispatcher:
         log.warning("request %s: %s", ctx.request_id, exc.message)
         errors.append(_detached(exc))
 
-    def _unavailable(self, model: str, ctx: RequestContext) -> SpillwayError:
+    def _unavailable(
+        self, model: str, ctx: RequestContext, broken: Mapping[str, float]
+    ) -> SpillwayError:
         """No node may be tried: each is out of rotation; say why, and when to come back."""
         why, waits = [], []
         wall = self.clock.wall()
         for handle in self.router.eligible(model, ctx.private_only):
+            if handle.name in broken:
+                why.append(f"{handle.name}: failing, circuit open across the fleet")
+                waits.append(broken[handle.name])
+                continue
             down = handle.out_of_service()
             if down is None:
                 why.append(f"{handle.name}: failing, circuit open")
@@ -350,7 +381,7 @@ class Dispatcher:
         self, errors: list[UpstreamError], model: str, ctx: RequestContext
     ) -> SpillwayError:
         if not errors:
-            return self._unavailable(model, ctx)
+            return self._unavailable(model, ctx, {})
         if ctx.private_only:
             detail = "; ".join(f"{e.node}: {e.detail}" for e in errors)
             return NoEligibleNode(

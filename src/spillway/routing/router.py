@@ -25,6 +25,7 @@ from spillway.nodes.process_status import ProcessStatus, ProcessView
 from spillway.nodes.signals import EngineLoad, MetricsSource
 from spillway.nodes.tokens import TokenCounter
 from spillway.resilience.breaker import BreakerBoard, BreakerState
+from spillway.state.slots import Claim
 
 #: Added to a node's score when its engine's KV cache is nearly full (new requests queue).
 KV_FULL_PENALTY = 0.5
@@ -79,12 +80,14 @@ class NodeHandle:
         status = self.process.status()
         return None if status.serving else status
 
-    def acquire(self, on_release: Callable[[], None] | None = None) -> Slot:
-        """One more request in flight here; ``on_release``: also run when it ends (give
-        back the slot's fleet-wide lease)."""
+    def acquire(
+        self, fleet: Claim | None = None, on_release: Callable[[], None] | None = None
+    ) -> Slot:
+        """One more request in flight here. ``fleet``: the fleet-wide slot it also holds;
+        ``on_release``: run when it ends (gives that slot back)."""
         self.in_flight += 1
         self.stats.attempts += 1
-        return Slot(self, on_release)
+        return Slot(self, fleet, on_release)
 
     def engine_load(self, now: float, stale_s: float) -> EngineLoad | None:
         """The engine's own reading, or None when there is none or it is too old to trust."""
@@ -97,11 +100,18 @@ class NodeHandle:
 class Slot:
     """One in-flight request on a node; ``release`` is idempotent."""
 
-    __slots__ = ("_handle", "_on_release")
+    __slots__ = ("_handle", "_on_release", "fleet")
 
-    def __init__(self, handle: NodeHandle, on_release: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        handle: NodeHandle,
+        fleet: Claim | None = None,
+        on_release: Callable[[], None] | None = None,
+    ):
         self._handle: NodeHandle | None = handle
         self._on_release = on_release
+        #: the fleet-wide slot (and breaker probe) this request holds, with shared state
+        self.fleet = fleet
 
     def release(self) -> None:
         handle, self._handle = self._handle, None

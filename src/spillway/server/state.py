@@ -100,7 +100,9 @@ async def build_gateway(
     router = Router(
         handles, _breakers(config, handles, clock), clock, config.routing.signal_stale_s
     )
-    slots = FleetSlots(shared, leases) if shared is not None and leases is not None else None
+    slots = None
+    if shared is not None and leases is not None:
+        slots = FleetSlots(shared, leases, config.breaker, _pools(handles))
     dispatcher = _dispatcher(config, router, clock, slots)
     monitor = NodeMonitor(
         router,
@@ -200,14 +202,19 @@ def _price(spec: NodeConfig) -> Price | None:
     return Price(p.input_per_mtok, p.output_per_mtok, p.currency)
 
 
-def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> BreakerBoard:
+def _pools(handles: list[NodeHandle]) -> dict[str, list[str]]:
+    """Per model, the private nodes serving it: the pools the breakers never empty."""
     pools: dict[str, list[str]] = {}
     for handle in handles:
         if handle.private:
             for model in handle.models:
                 pools.setdefault(model, []).append(handle.name)
+    return pools
+
+
+def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> BreakerBoard:
     policy = BreakerPolicy(**config.breaker.model_dump(exclude={"probe_interval_s"}))
-    return BreakerBoard(policy, clock, pools)
+    return BreakerBoard(policy, clock, _pools(handles))
 
 
 def _dispatcher(

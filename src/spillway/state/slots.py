@@ -1,41 +1,210 @@
-"""A node's ``max_concurrency`` across every replica: its slots are leases in Redis.
+"""A node's slots and its circuit breaker across every replica, in Redis.
 
-Before an attempt is sent, the dispatcher claims a slot on the node it picked: one Lua call
-(``leases.CLAIM``) that drops expired leases, counts the rest and takes one if fewer than
-``max_concurrency`` are held. Refused, the dispatcher picks again without that node (the
-next private node, else a spill to the cloud, else a wait for capacity). The slot is given
-back when the attempt ends; a replica that dies holding slots loses them within the lease.
+**Slots.** A node's ``max_concurrency`` is fleet-wide: before an attempt the dispatcher claims
+a slot on the node it picked (``_CLAIM``: drop expired leases, count the rest, take one if
+fewer than ``max_concurrency`` are held). Refused, it picks again without that node (the next
+private node, else a spill to the cloud, else a wait for capacity). The slot is given back
+when the attempt ends; a replica that dies holding slots loses them within the lease.
+
+**Breaker.** The same claim first asks the node's fleet-wide breaker, so admission costs no
+second round trip: open (until its time is up) refuses; half-open admits at most
+``half_open_probes`` probes across all replicas (themselves leases, so a probe whose replica
+died does not block the node for ever). Each attempt's verdict is recorded with
+``_RECORD``, the state machine of ``resilience.breaker.Breaker`` on Redis's clock: open after
+``consecutive_failures`` failures in a row or a ``failure_rate`` over the last ``window``
+outcomes (once ``min_calls`` are in), for ``open_base_s`` times the openings (at most
+``open_max_s``), never ejecting more of a pool than ``max_ejected_share`` allows (at least one
+node); closed again after ``half_open_probes`` successful probes. So a failing node is
+ejected after 5 failures in all, not 5 per replica. Each replica's own breakers keep working
+beside it (a node failing here is left here even before the fleet agrees).
 
 While Redis is unreachable each replica keeps to ``max_concurrency / replicas`` (at least
-1) of every node, counted locally: no node is overloaded meanwhile, at the price of some
-idle capacity when the load is uneven between replicas.
+1) of every node, counted locally, and to its own breakers.
 """
 
 from __future__ import annotations
 
-from spillway.state.leases import CLAIM, Leases
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+
+from spillway.config.schema import BreakerConfig
+from spillway.state.leases import Leases
 from spillway.state.redis import SharedState, StateDown
+
+#: KEYS: breaker hash, slots zset, probes zset. ARGV: limit, member, lease ms, probes.
+#: Returns {granted, open ms (>0 open or probing, -1 full), probe}.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 'st', 'ou')
+local st, ou = v[1] or 'c', tonumber(v[2] or '0')
+local probe = 0
+if st == 'o' then
+  if now < ou then return {0, ou - now, 0} end
+  st = 'h'
+  redis.call('HSET', KEYS[1], 'st', 'h', 'ps', 0)
+  redis.call('DEL', KEYS[3])
+end
+if st == 'h' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return {0, 1000, 0} end
+  probe = 1
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return {0, -1, 0} end
+redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], lease * 2)
+if probe == 1 then
+  redis.call('ZADD', KEYS[3], now + lease, ARGV[2] .. ':probe')
+  redis.call('PEXPIRE', KEYS[3], lease * 2)
+end
+return {1, 0, probe}
+"""
+#: KEYS: breaker hash, probes zset, then the other members' breaker hashes of each pool.
+#: ARGV: member, verdict ('1' ok, '0' failed), was a probe ('1'/'0'), consecutive, rate,
+#: window, min calls, open base ms, open max ms, probes, number of pools, then per pool:
+#: how many may be out, how many other members it has (their hashes follow in KEYS).
+_RECORD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local verdict = ARGV[2]
+local v = redis.call('HMGET', KEYS[1], 'st', 'cf', 'ws', 'op', 'ou', 'ps')
+local st, cf, ws = v[1] or 'c', tonumber(v[2] or '0'), v[3] or ''
+local op, ou, ps = tonumber(v[4] or '0'), tonumber(v[5] or '0'), tonumber(v[6] or '0')
+if st == 'o' and now >= ou then st, ps = 'h', 0; redis.call('DEL', KEYS[2]) end
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[1] .. ':probe') end
+local function open_it()
+  op = op + 1
+  ou = now + math.min(tonumber(ARGV[8]) * op, tonumber(ARGV[9]))
+  st, ps = 'o', 0
+  redis.call('DEL', KEYS[2])
+end
+local function may_eject()
+  local i, k = 12, 3
+  for p = 1, tonumber(ARGV[11]) do
+    local most, others, out = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), 0
+    i = i + 2
+    for j = 1, others do
+      local s = redis.call('HGET', KEYS[k], 'st')
+      if s and s ~= 'c' then out = out + 1 end
+      k = k + 1
+    end
+    if out + 1 > most then return false end
+  end
+  return true
+end
+if st == 'h' and ARGV[3] == '1' then
+  if verdict == '1' then
+    ps = ps + 1
+    if ps >= tonumber(ARGV[10]) then st, cf, ws, op, ps = 'c', 0, '', 0, 0 end
+  else
+    open_it()
+  end
+elseif st == 'c' then
+  if verdict == '1' then cf = 0 else cf = cf + 1 end
+  ws = string.sub(ws .. verdict, -tonumber(ARGV[6]))
+  local fails = select(2, string.gsub(ws, '0', ''))
+  local wants = cf >= tonumber(ARGV[4])
+    or (#ws >= tonumber(ARGV[7]) and fails / #ws >= tonumber(ARGV[5]))
+  if verdict == '0' and wants and may_eject() then open_it() end
+end
+redis.call('HSET', KEYS[1], 'st', st, 'cf', cf, 'ws', ws, 'op', op, 'ou', ou, 'ps', ps)
+return st
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What the fleet said to an attempt on a node."""
+
+    granted: bool
+    #: refused because the node's fleet-wide breaker is open (or its probes are all out):
+    #: seconds until it may be tried; None when refused for want of a free slot
+    open_s: float | None = None
+    #: the lease's member, and whether this attempt is one of the half-open probes
+    member: str = ""
+    probe: bool = False
+    #: granted by the local fallback (Redis down): nothing to give back or record there
+    local: bool = False
 
 
 class FleetSlots:
-    def __init__(self, shared: SharedState, leases: Leases):
+    def __init__(
+        self,
+        shared: SharedState,
+        leases: Leases,
+        breaker: BreakerConfig,
+        pools: Mapping[str, Sequence[str]],
+    ):
         self._shared = shared
         self._leases = leases
-        self._claim = shared.redis.register_script(CLAIM)
+        self._breaker = breaker
+        self._pools_of: dict[str, list[tuple[str, ...]]] = {}
+        for members in pools.values():
+            pool = tuple(dict.fromkeys(members))
+            for node in pool:
+                self._pools_of.setdefault(node, []).append(pool)
+        self._claim = shared.redis.register_script(_CLAIM)
+        self._record = shared.redis.register_script(_RECORD)
 
-    async def claim(self, node: str, limit: int, in_flight_here: int, member: str) -> bool:
-        """Take one of ``node``'s ``limit`` slots for ``member``. ``in_flight_here``: this
-        replica's requests on the node now, for the fallback while Redis is down."""
-        zset = self._shared.key("slots", "{" + node + "}")
+    async def claim(self, node: str, limit: int, in_flight_here: int, member: str) -> Claim:
+        """A slot on ``node`` for ``member``, if its breaker and its ``limit`` allow.
+        ``in_flight_here``: this replica's requests on the node, for the fallback."""
+        keys = [self._brk(node), self._key("slots", node), self._key("probes", node)]
         argv: list[int | str] = [limit, member, self._leases.lease_ms]
+        argv.append(self._breaker.half_open_probes)
         try:
-            granted = await self._shared.call(lambda _: self._claim(keys=[zset], args=argv))
+            granted, open_ms, probe = await self._shared.call(
+                lambda _: self._claim(keys=keys, args=argv)
+            )
         except StateDown:
-            return in_flight_here < max(1, limit // self._shared.replicas)
-        if int(granted):
-            self._leases.held(member, zset)
-            return True
-        return False
+            allowed = in_flight_here < max(1, limit // self._shared.replicas)
+            return Claim(allowed, local=True)
+        if not int(granted):
+            wait = int(open_ms)
+            return Claim(False, None if wait < 0 else wait / 1000)
+        self._leases.held(member, keys[1])
+        if int(probe):
+            self._leases.held(member + ":probe", keys[2])
+        return Claim(True, member=member, probe=bool(int(probe)))
 
-    def release(self, member: str) -> None:
-        self._leases.release(member)
+    def release(self, claim: Claim) -> None:
+        """The attempt ended: give the slot back."""
+        if not claim.local:
+            self._leases.release(claim.member)
+
+    def record(self, node: str, claim: Claim, ok: bool) -> Awaitable[object]:
+        """The attempt's verdict on ``node``, for its fleet-wide breaker (await it, or hand
+        it to ``spawn``)."""
+        if claim.probe:
+            self._leases.forget(claim.member + ":probe")  # _RECORD removes the probe
+        keys = [self._brk(node), self._key("probes", node)]
+        b = self._breaker
+        argv: list[int | str | float] = [claim.member, "1" if ok else "0", int(claim.probe)]
+        argv += [b.consecutive_failures, b.failure_rate, b.window, b.min_calls]
+        argv += [int(b.open_base_s * 1000), int(b.open_max_s * 1000), b.half_open_probes]
+        pools = self._pools_of.get(node, [])
+        argv.append(len(pools))
+        for pool in pools:
+            others = [n for n in pool if n != node]
+            most = max(1, int(len(pool) * b.max_ejected_share))
+            argv += [most, len(others)]
+            keys += [self._brk(n) for n in others]
+        return self._shared.call(lambda _: self._record(keys=keys, args=argv))
+
+    def no_verdict(self, claim: Claim) -> None:
+        """The attempt ended saying nothing of the node: free its probe, if it was one."""
+        if claim.probe:
+            self._leases.release(claim.member + ":probe")
+
+    def spawn(self, call: Awaitable[object]) -> None:
+        self._leases.spawn(call)
+
+    def _brk(self, node: str) -> str:
+        return self._key("breaker", node)
+
+    def _key(self, kind: str, node: str) -> str:
+        # One hash tag for every node's keys: the pool rule reads other nodes' breakers, and
+        # a Lua script may only touch keys of one Redis Cluster slot.
+        return self._shared.key("{fleet}", kind, node)
