@@ -22,6 +22,11 @@ from tests.fakes.upstream import FakeUpstream, Script
 from tests.redis_server import RedisServer, redis_server
 
 KEY, BURST_KEY, PARALLEL_KEY = "replica-key-0001", "replica-burst-0002", "replica-par-0003"
+BUDGET_KEY = "replica-budget-0004"
+#: 1 USD per million output tokens and nothing for input: a request with max_tokens = 8 may
+#: cost 0.000008 at most, so this budget is worth 10 of them (and half of an eleventh)
+PRICE = "price = { input_per_mtok = 0, output_per_mtok = 1 }"
+BUDGET = "budget = { amount = 0.000084, currency = 'USD', period = 'day' }"
 LEASE_S = 3.0
 
 
@@ -79,6 +84,7 @@ kind = "private"
 base_url = "{fleet[name].base_url}"
 models = {{ m = "llm-model" }}
 max_concurrency = {PER_NODE}
+{PRICE}
 """
         for name in PRIVATE
     )
@@ -91,6 +97,7 @@ base_url = "{fleet["cloud"].base_url}"
 api_key = "sk-replica-cloud-0123456789"
 models = {{ m = "cloud-model" }}
 max_concurrency = 256
+{PRICE}
 [server]
 access_log = false
 [state]
@@ -113,6 +120,10 @@ rpm = 30
 key = "{PARALLEL_KEY}"
 tenant = "slow"
 max_parallel = 2
+[[keys]]
+key = "{BUDGET_KEY}"
+tenant = "capped"
+{BUDGET}
 """
     )
 
@@ -304,3 +315,18 @@ async def test_a_failing_node_behind_three_replicas_gets_five_failures_in_all(
     assert {a.status_code for a in answers} == {200}  # each fell back to another node
     assert fleet["p1"].calls == 5  # the default consecutive_failures; open for 30 s now
     assert all(a.headers["x-spillway-node"] != "p1" for a in answers)
+
+
+async def test_a_budget_worth_ten_requests_admits_ten_of_forty_over_three_replicas(
+    fleet: dict[str, FakeUpstream], replicas: list[Replica]
+) -> None:
+    for fake in fleet.values():
+        fake.script = Script(latency_s=1.0)  # all 40 run at once: every reservation counts
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=64)) as client:
+        answers = await asyncio.gather(
+            *(chat(client, replicas[i % 3], BUDGET_KEY) for i in range(40))
+        )
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 10 and statuses.count(429) == 30
+    refused = [a.json()["error"] for a in answers if a.status_code == 429]
+    assert {e["code"] for e in refused} == {"insufficient_quota"}

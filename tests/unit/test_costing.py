@@ -91,19 +91,19 @@ def budgets(amount: str = "1.00", period: str = "month") -> Budgets:
     return Budgets(limits, USD, "USD", clock)
 
 
-def test_budget_admits_until_the_reservations_would_pass_the_limit() -> None:
+async def test_budget_admits_until_the_reservations_would_pass_the_limit() -> None:
     book = budgets("1.00")
-    first = book.reserve("k", D("0.60"))
+    first = await book.reserve("k", D("0.60"), "r1")
     with pytest.raises(InsufficientQuota) as caught:
-        book.reserve("k", D("0.60"))
+        await book.reserve("k", D("0.60"), "r2")
     assert caught.value.status == 429 and caught.value.kind == "insufficient_quota"
     book.settle(first, D("0.10"))
     assert book.remaining("k") == D("0.90")
-    assert book.reserve("k", D("0.60")) is not None
+    assert await book.reserve("k", D("0.60"), "r3") is not None
 
 
-def test_keys_without_budget_are_not_limited() -> None:
-    assert budgets().reserve("other", D("1000")) is None
+async def test_keys_without_budget_are_not_limited() -> None:
+    assert await budgets().reserve("other", D("1000"), "r1") is None
 
 
 def test_budget_in_cny_is_converted() -> None:

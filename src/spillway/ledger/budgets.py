@@ -10,23 +10,31 @@ for that body cannot take a key past its budget. Settling replaces the reservati
 actual cost. What the worst case cannot see is listed in docs/ledger.md#budgets: an answer
 with no output limit running past ``[ledger] max_output_tokens``, what the body only points
 at (an image URL), a template that re-renders the body at greater length, and a private
-node's last hour emptying while the request runs. Budgets are per process: with several
-workers each keeps its own view of the running reservations (spend is shared through the
-ledger and reloaded at start).
+node's last hour emptying while the request runs.
+
+With shared state (``[state] redis_url``) the check and the reservation happen in Redis for
+the whole fleet (``state.budgets``), and this process keeps its own figures as the fallback:
+while Redis does not answer, each replica may add at most its share (1 / replicas) of what
+the fleet had left when it last heard from Redis, so together they stay within the limit.
+Without shared state, budgets are per process: each keeps its own view of the running
+reservations (spend is shared through the ledger and reloaded at start).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
 from spillway.clock import Clock
 from spillway.config.schema import BudgetConfig
 from spillway.errors import InsufficientQuota
 from spillway.ledger.records import LedgerStore
 from spillway.prices import Currency, Exchange
+from spillway.state.budgets import FleetBudgets
+from spillway.state.redis import StateDown
 
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
 
@@ -36,6 +44,9 @@ def period_start(now: datetime, period: str) -> datetime:
     return day if period == "day" else day.replace(day=1)
 
 
+_MICRO = Decimal(1_000_000)
+
+
 @dataclass
 class _Account:
     limit: Decimal  # in the ledger currency
@@ -43,6 +54,14 @@ class _Account:
     started: datetime
     spent: Decimal = Decimal(0)
     reserved: Decimal = Decimal(0)
+    #: what the fleet had spent and reserved when Redis last answered, and this process's
+    #: own spent + reserved then: the fallback's baseline
+    fleet_used: Decimal = Decimal(0)
+    own_then: Decimal = Decimal(0)
+
+    @property
+    def period_id(self) -> str:
+        return f"{self.period}:{self.started.date().isoformat()}"
 
 
 @dataclass(slots=True)
@@ -50,6 +69,8 @@ class Reservation:
     key_id: str
     amount: Decimal
     started: datetime
+    #: its name in the fleet's reservations ("" when only this process holds it)
+    member: str = ""
 
 
 class Budgets:
@@ -59,8 +80,13 @@ class Budgets:
         exchange: Exchange,
         currency: Currency,
         clock: Clock,
+        fleet: FleetBudgets | None = None,
+        replicas: Callable[[], int] = lambda: 1,
     ):
         self._clock = clock
+        self._fleet = fleet
+        self._replicas = replicas
+        self._ids = itertools.count()
         now = self._now()
         self._accounts = {
             key_id: _Account(
@@ -75,20 +101,57 @@ class Budgets:
         for key_id, account in self._accounts.items():
             account.spent = await store.spend(key_id, account.started)
 
-    def reserve(self, key_id: str, estimate: Decimal) -> Reservation | None:
+    async def reserve(self, key_id: str, estimate: Decimal, request_id: str) -> Reservation | None:
+        """Hold ``estimate`` (the request's worst case) against the key's budget, or raise
+        ``InsufficientQuota``; None for a key without a budget."""
         account = self._accounts.get(key_id)
         if account is None:
             return None
         self._roll_over(account)
-        if account.spent + account.reserved + estimate > account.limit:
-            left = max(account.limit - account.spent - account.reserved, Decimal(0))
+        if self._fleet is not None:
+            try:
+                return await self._reserve_fleet(self._fleet, key_id, account, estimate, request_id)
+            except StateDown:
+                # Our share of what the fleet had left, on top of what we added since.
+                share = (account.limit - account.fleet_used) / max(1, self._replicas())
+                since = account.spent + account.reserved - account.own_then
+                self._check(
+                    account, account.fleet_used + since, estimate, account.fleet_used + share
+                )
+        else:
+            self._check(account, account.spent + account.reserved, estimate, account.limit)
+        account.reserved += estimate
+        return Reservation(key_id, estimate, account.started)
+
+    async def _reserve_fleet(
+        self,
+        fleet: FleetBudgets,
+        key_id: str,
+        account: _Account,
+        estimate: Decimal,
+        request_id: str,
+    ) -> Reservation:
+        member = f"{request_id}:{next(self._ids)}"
+        cost = int((estimate * _MICRO).to_integral_value(rounding=ROUND_CEILING))
+        verdict = await fleet.reserve(
+            key_id, account.period_id, _micro(account.limit), cost, _micro(account.spent), member
+        )
+        spent, reserved = Decimal(verdict.spent) / _MICRO, Decimal(verdict.reserved) / _MICRO
+        own = account.spent + account.reserved + (estimate if verdict.admitted else 0)
+        account.fleet_used, account.own_then = spent + reserved, own
+        if not verdict.admitted:
+            self._check(account, spent + reserved, estimate, account.limit)
+        account.reserved += estimate
+        return Reservation(key_id, estimate, account.started, member)
+
+    def _check(self, account: _Account, used: Decimal, estimate: Decimal, limit: Decimal) -> None:
+        if used + estimate > limit:
+            left = max(account.limit - used, Decimal(0))
             raise InsufficientQuota(
                 f"This API key's {_ADJECTIVE[account.period]} budget is spent: {left} left of "
                 f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens, "
                 "send a shorter request, or wait for the next period."
             )
-        account.reserved += estimate
-        return Reservation(key_id, estimate, account.started)
 
     def settle(self, reservation: Reservation | None, actual: Decimal) -> None:
         if reservation is None:
@@ -97,6 +160,9 @@ class Budgets:
         account.reserved -= reservation.amount
         if reservation.started == account.started:
             account.spent += actual
+        if reservation.member and self._fleet is not None:
+            period = f"{account.period}:{reservation.started.date().isoformat()}"
+            self._fleet.settle(reservation.key_id, period, reservation.member, _micro(actual))
 
     def remaining(self, key_id: str) -> Decimal | None:
         account = self._accounts.get(key_id)
@@ -112,3 +178,8 @@ class Budgets:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.wall(), UTC)
+
+
+def _micro(amount: Decimal) -> int:
+    """An amount in integer millionths of the currency (the ledger's quantum)."""
+    return int((amount * _MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))

@@ -107,7 +107,7 @@ class Accountant:
             return Tally(request_id, principal, now, at)
         return Tally(ids.request_id(), principal, now, at, client_request_id=request_id)
 
-    def reserve(
+    async def reserve(
         self,
         tally: Tally,
         request: ChatRequest | EmbeddingsRequest,
@@ -127,7 +127,8 @@ class Accountant:
             (self._costing.estimate(h.name, prompts[h.models[model]], output) for h in handles),
             default=Decimal(0),
         )
-        tally.reservation = self._budgets.reserve(tally.principal.key_id, worst)
+        key_id = tally.principal.key_id
+        tally.reservation = await self._budgets.reserve(key_id, worst, tally.request_id)
 
     def _most_output_tokens(self, request: ChatRequest | EmbeddingsRequest) -> int:
         if isinstance(request, EmbeddingsRequest):

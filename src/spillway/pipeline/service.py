@@ -90,7 +90,7 @@ class Pipeline:
             tally.asked_for(embed.model)
             candidates = self._candidates(embed.model, call)
             tally.permit = await self.admission.admit(call.principal, embed, tally.request_id)
-            self.accountant.reserve(tally, embed, candidates)
+            await self.accountant.reserve(tally, embed, candidates)
             ctx = self._context(call, candidates)
             answer = await self.dispatcher.complete(embed, ctx)
             self._note_reply(tally, answer.handle, embed, answer.reply.data)
@@ -178,7 +178,7 @@ class Pipeline:
     ) -> Answer | Stream:
         """Dispatch to the fleet; ``cache`` is the cache's part (status, note) for the route."""
         assert ctx.candidates is not None
-        self.accountant.reserve(tally, chat, ctx.candidates)
+        await self.accountant.reserve(tally, chat, ctx.candidates)
         if not chat.stream:
             answer = await self.dispatcher.complete(chat, ctx)
             reply, handle = answer.reply, answer.handle

@@ -39,6 +39,7 @@ from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing, key_id
 from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
+from spillway.state.budgets import FleetBudgets
 from spillway.state.leases import Leases
 from spillway.state.limits import RateLimiter
 from spillway.state.redis import SharedState
@@ -112,7 +113,8 @@ async def build_gateway(
     )
     monitor.start()
     stack.push_async_callback(monitor.aclose)
-    accountant = await _accountant(config, clock, stack)
+    fleet_budgets = FleetBudgets(shared, leases) if shared and leases else None
+    accountant = await _accountant(config, clock, stack, fleet_budgets, shared)
     cache = await build_cache(config, router, clock, stack)
     redactor = Redactor.for_config(config)
     settings = PipelineSettings(
@@ -161,7 +163,13 @@ def _leases(
     return leases
 
 
-async def _accountant(config: Config, clock: Clock, stack: AsyncExitStack) -> Accountant:
+async def _accountant(
+    config: Config,
+    clock: Clock,
+    stack: AsyncExitStack,
+    fleet: FleetBudgets | None,
+    shared: SharedState | None,
+) -> Accountant:
     """Costing, budgets and the write-behind ledger; closed in reverse: count, flush, close."""
     ledger = config.ledger
     exchange = Exchange(ledger.cny_per_usd)
@@ -175,7 +183,8 @@ async def _accountant(config: Config, clock: Clock, stack: AsyncExitStack) -> Ac
         prices, hourly, LIST_PRICES[ledger.reference], exchange, ledger.currency, clock
     )
     limits = {key_id(k.key.get_secret_value()): k.budget for k in config.keys if k.budget}
-    budgets = Budgets(limits, exchange, ledger.currency, clock)
+    replicas = (lambda: shared.replicas) if shared is not None else (lambda: 1)
+    budgets = Budgets(limits, exchange, ledger.currency, clock, fleet, replicas)
     writer = None
     if ledger.enabled:
         url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
