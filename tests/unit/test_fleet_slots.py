@@ -8,17 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
-from spillway.clock import SystemClock
 from spillway.config.schema import BreakerConfig
 from spillway.state.leases import Leases
 from spillway.state.redis import SharedState
 from spillway.state.slots import Claim, FleetSlots
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
+from tests.state_helpers import replica_states
 
 BREAKER = BreakerConfig(open_base_s=1.0, open_max_s=4.0, half_open_probes=2)
 POOLS = {"m": ["n", "other"]}
@@ -41,25 +41,12 @@ class Replica:
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with redis_server() as s:
-        yield s
-
-
-@pytest.fixture
-async def three(server: RedisServer) -> AsyncIterator[list[Replica]]:
-    namespace = f"t{uuid.uuid4().hex[:8]}"
-    made = []
-    for _ in range(3):
-        shared = SharedState(server.url, SystemClock(), namespace=namespace)
-        await shared.open()
-        leases = Leases(shared, SystemClock(), lease_s=1.0)
-        made.append(Replica(shared, leases, FleetSlots(shared, leases, BREAKER, POOLS)))
-    await made[0].shared._beat()  # the first to start counts all three now
-    yield made
-    for r in made:
-        await r.leases.aclose()
-        await r.shared.aclose()
+async def three(fresh_redis: RedisServer) -> AsyncIterator[list[Replica]]:
+    async with replica_states(fresh_redis.url) as states:
+        yield [
+            Replica(shared, leases, FleetSlots(shared, leases, BREAKER, POOLS))
+            for shared, leases in states
+        ]
 
 
 async def test_claims_up_to_the_limit_from_any_replica_and_release_frees_one(
@@ -149,14 +136,14 @@ async def test_a_probe_whose_replica_died_frees_its_place_within_the_lease(
 
 
 async def test_while_redis_is_paused_each_replica_keeps_to_its_share(
-    server: RedisServer, three: list[Replica]
+    fresh_redis: RedisServer, three: list[Replica]
 ) -> None:
     a = three[0]
-    server.pause()
+    fresh_redis.pause()
     try:
         started = time.monotonic()
         assert (await a.claim("n", limit=4, here=0)).granted  # 4 slots / 3 replicas: 1 here
         assert not (await a.claim("n", limit=4, here=1)).granted
         assert time.monotonic() - started < 0.5
     finally:
-        server.resume()
+        fresh_redis.resume()
