@@ -30,6 +30,7 @@ SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so no server outlives its tests; only the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -229,3 +230,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def signal_server(postmaster: int, sig: int) -> list[int]:
+    """Signal PostgreSQL's postmaster and every backend (its children): a frozen server
+    keeps its connections open and never answers on them."""
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # a backend may have ended meanwhile
+            os.kill(pid, signal.SIGCONT)

@@ -9,8 +9,6 @@ embedder and a real llama.cpp node."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from tests.fakes.upstream import FakeUpstream
 from tests.faults.test_cache import KEY_A, KEY_B
 from tests.faults.test_cache_semantic import config as semantic_config
 from tests.faults.test_cache_semantic import status
-from tests.pg import PgServer, create_database, postgres
+from tests.pg import PgServer, create_database, postgres, signal_server, thaw
 from tests.redis_server import RedisServer, redis_server
 
 SECRET = "a-shared-cache-secret-for-tests"
@@ -116,28 +114,6 @@ async def test_a_frozen_postgresql_serves_every_request(
         after = await status(gw, KEY_A, "a joke, please")
     assert during == ["hit-exact", "miss"]  # exact hits live in Redis; semantic gave up
     assert after == "hit-semantic"
-
-
-def signal_server(postmaster: int, sig: int) -> list[int]:
-    """Signal PostgreSQL's postmaster and every backend (its children): a frozen server
-    keeps its connections open and never answers on them."""
-    pids = [postmaster]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == postmaster:
-            pids.append(int(stat.parent.name))
-    for pid in pids:
-        os.kill(pid, sig)
-    return pids
-
-
-def thaw(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # a backend may have ended meanwhile
-            os.kill(pid, signal.SIGCONT)
 
 
 async def test_an_unreachable_store_and_index_from_the_start(

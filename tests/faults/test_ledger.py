@@ -159,15 +159,28 @@ async def test_a_repeated_client_request_id_still_gets_one_row_per_request(ups, 
     assert len({r.request_id for r in rows}) == 3
 
 
-async def test_unreachable_ledger_database_is_a_clear_startup_error(ups, tmp_path):
-    from spillway.errors import StartupError
+async def test_a_postgresql_down_at_start_is_an_outage_served_through(ups, tmp_path, caplog):
+    """The gateway starts, answers, and keeps every record on disk for when it answers."""
+    from spillway.ledger.spool import Spool
 
     url = "postgresql+asyncpg://spillway:s3cret-pw@127.0.0.1:9/ledger"
+    async with running_gateway(config(ups, tmp_path, ledger={"url": url})) as gw:
+        for _ in range(3):
+            await gw.client(KEY).chat.completions.create(model="m", messages=MESSAGES)
+    assert Spool(tmp_path / "ledger-spool").count() == 3
+    assert "cannot open the ledger (postgresql+asyncpg)" in caplog.text
+    assert "s3cret-pw" not in caplog.text
+
+
+async def test_a_sqlite_ledger_that_cannot_be_opened_is_a_clear_startup_error(ups, tmp_path):
+    from spillway.errors import StartupError
+
+    (tmp_path / "not-a-dir").write_text("a file where the ledger's directory should be")
+    url = f"sqlite+aiosqlite:///{tmp_path}/not-a-dir/ledger.db"
     with pytest.raises(StartupError) as caught:
         async with running_gateway(config(ups, tmp_path, ledger={"url": url})):
             pass
-    assert "cannot open the ledger (postgresql+asyncpg)" in caught.value.message
-    assert "s3cret-pw" not in caught.value.message
+    assert "cannot open the ledger (sqlite+aiosqlite)" in caught.value.message
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

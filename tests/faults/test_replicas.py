@@ -8,18 +8,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import SPILLWAY, clean_env, free_port
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.redis_server import RedisServer, redis_server
+from tests.replicas import Replica, chat, start, stop, wait_ready
 
 KEY, BURST_KEY, PARALLEL_KEY = "replica-key-0001", "replica-burst-0002", "replica-par-0003"
 BUDGET_KEY = "replica-budget-0004"
@@ -28,13 +26,6 @@ BUDGET_KEY = "replica-budget-0004"
 PRICE = "price = { input_per_mtok = 0, output_per_mtok = 1 }"
 BUDGET = "budget = { amount = 0.000084, currency = 'USD', period = 'day' }"
 LEASE_S = 3.0
-
-
-@dataclass
-class Replica:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +52,12 @@ async def replicas(
 ) -> AsyncIterator[list[Replica]]:
     config = tmp_path / "spillway.toml"
     config.write_text(_config(fleet, redis.url, tmp_path.name))
-    running = [_start(config, tmp_path / f"r{i}") for i in range(3)]
+    running = [start(config, tmp_path / f"r{i}") for i in range(3)]
     try:
-        await asyncio.gather(*(_wait_ready(r) for r in running))
+        await asyncio.gather(*(wait_ready(r) for r in running))
         yield running
     finally:
-        for replica in running:
-            if replica.proc.poll() is None:
-                replica.proc.terminate()
-        for replica in running:
-            try:
-                replica.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                replica.proc.kill()
+        stop(running)
 
 
 def _config(fleet: dict[str, FakeUpstream], redis_url: str, namespace: str) -> str:
@@ -125,41 +109,6 @@ key = "{BUDGET_KEY}"
 tenant = "capped"
 {BUDGET}
 """
-    )
-
-
-def _start(config: Path, workdir: Path) -> Replica:
-    workdir.mkdir()
-    port = free_port()
-    log = workdir / "spillway.log"
-    cmd = [str(SPILLWAY), "serve", "--config", str(config), "--port", str(port)]
-    cmd += ["--data-dir", str(workdir / "data")]
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return Replica(proc, f"http://127.0.0.1:{port}", log)
-
-
-async def _wait_ready(replica: Replica, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=1) as client:
-        while time.monotonic() < deadline:
-            if replica.proc.poll() is not None:
-                raise RuntimeError(replica.log.read_text())
-            try:
-                if (await client.get(replica.url + "/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{replica.url} not ready: {replica.log.read_text()}")
-
-
-async def chat(
-    client: httpx.AsyncClient, replica: Replica, key: str, model: str = "m"
-) -> httpx.Response:
-    return await client.post(
-        replica.url + "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
-        headers={"Authorization": f"Bearer {key}"},
     )
 
 

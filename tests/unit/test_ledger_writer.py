@@ -21,6 +21,7 @@ import pytest
 
 from spillway.clock import SystemClock
 from spillway.ledger.records import LedgerRecord
+from spillway.ledger.spool import Spool
 from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 from spillway.ledger.writer import LedgerWriter, WriterStats
 
@@ -322,3 +323,76 @@ async def test_a_record_no_store_can_take_is_set_aside_not_retried_for_ever(
     assert stored == [make_record(0).request_id, make_record(2).request_id]
     assert writer.stats() == WriterStats(written=2, pending=0, failures=0, rejected=1)
     assert "set aside (OverflowError" in caplog.text and poison.request_id in caplog.text
+
+
+def spooled_writer(store: FakeStore, directory: Path, **kwargs: float) -> LedgerWriter:
+    return LedgerWriter(store, SystemClock(), spool=Spool(directory), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_store_outage_moves_the_records_to_disk_not_memory(tmp_path: Path) -> None:
+    store = FakeStore()
+    store.down = True
+    writer = spooled_writer(store, tmp_path / "spool", flush_interval_s=0.01, max_batch=4)
+    writer.start()
+    for i in range(10):
+        writer.record(make_record(i))
+    await eventually(lambda: writer.pending == 0)  # none held in memory
+    assert writer.stats().spooled == 10 and Spool(tmp_path / "spool").count() == 10
+    for i in range(10, 13):
+        writer.record(make_record(i))
+    await eventually(lambda: writer.stats().spooled == 13)
+    store.down = False
+    await eventually(lambda: writer.stats().spooled == 0 and writer.pending == 0)
+    assert sorted(store.ids) == ids(13)  # each exactly once
+    assert Spool(tmp_path / "spool").segments() == []
+    await writer.aclose()
+
+
+async def test_spooled_records_come_back_exactly_as_they_were(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    records = [replace(make_record(1), client_request_id="c-1", ttft_ms=7), make_record(2)]
+    spool.append(records)
+    (segment,) = spool.segments()
+    assert spool.read(segment) == records
+
+
+async def test_a_restart_during_the_outage_loses_nothing_and_writes_each_once(
+    tmp_path: Path,
+) -> None:
+    """Stopped while the store is down: what is pending goes to disk; the next process (or
+    the same one later) writes it when the store is back, and a segment written twice (a
+    crash between the write and the removal) is ignored by the store."""
+    directory = tmp_path / "spool"
+    store = FakeStore()
+    store.down = True
+    first = spooled_writer(store, directory, flush_interval_s=5, close_timeout_s=0.05)
+    first.start()
+    for i in range(6):
+        first.record(make_record(i))
+    await first.aclose()
+    assert Spool(directory).count() == 6
+    store.down = False
+    store.rows.append(make_record(2))  # as if a crash had left the segment after writing
+    second = spooled_writer(store, directory, flush_interval_s=0.01)
+    second.start()
+    await eventually(lambda: Spool(directory).count() == 0)
+    await second.aclose()
+    assert sorted(store.ids) == ids(6)
+
+
+async def test_a_spooled_record_no_store_can_take_is_set_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    Spool(directory).append([make_record(1), replace(make_record(2), request_id="bad")])
+
+    class Picky(FakeStore):
+        async def write(self, records: Sequence[LedgerRecord]) -> None:
+            if any(r.request_id == "bad" for r in records):
+                raise ValueError("ledger amount out of range")
+            await super().write(records)
+
+    store = Picky()
+    writer = spooled_writer(store, directory, flush_interval_s=0.01)
+    writer.start()
+    await eventually(lambda: Spool(directory).count() == 0)
+    await writer.aclose()
+    assert store.ids == ["req-000001"] and writer.stats().rejected == 1

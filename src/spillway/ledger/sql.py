@@ -199,6 +199,7 @@ class SqlLedgerStore:
         self._flavour = _FLAVOURS[backend]
         self._clock = clock or SystemClock()
         self._url = parsed.set(drivername=self._flavour.driver)
+        self._opened = False
         self._engine = self._flavour.make_engine(self._url)
         # A SQLite file is written with plain sqlite3 in a thread of its own (sqlite_writes.py);
         # an in-memory database exists only inside the engine's one connection, so it cannot.
@@ -209,16 +210,21 @@ class SqlLedgerStore:
             )
 
     async def open(self) -> None:
+        """Connect and apply the migrations; again after a failure, or at once when done."""
+        if self._opened:
+            return
         now = datetime.fromtimestamp(self._clock.wall(), UTC)
         await asyncio.to_thread(self._flavour.prepare, self._url)
         locked = self._engine.execution_options(**{_BEGIN: "IMMEDIATE"})
         async with locked.begin() as conn:
             await conn.run_sync(self._flavour.lock_migrations)
             await conn.run_sync(migrate, now)
+        self._opened = True
 
     async def write(self, records: Sequence[LedgerRecord]) -> None:
         if not records:
             return
+        await self.open()  # a store that could not be opened at start opens here
         if self._direct is not None:
             await self._direct.write(records)
             return

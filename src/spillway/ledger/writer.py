@@ -9,13 +9,19 @@ backoff (capped at 5 s), logging the error once per failure streak and once on r
 retried batch that the store had in fact committed is harmless: the store ignores a
 ``request_id`` it already holds.
 
+With a ``Spool`` (``ledger/spool.py``), a store that fails a write does not make the records
+wait in memory: the batch is moved to local disk, and so is each later one until the store
+takes writes again; then the spooled segments are written, oldest first, each exactly once.
+
 Graceful shutdown (``aclose()``) lets the task finish its current write, then writes
-everything still pending, retrying for up to ``close_timeout_s`` (10 s) if the store is down,
-and logs how many records could not be written (they are still counted in ``pending``).
+everything still pending. If the store is down that goes to the spool at once; without a
+spool it retries for up to ``close_timeout_s`` (10 s), then the log says how many records
+could not be written (they are still counted in ``pending``).
 
 What a hard kill (SIGKILL, OOM, power cut) can lose: exactly what was pending, i.e. records
-accepted since the last successful write: about one flush interval's worth (0.5 s by
-default), or everything recorded during a store outage that has not ended yet.
+accepted since the last successful write or spill: about one flush interval's worth (0.5 s
+by default). Without a spool, everything recorded during a store outage that has not ended
+yet.
 
 Waits use the event loop's own time, not the injected clock: a ``ManualClock`` shared with the
 request path must not be moved by a background loop. The clock times failure streaks.
@@ -28,16 +34,24 @@ import contextlib
 import itertools
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import orjson
 
 from spillway.clock import Clock
 from spillway.ledger.records import LedgerRecord, LedgerStore
+from spillway.ledger.spool import Spool
 
 log = logging.getLogger("spillway.ledger")
 
 MAX_BACKOFF_S = 5.0
+#: The longest one write may take before it counts as failed: a database that accepts
+#: connections but never answers (frozen, or behind a black-holing network) must not hold
+#: the records in memory for ever. A batch takes milliseconds when the store is well.
+WRITE_TIMEOUT_S = 5.0
+#: how often a writer with nothing of its own spooled still looks for spooled segments
+SPOOL_LOOK_S = 10.0
 CLOSE_TIMEOUT_S = 10.0
 #: Records per write. Large, so that under load a write happens about once per flush interval,
 #: not once per few hundred requests: each write has a fixed cost (a hand-off to the store's
@@ -57,6 +71,8 @@ class WriterStats:
     failures: int
     #: records set aside because no store could take them (each logged whole)
     rejected: int = 0
+    #: records on local disk, waiting for the store
+    spooled: int = 0
 
 
 class LedgerWriter:
@@ -71,10 +87,14 @@ class LedgerWriter:
         flush_interval_s: float = 0.5,
         max_batch: int = MAX_BATCH,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        spool: Spool | None = None,
     ):
         if flush_interval_s <= 0 or max_batch < 1:
             raise ValueError("flush_interval_s must be > 0 and max_batch >= 1")
         self._store = store
+        self._spool = spool
+        self._spooled = 0
+        self._next_look = 0.0
         self._clock = clock
         self._interval = flush_interval_s
         self._max_batch = max_batch
@@ -95,7 +115,8 @@ class LedgerWriter:
         return len(self._pending)
 
     def stats(self) -> WriterStats:
-        return WriterStats(self._written, len(self._pending), self._failures, self._rejected)
+        pending, failures = len(self._pending), self._failures
+        return WriterStats(self._written, pending, failures, self._rejected, self._spooled)
 
     def record(self, rec: LedgerRecord) -> None:
         """Queue one record; never waits. Raises only on a caller bug (see below)."""
@@ -120,7 +141,7 @@ class LedgerWriter:
             while self._pending:
                 batch = list(itertools.islice(self._pending, self._max_batch))
                 try:
-                    await self._store.write(batch)
+                    await self._write(batch)
                 except RECORD_ERRORS:
                     await self._write_each(batch)
                     continue
@@ -135,18 +156,22 @@ class LedgerWriter:
         records one by one, and set aside (log whole, count) any it cannot take, so that one
         bad record never stops the ledger. A store that fails meanwhile raises as usual."""
         for record in batch:
-            try:
-                await self._store.write([record])
-            except RECORD_ERRORS as exc:
-                self._rejected += 1
-                log.error(
-                    "ledger: a record no store can take was set aside (%s): %s",
-                    _describe(exc),
-                    orjson.dumps(asdict(record), default=str).decode(),
-                )
-            else:
-                self._written += 1
+            await self._write_one(record)
             self._pending.popleft()
+
+    async def _write_one(self, record: LedgerRecord) -> None:
+        """Write one record, or set it aside (logged whole, counted) if no store can take it."""
+        try:
+            await self._write([record])
+        except RECORD_ERRORS as exc:
+            self._rejected += 1
+            log.error(
+                "ledger: a record no store can take was set aside (%s): %s",
+                _describe(exc),
+                orjson.dumps(asdict(record), default=str).decode(),
+            )
+        else:
+            self._written += 1
 
     async def aclose(self) -> None:
         """Stop the task and write everything still pending (retrying up to close_timeout_s)."""
@@ -168,9 +193,18 @@ class LedgerWriter:
                 break
             except Exception as exc:
                 self._failed(exc)
+                if self._spool is not None:
+                    break  # nothing is lost by spooling: no need to hold the shutdown up
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
                 delay = min(delay * 2, MAX_BACKOFF_S)
-        if self._pending:
+        if self._pending and await self._spill():
+            log.warning(
+                "ledger: store unavailable at shutdown; %d records are in %s and will be "
+                "written when it takes writes again",
+                self._spooled,
+                self._spool.directory if self._spool else "",
+            )
+        elif self._pending:
             log.error(
                 "ledger: %d records could not be written before shutdown (store unavailable)",
                 len(self._pending),
@@ -193,6 +227,8 @@ class LedgerWriter:
             await task
 
     async def _run(self) -> None:
+        if self._spool is not None:  # what an earlier run left on disk
+            self._spooled = await asyncio.to_thread(self._spool.count)
         delay = self._interval
         while not self._stopping:
             # While failing, wait out the backoff even if a batch fills up meanwhile.
@@ -201,13 +237,62 @@ class LedgerWriter:
                 return
             try:
                 await self.flush()
+                await self._drain()
             except Exception as exc:
                 self._failed(exc)
+                await self._spill()
                 delay = min(delay * 2, MAX_BACKOFF_S)
             else:
                 if self._streak_started is not None:
                     self._recovered()
                 delay = self._interval
+
+    async def _spill(self) -> bool:
+        """Move every pending record to the spool (False: there is none, or the disk
+        refused; the records then stay in memory)."""
+        spool = self._spool
+        if spool is None:
+            return False
+        async with self._flushing:
+            while self._pending:
+                batch = list(itertools.islice(self._pending, self._max_batch))
+                try:
+                    await asyncio.to_thread(spool.append, batch)
+                except OSError as exc:
+                    log.error("ledger: cannot spool to %s: %s", spool.directory, _describe(exc))
+                    return False
+                for _ in batch:
+                    self._pending.popleft()
+                self._spooled += len(batch)
+        return True
+
+    async def _drain(self) -> None:
+        """Write the spooled segments to the store, oldest first; raises what it raises."""
+        spool = self._spool
+        if spool is None:
+            return
+        # Several processes may share a data directory (``--workers``): each looks at the
+        # directory now and then even with nothing of its own spooled.
+        now = self._clock.monotonic()
+        if not self._spooled and now < self._next_look:
+            return
+        self._next_look = now + SPOOL_LOOK_S
+        for segment in await asyncio.to_thread(spool.segments):
+            records = await asyncio.to_thread(spool.read, segment)
+            try:
+                await self._write(records)  # a record written before is ignored
+            except RECORD_ERRORS:
+                for record in records:  # one bad record must not keep the segment for ever
+                    await self._write_one(record)
+            else:
+                self._written += len(records)
+            await asyncio.to_thread(spool.remove, segment)
+            self._spooled = max(0, self._spooled - len(records))
+            log.info("ledger: wrote %d spooled records from %s", len(records), segment.name)
+
+    async def _write(self, records: Sequence[LedgerRecord]) -> None:
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
+            await self._store.write(records)
 
     async def _wait(self, seconds: float, early_on_batch: bool) -> None:
         """Sleep ``seconds``; wake at once on stop, and on a full batch if ``early_on_batch``."""
@@ -230,9 +315,11 @@ class LedgerWriter:
             log.debug("ledger: write failed again: %s", _describe(exc))
             return
         self._streak_started = self._clock.monotonic()
+        where = f" on disk in {self._spool.directory}" if self._spool else ""
         log.error(
-            "ledger: write failed, keeping %d records and retrying: %s",
+            "ledger: write failed, keeping %d records%s and retrying: %s",
             len(self._pending),
+            where,
             _describe(exc),
         )
 

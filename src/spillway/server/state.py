@@ -17,6 +17,7 @@ from spillway.errors import StartupError
 from spillway.ledger.budgets import Budgets
 from spillway.ledger.costing import Costing, hourly_cost
 from spillway.ledger.retention import retention_loop
+from spillway.ledger.spool import Spool
 from spillway.ledger.sql import SqlLedgerStore, sqlite_url
 from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.http import HttpNode
@@ -46,6 +47,8 @@ from spillway.state.redis import SharedState
 from spillway.state.slots import FleetSlots
 
 log = logging.getLogger("spillway.server")
+#: How long the ledger store may take to open at start before the gateway starts without it.
+OPEN_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -188,10 +191,18 @@ async def _accountant(
     writer = None
     if ledger.enabled:
         url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
-        store = await _open_store(url)
+        store, problem = await _open_store(url)
         stack.push_async_callback(store.aclose)
-        await budgets.load(store)
-        writer = LedgerWriter(store, clock, ledger.flush_interval_s)
+        if problem is None:
+            await budgets.load(store)
+        else:
+            log.warning(
+                "%s; serving anyway: records wait in %s until it answers", problem, "ledger-spool"
+            )
+            opening = asyncio.create_task(_load_budgets_when_open(store, budgets, clock))
+            stack.callback(opening.cancel)
+        spool = Spool(config.server.data_dir / "ledger-spool")
+        writer = LedgerWriter(store, clock, ledger.flush_interval_s, spool=spool)
         writer.start()
         stack.push_async_callback(writer.aclose)
         if ledger.retention_days:
@@ -321,16 +332,39 @@ def gateway_context(
     return context
 
 
-async def _open_store(url: str) -> SqlLedgerStore:
+async def _open_store(url: str) -> tuple[SqlLedgerStore, str | None]:
+    """The store, and why it could not be opened yet (None: it is open). A PostgreSQL that
+    does not answer is an outage the gateway starts through (records go to the spool, and
+    the store opens on its first write that gets through); a SQLite file that cannot be
+    opened is a mistake to fix, and stops the start."""
     store = SqlLedgerStore(url)
     try:
-        await store.open()
+        async with asyncio.timeout(OPEN_TIMEOUT_S):  # a frozen server must not hold the start
+            await store.open()
     except Exception as exc:
         # The URL may carry a password: name only the scheme and the kind of failure.
         scheme = url.split(":", 1)[0]
         first_line = str(exc).splitlines()[0] if str(exc) else ""
+        problem = f"cannot open the ledger ({scheme}): {type(exc).__name__}: {first_line[:200]}"
+        if scheme.startswith("postgres"):
+            return store, problem
         raise StartupError(
-            f"cannot open the ledger ({scheme}): {type(exc).__name__}: {first_line[:200]}; "
-            "check [ledger] url, or set [ledger] enabled = false"
+            f"{problem}; check [ledger] url, or set [ledger] enabled = false"
         ) from None
-    return store
+    return store, None
+
+
+async def _load_budgets_when_open(store: SqlLedgerStore, budgets: Budgets, clock: Clock) -> None:
+    """Started while the store was down: read the period's spend once it answers (until
+    then each key's spend counts from 0 here, or from Redis's figure with shared state)."""
+    delay = 1.0
+    while True:
+        await clock.sleep(delay)
+        try:
+            await store.open()
+            await budgets.load(store)
+        except Exception:  # still down: try again later
+            delay = min(delay * 2, 30.0)
+            continue
+        log.warning("ledger: the store answers again; budgets loaded the period's spend")
+        return
