@@ -220,3 +220,13 @@ def test_budget_validation() -> None:
         RetryBudget(ratio=-0.1)
     with pytest.raises(ValueError, match="negative"):
         RetryBudget(burst=-1)
+
+
+def test_with_replicas_the_reserve_and_the_floor_are_shared_out() -> None:
+    """The ratio holds fleet-wide by itself; the starting reserve and the floor are divided."""
+    replicas = 5
+    budget = RetryBudget(ratio=0.0, min_retries=10, burst=10, parts=lambda: replicas)
+    granted = sum(budget.try_retry() for _ in range(10))
+    assert granted == 2  # 10 / 5 of the reserve
+    alone = RetryBudget(ratio=0.0, min_retries=10, burst=10)
+    assert sum(alone.try_retry() for _ in range(10)) == 10

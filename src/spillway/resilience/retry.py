@@ -23,6 +23,11 @@ every client retrying does not multiply the load on it. Two gates, both of which
 
 Over any run, retries ≤ ``ratio`` * requests + the starting reserve, and the reserve is at most
 ``burst``.
+
+Across replicas the ratio holds by itself: each replica's deposits come from its own requests,
+so the fleet's retries stay within ``ratio`` of the fleet's requests. Only the reserve and the
+floor would multiply with the replica count, so with shared state each replica keeps
+``burst / replicas`` and ``min_retries / replicas`` of them (``parts``, at least 1 each).
 """
 
 from __future__ import annotations
@@ -127,19 +132,35 @@ class RetryBudget:
     reserved and must be followed by ``retry_finished()``.
     """
 
-    def __init__(self, ratio: float = 0.2, min_retries: int = 3, burst: int = 10):
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_retries: int = 3,
+        burst: int = 10,
+        parts: Callable[[], int] = lambda: 1,
+    ):
         if ratio < 0 or min_retries < 0 or burst < 0:
             raise ValueError("RetryBudget: ratio, min_retries and burst must not be negative")
         self._ratio = ratio
-        self._min_retries = min_retries
-        self._burst = burst
+        self._min_retries_whole = min_retries
+        self._burst_whole = burst
+        self._parts = parts
         # Start full: a gateway that has just started (or restarted into an incident) can still
         # fail over a burst of requests before deposits have built up.
-        self._balance = float(burst)
+        self._balance = float(self._burst)
         self._requests = 0
         self._retries = 0
         self._granted = 0
         self._refused = 0
+
+    @property
+    def _burst(self) -> int:
+        return max(1, self._burst_whole // max(1, self._parts())) if self._burst_whole else 0
+
+    @property
+    def _min_retries(self) -> int:
+        whole = self._min_retries_whole
+        return max(1, whole // max(1, self._parts())) if whole else 0
 
     def request_started(self) -> None:
         """A client request began: it counts as in flight and deposits ``ratio`` of a token."""
@@ -152,6 +173,7 @@ class RetryBudget:
 
     def try_retry(self) -> bool:
         """Reserve one retry if both gates pass; False means: do not retry, fail or fall back."""
+        self._balance = min(self._balance, float(self._burst))  # the replicas may have grown
         concurrency_limit = max(float(self._min_retries), self._ratio * self._requests)
         if self._retries < concurrency_limit and self._balance >= 1.0 - _EPSILON:
             self._retries += 1

@@ -107,7 +107,8 @@ async def build_gateway(
     slots = None
     if shared is not None and leases is not None:
         slots = FleetSlots(shared, leases, config.breaker, _pools(handles))
-    dispatcher = _dispatcher(config, router, clock, slots)
+    replicas = (lambda: shared.replicas) if shared is not None else (lambda: 1)
+    dispatcher = _dispatcher(config, router, clock, slots, replicas)
     monitor = NodeMonitor(
         router,
         config.routing.signal_interval_s,
@@ -117,7 +118,7 @@ async def build_gateway(
     monitor.start()
     stack.push_async_callback(monitor.aclose)
     fleet_budgets = FleetBudgets(shared, leases) if shared and leases else None
-    accountant = await _accountant(config, clock, stack, fleet_budgets, shared)
+    accountant = await _accountant(config, clock, stack, fleet_budgets, replicas)
     cache = await build_cache(config, router, clock, stack)
     redactor = Redactor.for_config(config)
     settings = PipelineSettings(
@@ -171,7 +172,7 @@ async def _accountant(
     clock: Clock,
     stack: AsyncExitStack,
     fleet: FleetBudgets | None,
-    shared: SharedState | None,
+    replicas: Callable[[], int],
 ) -> Accountant:
     """Costing, budgets and the write-behind ledger; closed in reverse: count, flush, close."""
     ledger = config.ledger
@@ -186,7 +187,6 @@ async def _accountant(
         prices, hourly, LIST_PRICES[ledger.reference], exchange, ledger.currency, clock
     )
     limits = {key_id(k.key.get_secret_value()): k.budget for k in config.keys if k.budget}
-    replicas = (lambda: shared.replicas) if shared is not None else (lambda: 1)
     budgets = Budgets(limits, exchange, ledger.currency, clock, fleet, replicas)
     writer = None
     if ledger.enabled:
@@ -238,7 +238,11 @@ def _breakers(config: Config, handles: list[NodeHandle], clock: Clock) -> Breake
 
 
 def _dispatcher(
-    config: Config, router: Router, clock: Clock, slots: FleetSlots | None
+    config: Config,
+    router: Router,
+    clock: Clock,
+    slots: FleetSlots | None,
+    replicas: Callable[[], int],
 ) -> Dispatcher:
     routing = config.routing
     queues = {m: WaitQueue(routing.queue_size, clock, model=m) for m in router.models()}
@@ -248,7 +252,10 @@ def _dispatcher(
     return Dispatcher(
         router,
         RetryBudget(
-            routing.retry_budget_ratio, routing.retry_budget_min, routing.retry_budget_burst
+            routing.retry_budget_ratio,
+            routing.retry_budget_min,
+            routing.retry_budget_burst,
+            parts=replicas,
         ),
         queues,
         RetryPolicy(routing.max_attempts, routing.backoff_base_s, routing.backoff_cap_s),
