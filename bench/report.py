@@ -14,8 +14,9 @@ from typing import Any
 
 RSS_BUDGET_MB = 150.0
 NOISY_PCT = 10.0  # other processes' share of the CPUs above which latest.md warns
-SPILLWAY = ("spillway-1w", "spillway-2w", "spillway-hit")
+SPILLWAY = ("spillway-1w", "spillway-redis", "spillway-2w", "spillway-hit")
 HIT_P50_TARGET_MS = 2.0  # exact cache hit, end to end, at concurrency 1
+REDIS_P50_TARGET_MS = 0.3  # what shared state may add to a request (scale-out issue)
 
 Run = dict[str, Any]
 Row = dict[str, Any]
@@ -127,8 +128,9 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
 def ratios(run: Run) -> list[tuple[str, str, str]]:
     """(what, ratio, the figures it comes from)."""
     rows = _by_name(_rows(run))
-    s1, s2, floor, lite = (
-        rows.get(n, {}) for n in ("spillway-1w", "spillway-2w", "floor", "litellm")
+    s1, s2, floor, lite, shared = (
+        rows.get(n, {})
+        for n in ("spillway-1w", "spillway-2w", "floor", "litellm", "spillway-redis")
     )
 
     def pair(a: Row, b: Row, key: str, unit: str, digits: int = 3) -> tuple[str, str]:
@@ -151,6 +153,9 @@ def ratios(run: Run) -> list[tuple[str, str, str]]:
             "spillway 1w TTFT overhead p99 ÷ floor TTFT overhead p99",
             *pair(s1, floor, "ttft_over_p99_ms", "ms"),
         ),
+        ("spillway 1w + Redis req/s ÷ spillway 1w req/s", *pair(shared, s1, "rps", "req/s", 0)),
+        ("spillway 1w + Redis req/s ÷ floor req/s", *pair(shared, floor, "rps", "req/s", 0)),
+        _redis_added_p50(shared, s1),
     ]
     hit = rows.get("spillway-hit", {})
     if hit.get("p50_ms") is None:
@@ -179,6 +184,17 @@ def ratios(run: Run) -> list[tuple[str, str, str]]:
                 )
             )
     return out
+
+
+def _redis_added_p50(shared: Row, alone: Row) -> tuple[str, str, str]:
+    """What shared state adds to a request's p50 at c=1 (target: at most 0.3 ms)."""
+    what = "what [state] redis_url adds to p50 (c=1)"
+    x, y = shared.get("p50_ms"), alone.get("p50_ms")
+    if x is None or y is None:
+        return what, "n/a", "a candidate did not run"
+    verdict = "within" if x - y <= REDIS_P50_TARGET_MS else "OVER"
+    detail = f"{_f(x)} - {_f(y)} ms"
+    return what, f"{x - y:+.3f} ms ({verdict} the {REDIS_P50_TARGET_MS:g} ms target)", detail
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -321,6 +337,7 @@ def chart(run: Run, path: Path) -> None:
     colours = {
         "direct": "#9e9e9e",
         "spillway-1w": "#1f77b4",
+        "spillway-redis": "#17becf",
         "spillway-2w": "#6baed6",
         "spillway-hit": "#9467bd",
         "litellm": "#d62728",

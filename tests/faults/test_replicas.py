@@ -11,11 +11,14 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.fakes.upstream import FakeUpstream, Script
+from tests.nginx import running_nginx, with_upstreams
 from tests.redis_server import RedisServer, redis_server
 from tests.replicas import Replica, chat, start, stop, wait_ready
 
@@ -26,6 +29,8 @@ BUDGET_KEY = "replica-budget-0004"
 PRICE = "price = { input_per_mtok = 0, output_per_mtok = 1 }"
 BUDGET = "budget = { amount = 0.000084, currency = 'USD', period = 'day' }"
 LEASE_S = 3.0
+MESSAGES: Any = [{"role": "user", "content": "hi"}]
+NGINX_SITE = (Path(__file__).resolve().parents[2] / "docs" / "deploy" / "nginx.conf").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +284,33 @@ async def test_a_budget_worth_ten_requests_admits_ten_of_forty_over_three_replic
     assert statuses.count(200) == 10 and statuses.count(429) == 30
     refused = [a.json()["error"] for a in answers if a.status_code == 429]
     assert {e["code"] for e in refused} == {"insufficient_quota"}
+
+
+async def test_behind_nginx_as_docs_deploy_configures_it(
+    replicas: list[Replica], tmp_path: Path
+) -> None:
+    """docs/deploy/nginx.conf in front of the 3 replicas: the openai SDK's answers and streams
+    come through, and the rpm holds for the fleet behind one address."""
+    site = with_upstreams(NGINX_SITE, [r.url.removeprefix("http://") for r in replicas])
+    with running_nginx(site, tmp_path) as base:
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        try:
+            answer = await client.chat.completions.create(model="m", messages=MESSAGES)
+            stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+        finally:
+            await client.close()
+        async with httpx.AsyncClient(timeout=10) as http:
+            burst = await asyncio.gather(
+                *(
+                    http.post(
+                        base + "/v1/chat/completions",
+                        json={"model": "m", "messages": MESSAGES},
+                        headers={"Authorization": f"Bearer {BURST_KEY}"},
+                    )
+                    for _ in range(60)
+                )
+            )
+    assert answer.choices[0].message.content and len(chunks) > 2
+    statuses = [r.status_code for r in burst]
+    assert 30 <= statuses.count(200) <= 31 and statuses.count(429) == 60 - statuses.count(200)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from spillway.config.schema import Config, ServerConfig, Timeouts
 from spillway.errors import ConfigError
 from spillway.ledger.writer import CLOSE_TIMEOUT_S
 from spillway.server.listener import SHUTDOWN_GRACE_S
+from tests.nginx import free_port, main_config, nginx_binary, on_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_MD = ROOT / "docs" / "deploy.md"
@@ -38,7 +37,6 @@ NGINX_CONF = ROOT / "docs" / "deploy" / "nginx.conf"
 #: what passes. 1.30: the first where the preStop ``sleep`` action is on by default.
 K8S_VERSION = "1.30"
 KINDS = ("ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget")
-NGINX = "/usr/sbin/nginx"
 NGINX_TIMEOUT_S = 30
 
 
@@ -205,33 +203,13 @@ def _number_and_unit(value: str, units: str) -> tuple[int, str]:
 
 @pytest.fixture
 def nginx() -> str:
-    found = NGINX if Path(NGINX).is_file() else shutil.which("nginx")
-    if found is None:
-        pytest.skip("nginx is not installed")
-    return found
+    return nginx_binary()
 
 
 def nginx_test(nginx: str, conf: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """``nginx -t`` on ``conf`` (an http-context file) inside a minimal main config whose pid,
-    logs and temp files are all under ``tmp_path``, so that it runs without root."""
-    included = tmp_path / "spillway.conf"
-    # nginx -t binds the listening sockets: port 80 needs root and may be taken.
-    included.write_text(_on_free_port(conf))
-    main = tmp_path / "nginx.conf"
-    temp_paths = "".join(
-        f"    {kind}_temp_path {tmp_path / kind};\n"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    main.write_text(
-        f"pid {tmp_path / 'nginx.pid'};\n"
-        f"error_log {tmp_path / 'error.log'};\n"
-        "events {}\n"
-        "http {\n"
-        f"    access_log {tmp_path / 'access.log'};\n"
-        f"{temp_paths}"
-        f"    include {included};\n"
-        "}\n"
-    )
+    """``nginx -t`` on ``conf`` (an http-context file) in a main config rooted in
+    ``tmp_path``; ``nginx -t`` binds the listening sockets, so on a free loopback port."""
+    main = main_config(on_port(conf, free_port()), tmp_path)
     return subprocess.run(
         [nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
         capture_output=True,
@@ -239,18 +217,6 @@ def nginx_test(nginx: str, conf: str, tmp_path: Path) -> subprocess.CompletedPro
         timeout=NGINX_TIMEOUT_S,
         check=False,
     )
-
-
-def _on_free_port(conf: str) -> str:
-    listen = re.compile(r"^(\s*)listen 80;", re.MULTILINE)
-    assert len(listen.findall(conf)) == 1
-    return listen.sub(rf"\g<1>listen 127.0.0.1:{_free_port()};", conf)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return cast(int, probe.getsockname()[1])
 
 
 def test_nginx_accepts_the_example(nginx: str, tmp_path: Path) -> None:
