@@ -26,13 +26,15 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from spillway.cache.keys import tag
 from spillway.cache.stores import Entry, ScopeStats
 from spillway.clock import Clock
 from spillway.secrets import Redactor, redacted_url
-from spillway.state.redis import connect
 
 POOL_SIZE = 32
 _SCAN_BATCH = 1_000
@@ -43,6 +45,21 @@ local v = redis.call('HGET', KEYS[1], 'v')
 if v then redis.call('HINCRBY', KEYS[1], 'h', 1) end
 return v
 """
+
+
+def _connect(url: str, timeout_s: float, pool_size: int) -> Redis:
+    """A client whose every wait is bounded by ``timeout_s`` and that never retries (an
+    outage costs one failed call). Blocking pool: a burst past ``pool_size`` waits, within
+    the timeout, for a connection, where the default pool would fail the call at once."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis.from_pool(pool)
 
 
 def _text(value: bytes | str) -> str:
@@ -70,7 +87,7 @@ class RedisCacheStore:
         self._prefix = f"{namespace}:cache:e:"
         self._names = f"{namespace}:cache:names"
         with self._failures("connect"):
-            self._redis = connect(url, timeout_s, POOL_SIZE)
+            self._redis = _connect(url, timeout_s, POOL_SIZE)
         self._get = self._redis.register_script(_GET_SCRIPT)
 
     async def open(self) -> None:

@@ -230,6 +230,8 @@ class Dispatcher:
         if fleet is None or claim is None:
             return None
         record = fleet.record(handle.name, claim, ok)
+        if record is None:
+            return None
         if wait and not ok:
             return record
         fleet.spawn(record)

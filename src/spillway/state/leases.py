@@ -13,10 +13,9 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 
-from redis.asyncio import Redis
-
 from spillway.clock import Clock
 from spillway.state.redis import SharedState, StateDown
+from spillway.state.resp import RespClient
 
 #: Lua: take a place in KEYS[1] if fewer than ARGV[1] unexpired ones are held (1), else 0.
 CLAIM = """
@@ -62,7 +61,7 @@ class Leases:
         simply runs out)."""
         zset = self._held.pop(member, None)
         if zset is not None:
-            self.spawn(self._shared.call(lambda redis: redis.zrem(zset, member)))
+            self.spawn(self._shared.call(lambda redis: redis.execute("ZREM", zset, member)))
 
     def spawn(self, call: Awaitable[object]) -> None:
         """Run a fire-and-forget state call; an outage only means it did not happen."""
@@ -86,11 +85,9 @@ class Leases:
                 with contextlib.suppress(StateDown):
                     await self._shared.call(self._renew)
 
-    async def _renew(self, redis: Redis) -> None:
+    async def _renew(self, redis: RespClient) -> None:
         """Push back every held lease's expiry (XX: never revive one released meanwhile)."""
-        seconds, micros = await redis.time()
-        expires = seconds * 1000 + micros // 1000 + self.lease_ms
-        pipe = redis.pipeline(transaction=False)
-        for member, zset in list(self._held.items()):
-            pipe.zadd(zset, {member: expires}, xx=True)
-        await pipe.execute()
+        seconds, micros = await redis.execute("TIME")
+        expires = int(seconds) * 1000 + int(micros) // 1000 + self.lease_ms
+        held = list(self._held.items())
+        await redis.execute_many([("ZADD", zset, "XX", expires, member) for member, zset in held])

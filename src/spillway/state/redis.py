@@ -25,18 +25,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from spillway.clock import Clock
 from spillway.secrets import Redactor, redacted_url
+from spillway.state.resp import ReplyError, RespClient
 
 log = logging.getLogger("spillway.state")
 
 T = TypeVar("T")
-POOL_SIZE = 64
 HEARTBEAT_S = 2.0
 #: a replica not heard from for this long no longer counts
 REPLICA_TTL_S = 3 * HEARTBEAT_S
@@ -51,21 +46,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
 """
-
-
-def connect(url: str, timeout_s: float, pool_size: int) -> Redis:
-    """A client whose every wait is bounded by ``timeout_s`` and that never retries (an
-    outage costs one failed call). Blocking pool: a burst past ``pool_size`` waits, within
-    the timeout, for a connection, where the default pool would fail the call at once."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return Redis.from_pool(pool)
 
 
 class StateDown(Exception):
@@ -86,7 +66,7 @@ class SharedState:
         self._timeout_s = timeout_s
         self._where = redacted_url(url)
         self._redactor = Redactor([p for p in (urlsplit(url).password,) if p])
-        self.redis = connect(url, timeout_s, POOL_SIZE)
+        self.redis = RespClient(url)
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
         self.replicas = 1
         self._down_since: float | None = None
@@ -101,7 +81,7 @@ class SharedState:
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 
-    async def call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+    async def call(self, op: Callable[[RespClient], Awaitable[T]]) -> T:
         """``op`` on Redis within the timeout; ``StateDown`` at once while Redis is down
         (except for the one call a second that tries it again)."""
         probing = False
@@ -112,7 +92,7 @@ class SharedState:
         try:
             async with asyncio.timeout(self._timeout_s):
                 result = await op(self.redis)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (ReplyError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise StateDown(f"shared state at {self._where}: {self._describe(exc)}") from None
         finally:
@@ -136,7 +116,7 @@ class SharedState:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(StateDown):
-            await self.call(lambda r: r.zrem(self.key("replicas"), self.replica_id))
+            await self.call(lambda r: r.execute("ZREM", self.key("replicas"), self.replica_id))
         await self.redis.aclose()
 
     async def _beat(self) -> None:

@@ -15,8 +15,11 @@ died does not block the node for ever). Each attempt's verdict is recorded with
 outcomes (once ``min_calls`` are in), for ``open_base_s`` times the openings (at most
 ``open_max_s``), never ejecting more of a pool than ``max_ejected_share`` allows (at least one
 node); closed again after ``half_open_probes`` successful probes. So a failing node is
-ejected after 5 failures in all, not 5 per replica. Each replica's own breakers keep working
-beside it (a node failing here is left here even before the fleet agrees).
+ejected after 5 failures in all, not 5 per replica. A success is not sent when the claim
+said the node had no failure to forget (no failure in a row, none in its window): then it
+would change nothing but the window's length, so a request to a healthy node costs the claim
+and the slot's release only. Each replica's own breakers keep working beside it (a node
+failing here is left here even before the fleet agrees).
 
 While Redis is unreachable each replica keeps to ``max_concurrency / replicas`` (at least
 1) of every node, counted locally, and to its own breakers.
@@ -32,13 +35,18 @@ from spillway.state.leases import Leases
 from spillway.state.redis import SharedState, StateDown
 
 #: KEYS: breaker hash, slots zset, probes zset. ARGV: limit, member, lease ms, probes.
-#: Returns {granted, open ms (>0 open or probing, -1 full), probe}.
+#: Returns {granted, open ms (>0 open or probing, -1 full), probe, clean}: clean when the
+#: breaker is closed with no failure in a row or in its window (a success changes nothing).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[3])
-local v = redis.call('HMGET', KEYS[1], 'st', 'ou')
+local v = redis.call('HMGET', KEYS[1], 'st', 'ou', 'cf', 'ws')
 local st, ou = v[1] or 'c', tonumber(v[2] or '0')
+local clean = 0
+if st == 'c' and tonumber(v[3] or '0') == 0 and not string.find(v[4] or '', '0') then
+  clean = 1
+end
 local probe = 0
 if st == 'o' then
   if now < ou then return {0, ou - now, 0} end
@@ -59,7 +67,7 @@ if probe == 1 then
   redis.call('ZADD', KEYS[3], now + lease, ARGV[2] .. ':probe')
   redis.call('PEXPIRE', KEYS[3], lease * 2)
 end
-return {1, 0, probe}
+return {1, 0, probe, clean}
 """
 #: KEYS: breaker hash, probes zset, then the other members' breaker hashes of each pool.
 #: ARGV: member, verdict ('1' ok, '0' failed), was a probe ('1'/'0'), consecutive, rate,
@@ -127,6 +135,8 @@ class Claim:
     probe: bool = False
     #: granted by the local fallback (Redis down): nothing to give back or record there
     local: bool = False
+    #: the node's fleet breaker had nothing to forget: a success need not be recorded
+    clean: bool = False
 
 
 class FleetSlots:
@@ -155,7 +165,7 @@ class FleetSlots:
         argv: list[int | str] = [limit, member, self._leases.lease_ms]
         argv.append(self._breaker.half_open_probes)
         try:
-            granted, open_ms, probe = await self._shared.call(
+            granted, open_ms, probe, *clean = await self._shared.call(
                 lambda _: self._claim(keys=keys, args=argv)
             )
         except StateDown:
@@ -167,16 +177,20 @@ class FleetSlots:
         self._leases.held(member, keys[1])
         if int(probe):
             self._leases.held(member + ":probe", keys[2])
-        return Claim(True, member=member, probe=bool(int(probe)))
+        settled = bool(clean and int(clean[0]))
+        return Claim(True, member=member, probe=bool(int(probe)), clean=settled)
 
     def release(self, claim: Claim) -> None:
         """The attempt ended: give the slot back."""
         if not claim.local:
             self._leases.release(claim.member)
 
-    def record(self, node: str, claim: Claim, ok: bool) -> Awaitable[object]:
+    def record(self, node: str, claim: Claim, ok: bool) -> Awaitable[object] | None:
         """The attempt's verdict on ``node``, for its fleet-wide breaker (await it, or hand
-        it to ``spawn``)."""
+        it to ``spawn``); None when there is nothing to record: a success on a breaker with
+        no failure to forget (the common case costs no second call)."""
+        if ok and claim.clean and not claim.probe:
+            return None
         if claim.probe:
             self._leases.forget(claim.member + ":probe")  # _RECORD removes the probe
         keys = [self._brk(node), self._key("probes", node)]
