@@ -261,3 +261,28 @@ def test_environ_without_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SPILLWAY_T_ONLY", "x")
     assert environ(None)["SPILLWAY_T_ONLY"] == "x"
     assert environ(tmp_path / "missing.env")["SPILLWAY_T_ONLY"] == "x"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:se/cret-pw@127.0.0.1:6379/0", "redis://:ab#cret-pw@h:6379/0", "redis://h/x"]
+)
+def test_a_redis_url_that_will_not_parse_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate({"state": {"redis_url": url}, "nodes": {"a": node()}})
+    assert caught.value.path == "state.redis_url" and "percent-encode" in caught.value.problem
+    assert "cret-pw" not in caught.value.message
+
+
+def test_state_and_limits_settings() -> None:
+    config = validate(
+        {
+            "state": {"redis_url": "redis://:p%2Fw@h:6379/2", "lease_s": 5},
+            "limits": {"output_reserve_tokens": 64},
+            "nodes": {"a": node()},
+            "keys": [{"key": "k" * 12, "tenant": "t", "rpm": 60, "tpm": 1000, "max_parallel": 2}],
+        }
+    )
+    assert config.state.lease_s == 5 and config.limits.output_reserve_tokens == 64
+    assert (config.keys[0].rpm, config.keys[0].tpm, config.keys[0].max_parallel) == (60, 1000, 2)
+    with pytest.raises(ConfigError, match="lease_s"):
+        validate({"state": {"lease_s": 45}, "nodes": {"a": node()}})

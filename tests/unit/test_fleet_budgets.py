@@ -106,3 +106,25 @@ def test_periods_are_named_by_their_start() -> None:
     clock = ManualClock(wall_start=datetime(2026, 12, 6, 23, 59, tzinfo=UTC).timestamp())
     book = Budgets({"k": BudgetConfig(amount=D(1), period="day")}, USD, "USD", clock)
     assert book._accounts["k"].period_id == "day:2026-12-06"
+
+
+async def test_spend_settled_while_redis_was_away_reaches_its_figure_later(
+    fresh_redis: RedisServer, books: list[Budgets]
+) -> None:
+    a, _, _ = books
+    held = await attempt(a)  # reserved in Redis, settled there
+    assert held is not None
+    a.settle(held, D("0.020000"))
+    await asyncio.sleep(0.2)
+    fresh_redis.pause()
+    try:
+        during = await attempt(a)  # reserved here only (the fallback)
+        assert during is not None
+        a.settle(during, D("0.030000"))  # Redis has not heard of this one
+    finally:
+        fresh_redis.resume()
+    await asyncio.sleep(1.1)  # the next call tries Redis again
+    assert await attempt(a) is not None  # carries the 0.03 settled meanwhile
+    shared = a._fleet._shared  # type: ignore[union-attr]
+    figure = await shared.redis.execute("HGET", shared.key("budget", "{k}"), "s")
+    assert int(figure) == 50_000  # 0.05 in millionths, each settle counted once

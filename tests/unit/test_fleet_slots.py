@@ -147,3 +147,20 @@ async def test_while_redis_is_paused_each_replica_keeps_to_its_share(
         assert time.monotonic() - started < 0.5
     finally:
         fresh_redis.resume()
+
+
+async def test_a_success_after_failures_is_sent_though_its_claim_was_clean(
+    three: list[Replica],
+) -> None:
+    """Six requests claim while the node is clean; the first four fail, the fifth succeeds,
+    the sixth fails: the success must reset the count (5 in a row never happened)."""
+    a = three[0]
+    claims = [await a.claim("n", limit=10) for _ in range(6)]
+    assert all(c.granted and c.clean for c in claims)
+    for claim in claims[:4]:
+        await a.slots.record("n", claim, ok=False)
+    success = a.slots.record("n", claims[4], ok=True)
+    assert success is not None  # not skipped
+    await success
+    await a.slots.record("n", claims[5], ok=False)
+    assert (await a.claim("n", limit=10)).granted  # closed: one failure since the success

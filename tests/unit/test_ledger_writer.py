@@ -396,3 +396,23 @@ async def test_a_spooled_record_no_store_can_take_is_set_aside(tmp_path: Path) -
     await eventually(lambda: Spool(directory).count() == 0)
     await writer.aclose()
     assert store.ids == ["req-000001"] and writer.stats().rejected == 1
+
+
+async def test_a_damaged_spool_file_is_set_aside_and_holds_nothing_up(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool(directory)
+    spool.append([make_record(1)])
+    damaged = spool.append([make_record(2)])
+    spool.append([make_record(3)])
+    damaged.write_bytes(b'{"request_id": "req-000002", "at": trunc')  # a torn, damaged file
+    (directory / "notes-from-an-operator.jsonl").write_text("not a segment\n")
+    store = FakeStore()
+    writer = spooled_writer(store, directory, flush_interval_s=0.01)
+    writer.start()
+    await eventually(lambda: sorted(store.ids) == ["req-000001", "req-000003"])
+    await writer.aclose()
+    assert (directory / (damaged.name + ".bad")).exists()
+    assert sorted(p.name for p in directory.iterdir() if p.suffix == ".bad") == [
+        damaged.name + ".bad",
+        "notes-from-an-operator.jsonl.bad",
+    ]

@@ -76,13 +76,29 @@ async def test_overlapping_calls_each_get_their_own_reply(client: RespClient) ->
     assert many == [b"OK", 2, b"2"]
 
 
-async def test_a_caller_that_gives_up_costs_the_connection_not_the_next_reply(
-    client: RespClient,
-) -> None:
+async def test_a_caller_that_gives_up_disturbs_no_other_call(client: RespClient) -> None:
+    """A client that went away cancels its call: its reply is dropped when it comes, and the
+    calls around it keep their replies and their connection."""
+    await client.execute("PING")
+    connection = client._conn
+    calls = [asyncio.ensure_future(client.execute("ECHO", str(i))) for i in range(50)]
+    calls[10].cancel()
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(replies[10], asyncio.CancelledError)
+    assert [r for i, r in enumerate(replies) if i != 10] == [
+        str(i).encode() for i in range(50) if i != 10
+    ]
+    assert client._conn is connection and await client.execute("ECHO", "x") == b"x"
+
+
+async def test_reset_after_a_timeout_starts_a_new_connection(client: RespClient) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
-            await client.execute("BLPOP", "never", 1)  # answers after 1 s
-    assert await client.execute("ECHO", "next") == b"next"  # on a new connection
+            await client.execute("BLPOP", "never", 2)  # would answer after 2 s
+    client.reset()  # what SharedState does after a timeout
+    started = asyncio.get_running_loop().time()
+    assert await client.execute("ECHO", "next") == b"next"
+    assert asyncio.get_running_loop().time() - started < 0.5  # not queued behind the BLPOP
 
 
 async def test_a_server_that_went_away_fails_the_call_and_is_reconnected(

@@ -6,6 +6,8 @@ concepts; the names are those users write and ``docs/configuration.md`` document
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from spillway.config.urls import REDIS_SCHEMES, check_scheme
@@ -28,7 +30,14 @@ class StateConfig(BaseModel):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        return check_scheme(value, REDIS_SCHEMES, "redis://host:6379/0")
+        check_scheme(value, REDIS_SCHEMES, "redis://host:6379/0")
+        if value is not None and not _parses(value.get_secret_value()):
+            # Never quote the URL: what broke the parse is most likely its password.
+            raise ValueError(
+                "not a valid Redis URL (redis://[:password@]host:port/db): percent-encode "
+                "'/', '#', '?', '@' and ':' in the password (for example %2F for '/')"
+            )
+        return value
 
 
 class LimitsConfig(BaseModel):
@@ -39,3 +48,16 @@ class LimitsConfig(BaseModel):
     #: output tokens a chat request without ``max_tokens`` is counted for until it ends (then
     #: its real usage counts); a request is never refused only for lacking ``max_tokens``
     output_reserve_tokens: int = Field(default=1024, ge=1)
+
+
+def _parses(url: str) -> bool:
+    """The URL splits into a host, a port and a db the way the client will read them."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number (a password's '/', say)
+        if parts.scheme == "unix":
+            return bool(parts.path)
+        db = parts.path.strip("/")
+        return bool(parts.hostname) and (db == "" or db.isdigit())
+    except ValueError:
+        return False

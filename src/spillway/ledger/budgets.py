@@ -58,6 +58,9 @@ class _Account:
     #: own spent + reserved then: the fallback's baseline
     fleet_used: Decimal = Decimal(0)
     own_then: Decimal = Decimal(0)
+    #: spend settled here that Redis has not been told of (settled while it was away): sent
+    #: with the next reservation that gets through
+    unsynced: Decimal = Decimal(0)
 
     @property
     def period_id(self) -> str:
@@ -99,7 +102,9 @@ class Budgets:
     async def load(self, store: LedgerStore) -> None:
         """What each key already spent this period, from the ledger."""
         for key_id, account in self._accounts.items():
-            account.spent = await store.spend(key_id, account.started)
+            # Never below what this process counted itself: records still spooled or pending
+            # are not in the store yet, and a settle may land while this waits.
+            account.spent = max(account.spent, await store.spend(key_id, account.started))
 
     async def reserve(self, key_id: str, estimate: Decimal, request_id: str) -> Reservation | None:
         """Hold ``estimate`` (the request's worst case) against the key's budget, or raise
@@ -133,36 +138,57 @@ class Budgets:
     ) -> Reservation:
         member = f"{request_id}:{next(self._ids)}"
         cost = int((estimate * _MICRO).to_integral_value(rounding=ROUND_CEILING))
+        unsynced = _micro(account.unsynced)
         verdict = await fleet.reserve(
-            key_id, account.period_id, _micro(account.limit), cost, _micro(account.spent), member
+            key_id,
+            account.period_id,
+            _micro(account.limit),
+            cost,
+            _micro(account.spent),
+            member,
+            unsynced,
         )
+        account.unsynced -= Decimal(unsynced) / _MICRO  # Redis has it now
         spent, reserved = Decimal(verdict.spent) / _MICRO, Decimal(verdict.reserved) / _MICRO
         own = account.spent + account.reserved + (estimate if verdict.admitted else 0)
         account.fleet_used, account.own_then = spent + reserved, own
-        if not verdict.admitted:
-            self._check(account, spent + reserved, estimate, account.limit)
+        if not verdict.admitted:  # Redis's word, even where decimals here would squeeze it in
+            self._refuse(account, spent + reserved, estimate)
         account.reserved += estimate
         return Reservation(key_id, estimate, account.started, member)
 
     def _check(self, account: _Account, used: Decimal, estimate: Decimal, limit: Decimal) -> None:
         if used + estimate > limit:
-            left = max(account.limit - used, Decimal(0))
-            raise InsufficientQuota(
-                f"This API key's {_ADJECTIVE[account.period]} budget is spent: {left} left of "
-                f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens, "
-                "send a shorter request, or wait for the next period."
-            )
+            self._refuse(account, used, estimate)
+
+    def _refuse(self, account: _Account, used: Decimal, estimate: Decimal) -> None:
+        left = max(account.limit - used, Decimal(0))
+        raise InsufficientQuota(
+            f"This API key's {_ADJECTIVE[account.period]} budget is spent: {left} left of "
+            f"{account.limit}, and this request may cost up to {estimate}. Lower max_tokens, "
+            "send a shorter request, or wait for the next period."
+        )
 
     def settle(self, reservation: Reservation | None, actual: Decimal) -> None:
         if reservation is None:
             return
         account = self._accounts[reservation.key_id]
         account.reserved -= reservation.amount
-        if reservation.started == account.started:
-            account.spent += actual
-        if reservation.member and self._fleet is not None:
-            period = f"{account.period}:{reservation.started.date().isoformat()}"
-            self._fleet.settle(reservation.key_id, period, reservation.member, _micro(actual))
+        if reservation.started != account.started:
+            return  # a reservation of a period that has ended: nothing counts any more
+        account.spent += actual
+        if self._fleet is None:
+            return
+        if not reservation.member:  # reserved while Redis was away: tell it later
+            account.unsynced += actual
+            return
+
+        def keep() -> None:  # Redis went away before the settle reached it
+            if reservation.started == account.started:
+                account.unsynced += actual
+
+        period = account.period_id
+        self._fleet.settle(reservation.key_id, period, reservation.member, _micro(actual), keep)
 
     def remaining(self, key_id: str) -> Decimal | None:
         account = self._accounts.get(key_id)
@@ -175,6 +201,7 @@ class Budgets:
         start = period_start(self._now(), account.period)
         if start != account.started:
             account.started, account.spent = start, Decimal(0)
+            account.fleet_used = account.own_then = account.unsynced = Decimal(0)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.wall(), UTC)

@@ -7,10 +7,12 @@ writes the segment again, which the store ignores (it keeps the first record of 
 ``request_id``): every record reaches the store exactly once. A process restarted during the
 outage finds the segments and carries on; nothing spooled is lost to a restart.
 
-One file per spilled batch (at most ``MAX_BATCH`` records), named by the time it was written
-and how many records it holds, written to a temporary name, fsynced, then renamed into place:
-a file in the directory is always whole. Each line is one record as JSON: amounts as exact
-decimal text, the time as ISO 8601 with its offset.
+One file per spilled batch (at most ``MAX_BATCH`` records), named by the time it was written,
+the process that wrote it and how many records it holds, written to a temporary name,
+fsynced, then renamed into place: a file in the directory is always whole. One that cannot
+be read all the same (a damaged disk, another version's format) is renamed ``….bad`` and
+logged, so that it never holds up the files behind it. Each line is one record as JSON:
+amounts as exact decimal text, the time as ISO 8601 with its offset.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Spool:
     def append(self, records: Sequence[LedgerRecord]) -> Path:
         """Write ``records`` as one new segment, durably; returns its path."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{len(records)}{_SUFFIX}"
+        name = f"{time.time_ns():020d}-{os.getpid()}-{len(records)}{_SUFFIX}"
         final = self.directory / name
         partial = final.with_name(name + ".partial")
         body = b"".join(orjson.dumps(asdict(r), default=_encode) + b"\n" for r in records)
@@ -60,14 +62,27 @@ class Spool:
         return sorted(p for p in self.directory.iterdir() if p.name.endswith(_SUFFIX))
 
     def count(self) -> int:
-        """Records waiting on disk (from the segments' names: no file is read)."""
-        return sum(int(p.name.removesuffix(_SUFFIX).split("-")[1]) for p in self.segments())
+        """Records waiting on disk (from the segments' names: no file is read; a file named
+        otherwise counts as one)."""
+        return sum(_records_named(p.name) for p in self.segments())
 
     def read(self, segment: Path) -> list[LedgerRecord]:
         return [_decode(line) for line in segment.read_bytes().splitlines() if line]
 
     def remove(self, segment: Path) -> None:
         segment.unlink(missing_ok=True)
+
+    def set_aside(self, segment: Path) -> Path:
+        """A segment that cannot be read (damaged, or not ours): renamed ``….bad`` so that
+        it no longer holds up the ones behind it, and kept for an operator to look at."""
+        bad = segment.with_name(segment.name + ".bad")
+        os.replace(segment, bad)
+        return bad
+
+
+def _records_named(name: str) -> int:
+    count = name.removesuffix(_SUFFIX).rpartition("-")[2]
+    return int(count) if count.isdigit() else 1
 
 
 def _encode(value: Any) -> str:

@@ -278,7 +278,12 @@ class LedgerWriter:
             return
         self._next_look = now + SPOOL_LOOK_S
         for segment in await asyncio.to_thread(spool.segments):
-            records = await asyncio.to_thread(spool.read, segment)
+            try:
+                records = await asyncio.to_thread(spool.read, segment)
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                bad = await asyncio.to_thread(spool.set_aside, segment)
+                log.error("ledger: spool file %s cannot be read, set aside: %s", bad, exc)
+                continue
             try:
                 await self._write(records)  # a record written before is ignored
             except RECORD_ERRORS:

@@ -13,12 +13,14 @@ arrived: the commit point. After it a failure can only end the stream with an er
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from spillway import ids
 from spillway.clock import Clock
 from spillway.config.schema import Timeouts
 from spillway.errors import (
@@ -36,6 +38,7 @@ from spillway.nodes.base import Reply
 from spillway.resilience.queue import WaitQueue
 from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_after
 from spillway.routing.router import NodeHandle, Router, Slot
+from spillway.state.redis import StateDown
 from spillway.state.slots import FleetSlots
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
@@ -208,7 +211,10 @@ class Dispatcher:
         finally:
             failure = self._verdict(handle, ok, slot, wait=True)
             if failure is not None:
-                await failure  # counted fleet-wide before the next attempt picks a node
+                # Counted fleet-wide before the next attempt picks a node; Redis down: the
+                # local breaker counted it, and the request goes on to its next node.
+                with contextlib.suppress(StateDown):
+                    await failure
 
     def _verdict(
         self, handle: NodeHandle, ok: bool | None, slot: Slot, wait: bool = False
@@ -262,7 +268,7 @@ class Dispatcher:
                 continue
             if not errors:
                 raise self._unavailable(model, ctx, broken)
-            handle = await self._retry_failed_node(model, ctx, errors, number)
+            handle = await self._retry_failed_node(model, ctx, errors, number, broken.keys())
             if handle is None:
                 return None
             slot = await self._claim(handle, ctx, number, broken)
@@ -280,8 +286,13 @@ class Dispatcher:
         fleet = self.slots
         if fleet is None:
             return handle.acquire()
-        member = f"{ctx.request_id}:{number}"
-        claim = await fleet.claim(handle.name, handle.max_concurrency, handle.in_flight, member)
+        # Our own id, never the client's x-request-id: requests sharing one would share a slot.
+        member = ids.request_id()
+        try:
+            claim = await fleet.claim(handle.name, handle.max_concurrency, handle.in_flight, member)
+        except BaseException:  # cancelled (client gone): give back the local admission
+            self.board.release(handle.name)
+            raise
         if not claim.granted:
             self.board.release(handle.name)
             if claim.open_s is not None:
@@ -290,7 +301,12 @@ class Dispatcher:
         return handle.acquire(claim, lambda: fleet.release(claim))
 
     async def _retry_failed_node(
-        self, model: str, ctx: RequestContext, errors: list[UpstreamError], number: int
+        self,
+        model: str,
+        ctx: RequestContext,
+        errors: list[UpstreamError],
+        number: int,
+        broken: Collection[str] = (),
     ) -> NodeHandle | None:
         """Every fresh node failed: back off, then give the failed nodes one more try."""
         remaining = ctx.deadline - self.clock.monotonic()
@@ -308,7 +324,7 @@ class Dispatcher:
         # A node that may still be working on this request is not sent it again: that could
         # duplicate a generation (and its bill). Only a node that answered with its failure
         # (5xx, 429…) or was never reached is tried twice.
-        unsure = {e.node for e in errors if _may_still_run(e)}
+        unsure = {e.node for e in errors if _may_still_run(e)} | set(broken)
         pick = self.router.pick(model, ctx.private_only, unsure, ctx.candidates)
         return pick.handle
 

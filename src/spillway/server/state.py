@@ -82,7 +82,7 @@ async def build_gateway(
     views: dict[str, ProcessView] = {
         name: StatusFile(path, clock.monotonic) for name, path in (supervised or {}).items()
     }
-    shared = await _shared_state(config, clock, stack)
+    shared = await _shared_state(config, clock, stack, processes)
     leases = _leases(config, shared, clock, stack)
     # Without shared state, N workers split each node's slots (at least 1 each).
     split = processes if shared is None else 1
@@ -138,7 +138,9 @@ async def build_gateway(
     )
 
 
-async def _shared_state(config: Config, clock: Clock, stack: AsyncExitStack) -> SharedState | None:
+async def _shared_state(
+    config: Config, clock: Clock, stack: AsyncExitStack, processes: int
+) -> SharedState | None:
     """The Redis replicas share (``[state] redis_url``); a Redis down at start is an outage,
     not a failed start."""
     state = config.state
@@ -150,6 +152,7 @@ async def _shared_state(config: Config, clock: Clock, stack: AsyncExitStack) -> 
         timeout_s=state.timeout_s,
         namespace=state.namespace,
     )
+    shared.replicas = processes  # until Redis counts them: its workers at least
     await shared.open()
     stack.push_async_callback(shared.aclose)
     return shared

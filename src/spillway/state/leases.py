@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from spillway.clock import Clock
 from spillway.state.redis import SharedState, StateDown
 from spillway.state.resp import RespClient
-
-#: Lua: take a place in KEYS[1] if fewer than ARGV[1] unexpired ones are held (1), else 0.
-CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-return 1
-"""
 
 
 class Leases:
@@ -63,12 +52,16 @@ class Leases:
         if zset is not None:
             self.spawn(self._shared.call(lambda redis: redis.execute("ZREM", zset, member)))
 
-    def spawn(self, call: Awaitable[object]) -> None:
-        """Run a fire-and-forget state call; an outage only means it did not happen."""
+    def spawn(self, call: Awaitable[object], on_down: Callable[[], None] | None = None) -> None:
+        """Run a fire-and-forget state call; an outage only means it did not happen (and
+        ``on_down`` is told)."""
 
         async def run() -> None:
-            with contextlib.suppress(StateDown):
+            try:
                 await call
+            except StateDown:
+                if on_down is not None:
+                    on_down()
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
@@ -86,8 +79,15 @@ class Leases:
                     await self._shared.call(self._renew)
 
     async def _renew(self, redis: RespClient) -> None:
-        """Push back every held lease's expiry (XX: never revive one released meanwhile)."""
+        """Push back every held lease's expiry (XX: never revive one released meanwhile), and
+        the expiry of each set holding one: a set is given one when a place is taken, and a
+        node whose places are all held for long takes none, so without this its set (and the
+        places in it) would vanish after ``2 * lease_s``."""
         seconds, micros = await redis.execute("TIME")
         expires = int(seconds) * 1000 + int(micros) // 1000 + self.lease_ms
         held = list(self._held.items())
-        await redis.execute_many([("ZADD", zset, "XX", expires, member) for member, zset in held])
+        commands: list[tuple[str | int, ...]] = [
+            ("ZADD", zset, "XX", expires, member) for member, zset in held
+        ]
+        commands += [("PEXPIRE", zset, 2 * self.lease_ms) for zset in {z for _, z in held}]
+        await redis.execute_many(commands)

@@ -92,7 +92,9 @@ class SharedState:
         try:
             async with asyncio.timeout(self._timeout_s):
                 result = await op(self.redis)
-        except (ReplyError, OSError, TimeoutError) as exc:
+        except (ReplyError, OSError, TimeoutError, ValueError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.redis.reset()  # a server that stopped answering may never answer on it
             self._failed(exc)
             raise StateDown(f"shared state at {self._where}: {self._describe(exc)}") from None
         finally:

@@ -10,9 +10,12 @@ write and one future, and the replies are parsed in C by ``hiredis`` when it is 
 - ``redis://[[user]:password@]host:port/db``, ``rediss://`` (TLS, certificates verified) and
   ``unix:///path?db=N``; the password and db are sent (AUTH, SELECT) on connecting.
 - Calls may overlap: RESP answers in the order asked, so the n-th reply goes to the n-th
-  waiting future. A connection that fails, or whose caller gave up waiting (a timeout leaves
-  replies owed), is dropped and every call still waiting on it fails; the next call connects
-  again. Bounding each call's time is the caller's job (``SharedState.call``).
+  waiting future. A caller that gives up (its client went away) leaves its future in the
+  queue, and the reply that comes for it is dropped: the others keep their connection. A
+  connection that fails is dropped and every call still waiting on it fails; the next call
+  connects again. Bounding each call's time is the caller's job (``SharedState.call``), which
+  ``reset()``s the connection after a timeout: a server that stopped answering may never
+  answer on it again.
 - Scripts run with EVALSHA, loaded with SCRIPT LOAD the first time Redis says NOSCRIPT.
 """
 
@@ -43,6 +46,10 @@ class RespClient:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("not a valid Redis URL (its port is not a number)") from None
         self._parts = parts
         query = parse_qs(parts.query)
         path_db = parts.path.strip("/") if parts.scheme != "unix" else ""
@@ -63,6 +70,12 @@ class RespClient:
         """Several commands sent in one write (a pipeline, not a transaction)."""
         conn = await self._connection()
         return await conn.call_many(commands)
+
+    def reset(self) -> None:
+        """Drop the connection (the calls waiting on it fail); the next call connects again."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close(ConnectionError("connection reset after a timeout"))
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -147,9 +160,8 @@ class _Connection(asyncio.Protocol):
                 self.close(ConnectionError("a reply nobody asked for"))
                 return
             waiter = self._waiting.popleft()
-            if waiter.done():  # its caller gave up: the connection is out of step now
-                self.close(ConnectionError("a call on this connection was abandoned"))
-                return
+            if waiter.done():  # its caller gave up: the reply was its, and nobody's now
+                continue
             if isinstance(reply, Exception):
                 waiter.set_exception(ReplyError(str(reply)))
             else:
@@ -159,20 +171,16 @@ class _Connection(asyncio.Protocol):
         self.close(ConnectionError(f"connection to Redis lost: {exc}" if exc else "closed"))
 
     async def call(self, args: Sequence[Arg]) -> Any:
-        waiter = self._send([args])[0]
-        try:
-            return await waiter
-        except BaseException:
-            if waiter.cancelled():  # gave up (a timeout): its reply would go to the next call
-                self.close(ConnectionError("a call on this connection was abandoned"))
-            raise
+        # Cancelled, the future stays queued and its reply is dropped when it comes.
+        return await self._send([args])[0]
 
     async def call_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         waiters = self._send(commands)
         try:
             replies = await asyncio.gather(*waiters, return_exceptions=True)
         except BaseException:
-            self.close(ConnectionError("a call on this connection was abandoned"))
+            for waiter in waiters:  # gather left them pending: mark them given up
+                waiter.cancel()
             raise
         for reply in replies:
             if isinstance(reply, BaseException):

@@ -157,6 +157,9 @@ class FleetSlots:
                 self._pools_of.setdefault(node, []).append(pool)
         self._claim = shared.redis.register_script(_CLAIM)
         self._record = shared.redis.register_script(_RECORD)
+        #: nodes with a failure recorded since their last clean claim here: a success on
+        #: one of those is sent even if its own claim was clean (the claim saw the past)
+        self._dirty: set[str] = set()
 
     async def claim(self, node: str, limit: int, in_flight_here: int, member: str) -> Claim:
         """A slot on ``node`` for ``member``, if its breaker and its ``limit`` allow.
@@ -178,6 +181,10 @@ class FleetSlots:
         if int(probe):
             self._leases.held(member + ":probe", keys[2])
         settled = bool(clean and int(clean[0]))
+        if settled:
+            self._dirty.discard(node)
+        else:
+            self._dirty.add(node)
         return Claim(True, member=member, probe=bool(int(probe)), clean=settled)
 
     def release(self, claim: Claim) -> None:
@@ -189,8 +196,10 @@ class FleetSlots:
         """The attempt's verdict on ``node``, for its fleet-wide breaker (await it, or hand
         it to ``spawn``); None when there is nothing to record: a success on a breaker with
         no failure to forget (the common case costs no second call)."""
-        if ok and claim.clean and not claim.probe:
+        if ok and claim.clean and not claim.probe and node not in self._dirty:
             return None
+        if not ok:
+            self._dirty.add(node)
         if claim.probe:
             self._leases.forget(claim.member + ":probe")  # _RECORD removes the probe
         keys = [self._brk(node), self._key("probes", node)]
