@@ -71,10 +71,17 @@ def stop(replicas: Iterable[Replica]) -> None:
 
 
 async def chat(
-    client: httpx.AsyncClient, replica: Replica, key: str, model: str = "m"
+    client: httpx.AsyncClient,
+    replica: Replica,
+    key: str,
+    model: str = "m",
+    request_id: str | None = None,
 ) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
     return await client.post(
         replica.url + "/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
-        headers={"Authorization": f"Bearer {key}"},
+        headers=headers,
     )

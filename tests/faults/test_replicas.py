@@ -121,18 +121,23 @@ async def test_no_node_sees_more_than_its_max_concurrency_and_the_excess_spills(
     fleet: dict[str, FakeUpstream], replicas: list[Replica]
 ) -> None:
     """48 clients over 3 replicas, 3 private nodes of 4 slots: each replica alone would
-    give every node up to 4, 12 in all."""
+    give every node up to 4, 12 in all. Half the clients send one and the same x-request-id,
+    which must not let them share slots."""
     for fake in fleet.values():
         fake.script = Script(latency_s=0.2)
     statuses: list[int] = []
     stop = asyncio.Event()
 
-    async def client_loop(client: httpx.AsyncClient, replica: Replica) -> None:
+    async def client_loop(client: httpx.AsyncClient, replica: Replica, same_id: bool) -> None:
+        request_id = "the-same-id" if same_id else None
         while not stop.is_set():
-            statuses.append((await chat(client, replica, KEY)).status_code)
+            answer = await chat(client, replica, KEY, request_id=request_id)
+            statuses.append(answer.status_code)
 
     async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=64)) as client:
-        loops = [asyncio.create_task(client_loop(client, replicas[i % 3])) for i in range(48)]
+        loops = [
+            asyncio.create_task(client_loop(client, replicas[i % 3], i % 2 == 0)) for i in range(48)
+        ]
         await asyncio.sleep(3.0)
         stop.set()
         await asyncio.gather(*loops)

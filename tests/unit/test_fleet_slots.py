@@ -164,3 +164,13 @@ async def test_a_success_after_failures_is_sent_though_its_claim_was_clean(
     await success
     await a.slots.record("n", claims[5], ok=False)
     assert (await a.claim("n", limit=10)).granted  # closed: one failure since the success
+
+
+async def test_slots_held_past_twice_the_lease_stay_held(three: list[Replica]) -> None:
+    """The set of a node whose slots are all held gets no new claim to extend its expiry:
+    the renewer must, or after 2 x lease_s the set (and the slots) would vanish."""
+    a, b, _ = three
+    a.leases.start()
+    assert (await a.claim("n", limit=1)).granted
+    await asyncio.sleep(2.6)  # past 2 x lease_s (1 s), renewed meanwhile
+    assert not (await b.claim("n", limit=1)).granted
