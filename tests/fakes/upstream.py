@@ -41,6 +41,8 @@ class Script:
 class Received:
     body: dict[str, Any]
     headers: dict[str, str]
+    #: time.monotonic() when it arrived
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

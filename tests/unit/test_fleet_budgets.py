@@ -126,5 +126,5 @@ async def test_spend_settled_while_redis_was_away_reaches_its_figure_later(
     await asyncio.sleep(1.1)  # the next call tries Redis again
     assert await attempt(a) is not None  # carries the 0.03 settled meanwhile
     shared = a._fleet._shared  # type: ignore[union-attr]
-    figure = await shared.redis.execute("HGET", shared.key("budget", "{k}"), "s")
+    figure = await shared.redis.execute("HGET", shared.key("budget", "k"), "s")
     assert int(figure) == 50_000  # 0.05 in millionths, each settle counted once

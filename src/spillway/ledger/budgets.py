@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from typing import Any
 
 from spillway.clock import Clock
 from spillway.config.schema import BudgetConfig
@@ -65,6 +66,19 @@ class _Account:
     @property
     def period_id(self) -> str:
         return f"{self.period}:{self.started.date().isoformat()}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPart:
+    """A request's fleet reservation as the Redis script takes it."""
+
+    keys: list[str]
+    args: list[int | str]
+    key_id: str
+    estimate: Decimal
+    member: str
+    #: spend settled here that this call tells Redis of
+    unsynced: int
 
 
 @dataclass(slots=True)
@@ -113,33 +127,27 @@ class Budgets:
         if account is None:
             return None
         self._roll_over(account)
-        if self._fleet is not None:
-            try:
-                return await self._reserve_fleet(self._fleet, key_id, account, estimate, request_id)
-            except StateDown:
-                # Our share of what the fleet had left, on top of what we added since.
-                share = (account.limit - account.fleet_used) / max(1, self._replicas())
-                since = account.spent + account.reserved - account.own_then
-                self._check(
-                    account, account.fleet_used + since, estimate, account.fleet_used + share
-                )
-        else:
-            self._check(account, account.spent + account.reserved, estimate, account.limit)
-        account.reserved += estimate
-        return Reservation(key_id, estimate, account.started)
+        part = self.part(key_id, estimate, request_id)
+        if part is None:
+            return self.reserve_here(key_id, estimate)
+        assert self._fleet is not None
+        try:
+            reply = await self._fleet.call(part.keys, part.args)
+        except StateDown:
+            return self.reserve_here(key_id, estimate)
+        return self.reservation_from(part, reply)
 
-    async def _reserve_fleet(
-        self,
-        fleet: FleetBudgets,
-        key_id: str,
-        account: _Account,
-        estimate: Decimal,
-        request_id: str,
-    ) -> Reservation:
+    def part(self, key_id: str, estimate: Decimal, request_id: str) -> BudgetPart | None:
+        """The fleet reservation as the Redis script takes it (None for a key without a
+        budget, or without shared state): for ``reserve``, or carried by a slot claim."""
+        account = self._accounts.get(key_id)
+        if account is None or self._fleet is None:
+            return None
+        self._roll_over(account)
         member = f"{request_id}:{next(self._ids)}"
         cost = int((estimate * _MICRO).to_integral_value(rounding=ROUND_CEILING))
         unsynced = _micro(account.unsynced)
-        verdict = await fleet.reserve(
+        keys, args = self._fleet.script_args(
             key_id,
             account.period_id,
             _micro(account.limit),
@@ -148,14 +156,48 @@ class Budgets:
             member,
             unsynced,
         )
-        account.unsynced -= Decimal(unsynced) / _MICRO  # Redis has it now
+        return BudgetPart(keys, args, key_id, estimate, member, unsynced)
+
+    def reserve_here(self, key_id: str, estimate: Decimal) -> Reservation | None:
+        """This process's own check: without shared state, against the whole limit; with it
+        (Redis down), against its share of what the fleet had left, on top of what it added
+        since it last heard from Redis."""
+        account = self._accounts.get(key_id)
+        if account is None:
+            return None
+        self._roll_over(account)
+        if self._fleet is not None:
+            share = (account.limit - account.fleet_used) / max(1, self._replicas())
+            since = account.spent + account.reserved - account.own_then
+            self._check(account, account.fleet_used + since, estimate, account.fleet_used + share)
+        else:
+            self._check(account, account.spent + account.reserved, estimate, account.limit)
+        account.reserved += estimate
+        return Reservation(key_id, estimate, account.started)
+
+    def heard(self, part: BudgetPart, reply: list[Any]) -> None:
+        """The script checked the budget but reserved nothing (another check refused): keep
+        what it says of the fleet, and that Redis has the spend this call carried."""
+        account = self._accounts[part.key_id]
+        account.unsynced -= Decimal(part.unsynced) / _MICRO
+        _, spent, reserved = reply
+        account.fleet_used = (Decimal(int(spent)) + Decimal(int(reserved))) / _MICRO
+        account.own_then = account.spent + account.reserved + part.estimate
+
+    def reservation_from(self, part: BudgetPart, reply: list[Any]) -> Reservation:
+        """The reservation the script's reply grants, or ``InsufficientQuota``."""
+        assert self._fleet is not None
+        account = self._accounts[part.key_id]
+        estimate, member = part.estimate, part.member
+        verdict = self._fleet.verdict(reply, member, part.keys)
+        account.unsynced -= Decimal(part.unsynced) / _MICRO  # Redis has it now
         spent, reserved = Decimal(verdict.spent) / _MICRO, Decimal(verdict.reserved) / _MICRO
         own = account.spent + account.reserved + (estimate if verdict.admitted else 0)
         account.fleet_used, account.own_then = spent + reserved, own
         if not verdict.admitted:  # Redis's word, even where decimals here would squeeze it in
             self._refuse(account, spent + reserved, estimate)
         account.reserved += estimate
-        return Reservation(key_id, estimate, account.started, member)
+        return Reservation(part.key_id, estimate, account.started, member)
 
     def _check(self, account: _Account, used: Decimal, estimate: Decimal, limit: Decimal) -> None:
         if used + estimate > limit:

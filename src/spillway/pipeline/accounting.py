@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from spillway import ids
 from spillway.cache.answers import CachedAnswer
 from spillway.clock import Clock
-from spillway.ledger.budgets import Budgets, Reservation
+from spillway.ledger.budgets import BudgetPart, Budgets, Reservation
 from spillway.ledger.costing import Charge, Costing
 from spillway.ledger.records import LedgerRecord, Status
 from spillway.ledger.writer import LedgerWriter
@@ -118,17 +119,56 @@ class Accountant:
         The most, not a guess: a worst case any node that bills honestly for the body it is
         sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
         """
+        worst = self._worst_case(tally, request, handles)
+        if worst is not None:
+            key_id = tally.principal.key_id
+            tally.reservation = await self._budgets.reserve(key_id, worst, tally.request_id)
+
+    def budget_part(
+        self,
+        tally: Tally,
+        request: ChatRequest | EmbeddingsRequest,
+        handles: Sequence[NodeHandle],
+    ) -> BudgetPart | None:
+        """``reserve`` as the fleet's script takes it, for a slot claim to carry (None: the
+        key has no budget, or there is no shared state)."""
+        worst = self._worst_case(tally, request, handles)
+        if worst is None:
+            return None
+        return self._budgets.part(tally.principal.key_id, worst, tally.request_id)
+
+    def budget_reply(
+        self, tally: Tally, part: BudgetPart, refused_by: str, reply: list[Any]
+    ) -> None:
+        """What the claim's script said of the budget: a reservation when the claim was
+        granted; ``InsufficientQuota`` when the budget refused; otherwise (another part
+        refused) only what it learnt."""
+        if not reply:
+            return  # the script did not get to the budget (the rate limits refused first)
+        if refused_by in ("", "budget"):
+            tally.reservation = self._budgets.reservation_from(part, reply)
+        else:
+            self._budgets.heard(part, reply)
+
+    def reserve_here(self, tally: Tally, part: BudgetPart) -> None:
+        """Redis down at the claim: this replica's share."""
+        tally.reservation = self._budgets.reserve_here(part.key_id, part.estimate)
+
+    def _worst_case(
+        self,
+        tally: Tally,
+        request: ChatRequest | EmbeddingsRequest,
+        handles: Sequence[NodeHandle],
+    ) -> Decimal | None:
         model = request.model
         if self._budgets.remaining(tally.principal.key_id) is None:
-            return
+            return None
         prompts = _most_prompt_tokens(request, {h.models[model] for h in handles})
         output = self._most_output_tokens(request)
-        worst = max(
+        return max(
             (self._costing.estimate(h.name, prompts[h.models[model]], output) for h in handles),
             default=Decimal(0),
         )
-        key_id = tally.principal.key_id
-        tally.reservation = await self._budgets.reserve(key_id, worst, tally.request_id)
 
     def _most_output_tokens(self, request: ChatRequest | EmbeddingsRequest) -> int:
         if isinstance(request, EmbeddingsRequest):

@@ -10,11 +10,12 @@ from the cache: no node spent a token on it).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from spillway.errors import RateLimitExceeded
 from spillway.nodes.tokens import EstimatingCounter
 from spillway.pipeline.principal import Principal
-from spillway.state.limits import Permit, RateLimited, RateLimiter, Refusal
+from spillway.state.limits import Permit, RateLimited, RateLimiter, RatePart, Refusal
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest
 
 _ESTIMATE = EstimatingCounter()
@@ -36,6 +37,41 @@ class Admission:
         tokens = self.tokens_asked(request) if limits.tpm else 0
         try:
             return await self._limiter.admit(principal.key_id, limits, tokens, request_id)
+        except RateLimited as exc:
+            raise refused(exc.refusal) from None
+
+    def part(
+        self, principal: Principal, request: ChatRequest | EmbeddingsRequest, request_id: str
+    ) -> RatePart | None:
+        """The check as the fleet's script takes it, for a slot claim to carry (None: the key
+        has no limits, or there is no shared state: then ``admit`` is the way)."""
+        limits = principal.limits
+        if limits is None:
+            return None
+        tokens = self.tokens_asked(request) if limits.tpm else 0
+        return self._limiter.part(principal.key_id, limits, tokens, request_id)
+
+    async def admit_part(self, part: RatePart) -> Permit:
+        """The check on its own (an answer from the cache, which claims no slot)."""
+        try:
+            return await self._limiter.admit(part.key, part.limits, part.tokens, part.permit_id)
+        except RateLimited as exc:
+            raise refused(exc.refusal) from None
+
+    def permit_reply(self, part: RatePart, refused_by: str, reply: list[Any]) -> Permit | None:
+        """What the claim's script said of the limits: a permit when the claim was granted,
+        the client's 429 when the limits refused, nothing when another check refused."""
+        if not reply or refused_by not in ("", "rate"):
+            return None
+        try:
+            return self._limiter.permit_from(part, reply)
+        except RateLimited as exc:
+            raise refused(exc.refusal) from None
+
+    def admit_here(self, part: RatePart) -> Permit:
+        """Redis down at the claim: this replica's share of the limits."""
+        try:
+            return self._limiter.admit_here(part.key, part.limits, part.tokens, part.permit_id)
         except RateLimited as exc:
             raise refused(exc.refusal) from None
 

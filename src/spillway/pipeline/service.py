@@ -14,7 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from spillway.cache.answers import CachedAnswer, from_reply, replay_body, replay_chunks
 from spillway.cache.merging import wait_for_leader
@@ -30,6 +30,8 @@ from spillway.pipeline.streams import ReplayStream, UpstreamStream
 from spillway.routing.dispatch import Dispatcher, RequestContext
 from spillway.routing.router import NodeHandle, Router
 from spillway.secrets import Redactor
+from spillway.state.limits import RatePart
+from spillway.state.slots import KeyPart
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest
 from spillway.wire.streams import Usage, reply_text, reply_usage
 
@@ -89,9 +91,8 @@ class Pipeline:
             embed = await inbound()
             tally.asked_for(embed.model)
             candidates = self._candidates(embed.model, call)
-            tally.permit = await self.admission.admit(call.principal, embed, tally.request_id)
-            await self.accountant.reserve(tally, embed, candidates)
-            ctx = self._context(call, candidates)
+            rate = await self._rate_now_or_later(call, embed, tally)
+            ctx = await self._key_checks(tally, embed, self._context(call, candidates), rate)
             answer = await self.dispatcher.complete(embed, ctx)
             self._note_reply(tally, answer.handle, embed, answer.reply.data)
             handle = answer.handle
@@ -119,29 +120,38 @@ class Pipeline:
         tally.asked_for(chat.model)
         candidates = self._candidates(chat.model, call)
         principal = call.principal
-        tally.permit = await self.admission.admit(principal, chat, tally.request_id)
+        rate = await self._rate_now_or_later(call, chat, tally)
         probe = self.cache.probe(
             chat.body, call.directives, principal.tenant, chat.model, principal.private_only
         )
         ctx = self._context(call, candidates)
         if probe.keys is None:
-            return await self._upstream(chat, ctx, tally, None, ("bypass", probe.note))
-        return await self._cached_or_upstream(chat, ctx, tally, probe)
+            return await self._upstream(chat, ctx, tally, None, ("bypass", probe.note), rate)
+        return await self._cached_or_upstream(chat, ctx, tally, probe, rate)
 
     async def _cached_or_upstream(
-        self, chat: ChatRequest, ctx: RequestContext, tally: Tally, probe: Probe
+        self,
+        chat: ChatRequest,
+        ctx: RequestContext,
+        tally: Tally,
+        probe: Probe,
+        rate: RatePart | None,
     ) -> Answer | Stream:
         """A hit; else the answer of an identical request in flight; else our own call."""
         assert probe.keys is not None
         cache = self.cache
         lookup = await cache.lookup(probe)
         if lookup.hit is not None:
+            if rate is not None:  # no slot to claim: the limits are checked on their own
+                tally.permit = await self.admission.admit_part(rate)
             hit_route = Route(None, "cache", f"hit-{lookup.hit.kind}", probe.note)
             return self._from_cache(chat, tally, lookup.hit, hit_route)
         leader = cache.merger.follow(probe.keys.exact)
         if leader is not None:
             shared = await wait_for_leader(leader, ctx.deadline - self._clock.monotonic())
             if shared is not None:
+                if rate is not None:
+                    tally.permit = await self.admission.admit_part(rate)
                 cache.merger.count_merged()
                 hit = Hit("exact", CachedAnswer.from_bytes(shared))
                 return self._from_cache(
@@ -150,7 +160,7 @@ class Pipeline:
         now = self._clock.wall()
         sharing = Sharing(cache, probe, lookup.vector, leads=leader is None, now=now)
         try:
-            result = await self._upstream(chat, ctx, tally, sharing, ("miss", probe.note))
+            result = await self._upstream(chat, ctx, tally, sharing, ("miss", probe.note), rate)
         except BaseException:
             sharing.settle()
             raise
@@ -175,10 +185,10 @@ class Pipeline:
         tally: Tally,
         sharing: Sharing | None,
         cache: tuple[str, str],
+        rate: RatePart | None,
     ) -> Answer | Stream:
         """Dispatch to the fleet; ``cache`` is the cache's part (status, note) for the route."""
-        assert ctx.candidates is not None
-        await self.accountant.reserve(tally, chat, ctx.candidates)
+        ctx = await self._key_checks(tally, chat, ctx, rate)
         if not chat.stream:
             answer = await self.dispatcher.complete(chat, ctx)
             reply, handle = answer.reply, answer.handle
@@ -202,6 +212,57 @@ class Pipeline:
             self._redactor,
             sharing,
         )
+
+    async def _rate_now_or_later(
+        self, call: Call, request: ChatRequest | EmbeddingsRequest, tally: Tally
+    ) -> RatePart | None:
+        """The key's rate limits: checked now without shared state; with it, returned, to be
+        carried by the first slot claim (or checked alone for an answer from the cache)."""
+        rate = self.admission.part(call.principal, request, tally.request_id)
+        if rate is None:
+            tally.permit = await self.admission.admit(call.principal, request, tally.request_id)
+        return rate
+
+    async def _key_checks(
+        self,
+        tally: Tally,
+        request: ChatRequest | EmbeddingsRequest,
+        ctx: RequestContext,
+        rate: RatePart | None,
+    ) -> RequestContext:
+        """The budget (and, with shared state, the rate limits) before the node: with shared
+        state carried by the first slot claim, so that a request makes one round trip to
+        Redis; without it checked here."""
+        assert ctx.candidates is not None
+        budget = self.accountant.budget_part(tally, request, ctx.candidates)
+        if budget is None:
+            await self.accountant.reserve(tally, request, ctx.candidates)  # no budget: no-op
+        if rate is None and budget is None:
+            return ctx
+
+        def on_reply(refused_by: str, rate_reply: list[Any], budget_reply: list[Any]) -> None:
+            if rate is not None:
+                permit = self.admission.permit_reply(rate, refused_by, rate_reply)
+                if permit is not None:
+                    tally.permit = permit
+            if budget is not None:
+                self.accountant.budget_reply(tally, budget, refused_by, budget_reply)
+
+        def on_local() -> None:
+            if rate is not None:
+                tally.permit = self.admission.admit_here(rate)
+            if budget is not None:
+                self.accountant.reserve_here(tally, budget)
+
+        key = KeyPart(
+            rate.keys if rate else [],
+            rate.args if rate else [],
+            budget.keys if budget else [],
+            budget.args if budget else [],
+            on_reply,
+            on_local,
+        )
+        return replace(ctx, key=key)
 
     def _note_reply(
         self,

@@ -39,7 +39,7 @@ from spillway.resilience.queue import WaitQueue
 from spillway.resilience.retry import RetryBudget, RetryPolicy, parse_retry_after
 from spillway.routing.router import NodeHandle, Router, Slot
 from spillway.state.redis import StateDown
-from spillway.state.slots import FleetSlots
+from spillway.state.slots import FleetSlots, KeyPart
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest, body_for_node
 from spillway.wire.sse import SseEvent
 from spillway.wire.streams import is_error_chunk, parse_chunk
@@ -63,6 +63,8 @@ class RequestContext:
     #: the nodes this request may use, when the caller already worked them out (and so
     #: checked that there are some): ``Router.eligible``
     candidates: tuple[NodeHandle, ...] | None = None
+    #: the key's checks (rate limits, budget) to make in the first fleet slot claim
+    key: KeyPart | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +291,9 @@ class Dispatcher:
         # Our own id, never the client's x-request-id: requests sharing one would share a slot.
         member = ids.request_id()
         try:
-            claim = await fleet.claim(handle.name, handle.max_concurrency, handle.in_flight, member)
+            claim = await fleet.claim(
+                handle.name, handle.max_concurrency, handle.in_flight, member, ctx.key
+            )
         except BaseException:  # cancelled (client gone): give back the local admission
             self.board.release(handle.name)
             raise

@@ -19,41 +19,49 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from spillway.state.leases import Leases
 from spillway.state.redis import SharedState
 
-#: KEYS: figures hash, reservations zset, amounts hash. ARGV: period, limit, worst case,
-#: spend known here, member, lease ms, spend to add (settled here while Redis was away).
-#: Returns {admitted, spent, reserved (incl. this one)}. A period only moves forward: a
-#: replica whose clock is behind at midnight uses the new period's figures, never resets them.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local period, limit, cost, known = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local current = redis.call('HGET', KEYS[1], 'p')
-if not current or current < period then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'p', period, 's', 0)
+#: Lua: a key's budget. K: figures hash, reservations zset, amounts hash. A: period, limit,
+#: worst case, spend known here, member, lease ms, spend to add (settled here while Redis was
+#: away; a caller that checks and then applies passes it to the first call only). With
+#: ``apply`` false only checks. Returns {admitted, spent, reserved (incl. this one)}. A period
+#: only moves forward: a replica whose clock is behind at midnight uses the new period's
+#: figures, never resets them.
+BUDGET_LUA = """
+local function budget(K, A, apply)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local period, limit, cost, known = A[1], tonumber(A[2]), tonumber(A[3]), tonumber(A[4])
+  local current = redis.call('HGET', K[1], 'p')
+  if not current or current < period then
+    redis.call('DEL', K[1], K[2], K[3])
+    redis.call('HSET', K[1], 'p', period, 's', 0)
+  end
+  if tonumber(A[7]) > 0 then redis.call('HINCRBY', K[1], 's', A[7]) end
+  local spent = tonumber(redis.call('HGET', K[1], 's'))
+  if known > spent then
+    spent = known
+    redis.call('HSET', K[1], 's', spent)
+  end
+  local gone = redis.call('ZRANGEBYSCORE', K[2], '-inf', now)
+  for i = 1, #gone, 500 do
+    redis.call('HDEL', K[3], unpack(gone, i, math.min(i + 499, #gone)))
+  end
+  redis.call('ZREMRANGEBYSCORE', K[2], '-inf', now)
+  local reserved = 0
+  for _, amount in ipairs(redis.call('HVALS', K[3])) do reserved = reserved + tonumber(amount) end
+  if spent + reserved + cost > limit then return {0, spent, reserved} end
+  if apply then
+    redis.call('ZADD', K[2], now + tonumber(A[6]), A[5])
+    redis.call('HSET', K[3], A[5], cost)
+  end
+  return {1, spent, reserved + cost}
 end
-if tonumber(ARGV[7]) > 0 then redis.call('HINCRBY', KEYS[1], 's', ARGV[7]) end
-local spent = tonumber(redis.call('HGET', KEYS[1], 's'))
-if known > spent then
-  spent = known
-  redis.call('HSET', KEYS[1], 's', spent)
-end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for i = 1, #gone, 500 do
-  redis.call('HDEL', KEYS[3], unpack(gone, i, math.min(i + 499, #gone)))
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local reserved = 0
-for _, amount in ipairs(redis.call('HVALS', KEYS[3])) do reserved = reserved + tonumber(amount) end
-if spent + reserved + cost > limit then return {0, spent, reserved} end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
-redis.call('HSET', KEYS[3], ARGV[5], cost)
-return {1, spent, reserved + cost}
 """
+_RESERVE = BUDGET_LUA + "return budget(KEYS, ARGV, true)\n"
 #: KEYS: as _RESERVE. ARGV: period, member, actual cost.
 _SETTLE = """
 redis.call('ZREM', KEYS[2], ARGV[2])
@@ -80,7 +88,12 @@ class FleetBudgets:
         self._reserve = shared.redis.register_script(_RESERVE)
         self._settle = shared.redis.register_script(_SETTLE)
 
-    async def reserve(
+    async def call(self, keys: list[str], argv: list[int | str]) -> list[Any]:
+        """The reservation script alone (raises ``StateDown``)."""
+        reply: list[Any] = await self._shared.call(lambda _: self._reserve(keys=keys, args=argv))
+        return reply
+
+    def script_args(
         self,
         key_id: str,
         period: str,
@@ -88,17 +101,15 @@ class FleetBudgets:
         cost: int,
         known: int,
         member: str,
-        unsynced: int = 0,
-    ) -> Verdict:
-        """Reserve ``cost`` against ``limit`` for ``member`` if it fits (raises ``StateDown``
-        when Redis does not answer). ``known``: the spend this replica knows of; ``unsynced``:
-        spend settled here that Redis has not been told of (added to its figure)."""
-        keys = self._keys(key_id)
+        unsynced: int,
+    ) -> tuple[list[str], list[int | str]]:
+        """The reservation as the script takes it (alone, or carried by a slot claim)."""
         argv: list[int | str] = [period, limit, cost, known, member, self._leases.lease_ms]
         argv.append(unsynced)
-        admitted, spent, reserved = await self._shared.call(
-            lambda _: self._reserve(keys=keys, args=argv)
-        )
+        return self._keys(key_id), argv
+
+    def verdict(self, reply: list[Any], member: str, keys: list[str]) -> Verdict:
+        admitted, spent, reserved = reply
         if int(admitted):
             self._leases.held(member, keys[1])
         return Verdict(bool(int(admitted)), int(spent), int(reserved))
@@ -116,5 +127,5 @@ class FleetBudgets:
         self._leases.spawn(call, on_down)
 
     def _keys(self, key_id: str) -> list[str]:
-        base = self._shared.key("budget", "{" + key_id + "}")
+        base = self._shared.key("budget", key_id)
         return [base, base + ":r", base + ":a"]

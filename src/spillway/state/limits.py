@@ -22,10 +22,10 @@ or the leases run out.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from spillway.clock import Clock
 from spillway.quota import Quota
@@ -38,40 +38,50 @@ log = logging.getLogger("spillway.limits")
 #: Redis keys of a key's limits expire this long after their last use (buckets refill fully
 #: in a minute, so a key idle this long is at its limits anyway)
 IDLE_EXPIRY_MS = 120_000
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rpm, tpm, par = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cost, lease = tonumber(ARGV[4]), tonumber(ARGV[6])
-local function level(cap, lf, tf)
-  if cap <= 0 then return 0 end
-  local v = redis.call('HMGET', KEYS[1], lf, tf)
-  local l = tonumber(v[1])
-  if not l then return cap end
-  return math.min(cap, l + math.max(0, now - tonumber(v[2])) * cap / 60000)
+#: Lua: a key's limits. K: the buckets hash, the in-flight set. A: rpm, tpm, max_parallel,
+#: tokens, permit id, lease ms, idle expiry ms. With ``apply`` false only checks. Returns
+#: {admitted, limit, wait ms ('-1': never), requests left, tokens left} (levels as text).
+RATE_LUA = """
+local function rate(K, A, apply)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local rpm, tpm, par = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+  local cost, lease = tonumber(A[4]), tonumber(A[6])
+  local function level(cap, lf, tf)
+    if cap <= 0 then return 0 end
+    local v = redis.call('HMGET', K[1], lf, tf)
+    local l = tonumber(v[1])
+    if not l then return cap end
+    return math.min(cap, l + math.max(0, now - tonumber(v[2])) * cap / 60000)
+  end
+  local rl, tl, busy = level(rpm, 'rl', 'rt'), level(tpm, 'tl', 'tt'), 0
+  if par > 0 then
+    redis.call('ZREMRANGEBYSCORE', K[2], '-inf', now)
+    busy = redis.call('ZCARD', K[2])
+  end
+  if tpm > 0 and cost > tpm then return {0, 'tokens', '-1', tostring(rl), tostring(tl)} end
+  local limit, wait = '', 0
+  if rpm > 0 and rl < 1 then limit, wait = 'requests', (1 - rl) * 60000 / rpm end
+  if tpm > 0 and tl < cost and (cost - tl) * 60000 / tpm > wait then
+    limit, wait = 'tokens', (cost - tl) * 60000 / tpm
+  end
+  if par > 0 and busy >= par and wait < 1000 then limit, wait = 'parallel', 1000 end
+  if wait > 0 then return {0, limit, tostring(wait), tostring(rl), tostring(tl)} end
+  if rpm > 0 then rl = rl - 1 end
+  if tpm > 0 then tl = tl - cost end
+  if apply then
+    if rpm > 0 then redis.call('HSET', K[1], 'rl', tostring(rl), 'rt', now) end
+    if tpm > 0 then redis.call('HSET', K[1], 'tl', tostring(tl), 'tt', now) end
+    if rpm > 0 or tpm > 0 then redis.call('PEXPIRE', K[1], A[7]) end
+    if par > 0 then
+      redis.call('ZADD', K[2], now + lease, A[5])
+      redis.call('PEXPIRE', K[2], lease * 2)
+    end
+  end
+  return {1, '', '0', tostring(rl), tostring(tl)}
 end
-local rl, tl, busy = level(rpm, 'rl', 'rt'), level(tpm, 'tl', 'tt'), 0
-if par > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  busy = redis.call('ZCARD', KEYS[2])
-end
-if tpm > 0 and cost > tpm then return {0, 'tokens', '-1', tostring(rl), tostring(tl)} end
-local limit, wait = '', 0
-if rpm > 0 and rl < 1 then limit, wait = 'requests', (1 - rl) * 60000 / rpm end
-if tpm > 0 and tl < cost and (cost - tl) * 60000 / tpm > wait then
-  limit, wait = 'tokens', (cost - tl) * 60000 / tpm
-end
-if par > 0 and busy >= par and wait < 1000 then limit, wait = 'parallel', 1000 end
-if wait > 0 then return {0, limit, tostring(wait), tostring(rl), tostring(tl)} end
-if rpm > 0 then rl = rl - 1; redis.call('HSET', KEYS[1], 'rl', tostring(rl), 'rt', now) end
-if tpm > 0 then tl = tl - cost; redis.call('HSET', KEYS[1], 'tl', tostring(tl), 'tt', now) end
-if rpm > 0 or tpm > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
-if par > 0 then
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], lease * 2)
-end
-return {1, '', '0', tostring(rl), tostring(tl)}
 """
+_ADMIT = RATE_LUA + "return rate(KEYS, ARGV, true)\n"
 _SETTLE = """
 local tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and refund ~= 0 then
@@ -88,6 +98,18 @@ end
 redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class RatePart:
+    """A request's rate check as the Redis script takes it."""
+
+    keys: list[str]
+    args: list[int | str]
+    key: str
+    limits: KeyLimits
+    tokens: int
+    permit_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,37 +190,48 @@ class RateLimiter:
     async def admit(self, key: str, limits: KeyLimits, tokens: int, permit_id: str) -> Permit:
         """Count a request of about ``tokens`` against ``key``'s limits, or raise
         ``RateLimited``."""
+        part = self.part(key, limits, tokens, permit_id)
+        if part is None:
+            return self.admit_here(key, limits, tokens, permit_id)
         shared = self._shared
-        if shared is not None:
-            with contextlib.suppress(StateDown):
-                return await self._admit_shared(shared, key, limits, tokens, permit_id)
-            share = limits.share(shared.replicas)
-        else:
-            share = limits.share(self._local_share)
-        now_ms = self._clock.monotonic() * 1000
-        verdict = self._local.admit(key, share, tokens, now_ms)
-        if not verdict.admitted:
-            raise RateLimited(_refusal(verdict, share, tokens))
-        return Permit(self, key, share, permit_id, tokens, False, verdict.quota)
+        assert shared is not None
+        try:
+            reply = await shared.call(lambda _: self._admit(keys=part.keys, args=part.args))
+        except StateDown:
+            return self.admit_here(key, limits, tokens, permit_id)
+        return self.permit_from(part, reply)
 
-    async def _admit_shared(
-        self, shared: SharedState, key: str, limits: KeyLimits, tokens: int, permit_id: str
-    ) -> Permit:
-        assert self._leases is not None
+    def part(self, key: str, limits: KeyLimits, tokens: int, permit_id: str) -> RatePart | None:
+        """The Redis script's keys and arguments for this request (None without shared
+        state): for ``admit``, or for a slot claim that carries the check along."""
+        if self._shared is None or self._leases is None:
+            return None
         argv: list[int | str] = [limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0]
         argv += [tokens, permit_id, self._leases.lease_ms, IDLE_EXPIRY_MS]
-        keys = _keys(shared, key)
-        admitted, limit, wait_ms, requests, held = await shared.call(
-            lambda _: self._admit(keys=keys, args=argv)
-        )
+        return RatePart(_keys(self._shared, key), argv, key, limits, tokens, permit_id)
+
+    def permit_from(self, part: RatePart, reply: list[Any]) -> Permit:
+        """The permit the script's reply grants, or ``RateLimited``."""
+        admitted, limit, wait_ms, requests, held = reply
+        limits, tokens = part.limits, part.tokens
         now = quota(limits, float(requests), float(held))
         if not int(admitted):
             wait = float(wait_ms)
             verdict = Verdict(False, now, _text(limit), math.inf if wait < 0 else wait)
             raise RateLimited(_refusal(verdict, limits, tokens))
-        if limits.max_parallel:
-            self._leases.held(permit_id, keys[1])
-        return Permit(self, key, limits, permit_id, tokens, True, now)
+        if limits.max_parallel and self._leases is not None:
+            self._leases.held(part.permit_id, part.keys[1])
+        return Permit(self, part.key, limits, part.permit_id, tokens, True, now)
+
+    def admit_here(self, key: str, limits: KeyLimits, tokens: int, permit_id: str) -> Permit:
+        """This process's share of the limits (no shared state, or it is down)."""
+        parts = self._shared.replicas if self._shared is not None else self._local_share
+        share = limits.share(parts)
+        now_ms = self._clock.monotonic() * 1000
+        verdict = self._local.admit(key, share, tokens, now_ms)
+        if not verdict.admitted:
+            raise RateLimited(_refusal(verdict, share, tokens))
+        return Permit(self, key, share, permit_id, tokens, False, verdict.quota)
 
     def _settle(self, permit: Permit, refund: int) -> None:
         if not permit._shared:
@@ -217,7 +250,7 @@ class RateLimiter:
 
 def _keys(shared: SharedState, key: str) -> list[str]:
     # The key id in braces: on a Redis Cluster, both keys of a key hash to one slot.
-    base = shared.key("rl", "{" + key + "}")
+    base = shared.key("rl", key)
     return [base, base + ":p"]
 
 

@@ -79,7 +79,10 @@ class SharedState:
         return self._down_since is not None
 
     def key(self, *parts: str) -> str:
-        return ":".join((self.namespace, *parts))
+        """``{ns}:part:…``. One hash tag for every key: a request's one script touches its
+        node's, its key's and its budget's keys at once, and on a Redis Cluster a script may
+        only touch keys of one slot."""
+        return ":".join(("{" + self.namespace + "}", *parts))
 
     async def call(self, op: Callable[[RespClient], Awaitable[T]]) -> T:
         """``op`` on Redis within the timeout; ``StateDown`` at once while Redis is down

@@ -27,48 +27,91 @@ While Redis is unreachable each replica keeps to ``max_concurrency / replicas`` 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from spillway.config.schema import BreakerConfig
+from spillway.state.budgets import BUDGET_LUA
 from spillway.state.leases import Leases
+from spillway.state.limits import RATE_LUA
 from spillway.state.redis import SharedState, StateDown
 
-#: KEYS: breaker hash, slots zset, probes zset. ARGV: limit, member, lease ms, probes.
-#: Returns {granted, open ms (>0 open or probing, -1 full), probe, clean}: clean when the
-#: breaker is closed with no failure in a row or in its window (a success changes nothing).
-_CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
-local v = redis.call('HMGET', KEYS[1], 'st', 'ou', 'cf', 'ws')
-local st, ou = v[1] or 'c', tonumber(v[2] or '0')
-local clean = 0
-if st == 'c' and tonumber(v[3] or '0') == 0 and not string.find(v[4] or '', '0') then
-  clean = 1
+#: Lua: a slot on a node, its breaker asked first. K: breaker hash, slots zset, probes zset.
+#: A: limit, member, lease ms, probes. With ``apply`` false only checks. Returns {granted,
+#: open ms (>0 open or probing, -1 full), probe, clean}: clean when the breaker is closed
+#: with no failure in a row or in its window (a success would change nothing).
+NODE_LUA = """
+local function node(K, A, apply)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local lease = tonumber(A[3])
+  local v = redis.call('HMGET', K[1], 'st', 'ou', 'cf', 'ws')
+  local st, ou = v[1] or 'c', tonumber(v[2] or '0')
+  local clean = 0
+  if st == 'c' and tonumber(v[3] or '0') == 0 and not string.find(v[4] or '', '0') then
+    clean = 1
+  end
+  local probe = 0
+  if st == 'o' then
+    if now < ou then return {0, ou - now, 0, 0} end
+    st = 'h'
+    redis.call('HSET', K[1], 'st', 'h', 'ps', 0)
+    redis.call('DEL', K[3])
+  end
+  if st == 'h' then
+    redis.call('ZREMRANGEBYSCORE', K[3], '-inf', now)
+    if redis.call('ZCARD', K[3]) >= tonumber(A[4]) then return {0, 1000, 0, 0} end
+    probe = 1
+  end
+  redis.call('ZREMRANGEBYSCORE', K[2], '-inf', now)
+  if redis.call('ZCARD', K[2]) >= tonumber(A[1]) then return {0, -1, 0, 0} end
+  if apply then
+    redis.call('ZADD', K[2], now + lease, A[2])
+    redis.call('PEXPIRE', K[2], lease * 2)
+    if probe == 1 then
+      redis.call('ZADD', K[3], now + lease, A[2] .. ':probe')
+      redis.call('PEXPIRE', K[3], lease * 2)
+    end
+  end
+  return {1, 0, probe, clean}
 end
-local probe = 0
-if st == 'o' then
-  if now < ou then return {0, ou - now, 0} end
-  st = 'h'
-  redis.call('HSET', KEYS[1], 'st', 'h', 'ps', 0)
-  redis.call('DEL', KEYS[3])
-end
-if st == 'h' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return {0, 1000, 0} end
-  probe = 1
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return {0, -1, 0} end
-redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
-redis.call('PEXPIRE', KEYS[2], lease * 2)
-if probe == 1 then
-  redis.call('ZADD', KEYS[3], now + lease, ARGV[2] .. ':probe')
-  redis.call('PEXPIRE', KEYS[3], lease * 2)
-end
-return {1, 0, probe, clean}
 """
+#: The first claim of a request whose key has rate limits and/or a budget: all three parts
+#: checked, then all applied, or none; one round trip for the lot. KEYS: the node's 3, the
+#: rate's 2, the budget's 3; ARGV: how many arguments each part has (3 numbers), then theirs.
+#: Returns {part that refused ('' when granted), node reply, rate reply, budget reply}.
+_CLAIM_ALL = (
+    NODE_LUA
+    + RATE_LUA
+    + BUDGET_LUA
+    + """
+local n, r, b = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function args(from, count)
+  local out = {}
+  for i = 1, count do out[i] = ARGV[from + i - 1] end
+  return out
+end
+local nk, rk, bk = {KEYS[1], KEYS[2], KEYS[3]}, {KEYS[4], KEYS[5]}, {KEYS[6], KEYS[7], KEYS[8]}
+local na, ra, ba = args(4, n), args(4 + n, r), args(4 + n + r, b)
+local rr, br = {}, {}
+if r > 0 then
+  rr = rate(rk, ra, false)
+  if rr[1] == 0 then return {'rate', {}, rr, {}} end
+end
+if b > 0 then
+  br = budget(bk, ba, false)
+  ba[7] = '0'  -- its spend to add went in with the check
+  if br[1] == 0 then return {'budget', {}, rr, br} end
+end
+local nr = node(nk, na, false)
+if nr[1] == 0 then return {'node', nr, rr, br} end
+if r > 0 then rr = rate(rk, ra, true) end
+if b > 0 then br = budget(bk, ba, true) end
+return {'', node(nk, na, true), rr, br}
+"""
+)
+_CLAIM = NODE_LUA + "return node(KEYS, ARGV, true)\n"
 #: KEYS: breaker hash, probes zset, then the other members' breaker hashes of each pool.
 #: ARGV: member, verdict ('1' ok, '0' failed), was a probe ('1'/'0'), consecutive, rate,
 #: window, min calls, open base ms, open max ms, probes, number of pools, then per pool:
@@ -139,6 +182,25 @@ class Claim:
     clean: bool = False
 
 
+@dataclass(slots=True)
+class KeyPart:
+    """A request's key checks (rate limits, budget) carried by its first slot claim, so that
+    a request to a node makes one round trip to Redis, not one per check. The caller gives the
+    scripts' keys and arguments, and what to do with the replies."""
+
+    rate_keys: list[str]
+    rate_args: list[int | str]
+    budget_keys: list[str]
+    budget_args: list[int | str]
+    #: (the part that refused, "" when granted; the rate reply; the budget reply): takes the
+    #: permit and the reservation when granted, raises the client's error for a refusal
+    on_reply: Callable[[str, list[Any], list[Any]], None]
+    #: Redis down: the same checks, this replica's share (raises for a refusal)
+    on_local: Callable[[], None]
+    #: checked and counted once: later claims of the request carry nothing
+    done: bool = False
+
+
 class FleetSlots:
     def __init__(
         self,
@@ -156,24 +218,57 @@ class FleetSlots:
             for node in pool:
                 self._pools_of.setdefault(node, []).append(pool)
         self._claim = shared.redis.register_script(_CLAIM)
+        self._claim_all = shared.redis.register_script(_CLAIM_ALL)
         self._record = shared.redis.register_script(_RECORD)
         #: nodes with a failure recorded since their last clean claim here: a success on
         #: one of those is sent even if its own claim was clean (the claim saw the past)
         self._dirty: set[str] = set()
 
-    async def claim(self, node: str, limit: int, in_flight_here: int, member: str) -> Claim:
-        """A slot on ``node`` for ``member``, if its breaker and its ``limit`` allow.
-        ``in_flight_here``: this replica's requests on the node, for the fallback."""
+    async def claim(
+        self,
+        node: str,
+        limit: int,
+        in_flight_here: int,
+        member: str,
+        key: KeyPart | None = None,
+    ) -> Claim:
+        """A slot on ``node`` for ``member``, if its breaker and its ``limit`` allow (and
+        ``key``'s checks, in the same call, when it has some left). ``in_flight_here``: this
+        replica's requests on the node, for the fallback."""
         keys = [self._brk(node), self._key("slots", node), self._key("probes", node)]
         argv: list[int | str] = [limit, member, self._leases.lease_ms]
         argv.append(self._breaker.half_open_probes)
         try:
-            granted, open_ms, probe, *clean = await self._shared.call(
-                lambda _: self._claim(keys=keys, args=argv)
-            )
+            if key is not None and not key.done:
+                reply = await self._with_key(keys, argv, key)
+            else:
+                reply = await self._shared.call(lambda _: self._claim(keys=keys, args=argv))
         except StateDown:
+            if key is not None and not key.done:
+                key.on_local()  # raises for a refusal
+                key.done = True
             allowed = in_flight_here < max(1, limit // self._shared.replicas)
             return Claim(allowed, local=True)
+        return self._claimed(node, member, keys, reply)
+
+    async def _with_key(self, keys: list[str], argv: list[int | str], key: KeyPart) -> list[Any]:
+        """The claim with the key's checks: all pass and all count, or none counts."""
+        rate_keys = key.rate_keys or keys[:2]  # unused when there are no arguments
+        budget_keys = key.budget_keys or keys
+        all_keys = [*keys, *rate_keys, *budget_keys]
+        sizes = [len(argv), len(key.rate_args), len(key.budget_args)]
+        all_args = [*sizes, *argv, *key.rate_args, *key.budget_args]
+        refused_by, node_reply, rate_reply, budget_reply = await self._shared.call(
+            lambda _: self._claim_all(keys=all_keys, args=all_args)
+        )
+        part = _text(refused_by)
+        key.on_reply(part, rate_reply, budget_reply)  # raises for the key's own refusals
+        if not part:
+            key.done = True
+        return list(node_reply)
+
+    def _claimed(self, node: str, member: str, keys: list[str], reply: list[Any]) -> Claim:
+        granted, open_ms, probe, *clean = reply
         if not int(granted):
             wait = int(open_ms)
             return Claim(False, None if wait < 0 else wait / 1000)
@@ -228,6 +323,8 @@ class FleetSlots:
         return self._key("breaker", node)
 
     def _key(self, kind: str, node: str) -> str:
-        # One hash tag for every node's keys: the pool rule reads other nodes' breakers, and
-        # a Lua script may only touch keys of one Redis Cluster slot.
-        return self._shared.key("{fleet}", kind, node)
+        return self._shared.key(kind, node)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
