@@ -128,3 +128,18 @@ async def test_spend_settled_while_redis_was_away_reaches_its_figure_later(
     shared = a._fleet._shared  # type: ignore[union-attr]
     figure = await shared.redis.execute("HGET", shared.key("budget", "k"), "s")
     assert int(figure) == 50_000  # 0.05 in millionths, each settle counted once
+
+
+async def test_spend_carried_to_redis_is_carried_once_when_the_claim_is_tried_again(
+    books: list[Budgets],
+) -> None:
+    """A claim that carries unsynced spend but finds its node full is tried on another node:
+    the second try must not send (or subtract) that spend again."""
+    a = books[0]
+    a._accounts["k"].unsynced = D("0.010000")
+    part = a.part("k", WORST, "r1")
+    assert part is not None and part.unsynced == 10_000
+    a.heard(part, [1, 0, 0])  # checked, the node refused: nothing reserved
+    assert a._accounts["k"].unsynced == 0 and part.unsynced == 0 and part.args[6] == 0
+    a.heard(part, [1, 0, 0])
+    assert a._accounts["k"].unsynced == 0

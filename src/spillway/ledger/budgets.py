@@ -46,6 +46,8 @@ def period_start(now: datetime, period: str) -> datetime:
 
 
 _MICRO = Decimal(1_000_000)
+#: where the script's arguments (``FleetBudgets.script_args``) carry the unsynced spend
+_UNSYNCED_ARG = 6
 
 
 @dataclass
@@ -68,9 +70,10 @@ class _Account:
         return f"{self.period}:{self.started.date().isoformat()}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetPart:
-    """A request's fleet reservation as the Redis script takes it."""
+    """A request's fleet reservation as the Redis script takes it (not frozen: the spend it
+    carries to Redis is carried once, so a claim tried again on another node sends none)."""
 
     keys: list[str]
     args: list[int | str]
@@ -179,7 +182,7 @@ class Budgets:
         """The script checked the budget but reserved nothing (another check refused): keep
         what it says of the fleet, and that Redis has the spend this call carried."""
         account = self._accounts[part.key_id]
-        account.unsynced -= Decimal(part.unsynced) / _MICRO
+        self._carried(account, part)
         _, spent, reserved = reply
         account.fleet_used = (Decimal(int(spent)) + Decimal(int(reserved))) / _MICRO
         account.own_then = account.spent + account.reserved + part.estimate
@@ -190,7 +193,7 @@ class Budgets:
         account = self._accounts[part.key_id]
         estimate, member = part.estimate, part.member
         verdict = self._fleet.verdict(reply, member, part.keys)
-        account.unsynced -= Decimal(part.unsynced) / _MICRO  # Redis has it now
+        self._carried(account, part)
         spent, reserved = Decimal(verdict.spent) / _MICRO, Decimal(verdict.reserved) / _MICRO
         own = account.spent + account.reserved + (estimate if verdict.admitted else 0)
         account.fleet_used, account.own_then = spent + reserved, own
@@ -198,6 +201,13 @@ class Budgets:
             self._refuse(account, spent + reserved, estimate)
         account.reserved += estimate
         return Reservation(part.key_id, estimate, account.started, member)
+
+    @staticmethod
+    def _carried(account: _Account, part: BudgetPart) -> None:
+        """Redis has the unsynced spend this call carried: not ours to send again."""
+        account.unsynced -= Decimal(part.unsynced) / _MICRO
+        part.unsynced = 0
+        part.args[_UNSYNCED_ARG] = 0
 
     def _check(self, account: _Account, used: Decimal, estimate: Decimal, limit: Decimal) -> None:
         if used + estimate > limit:
