@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import orjson
@@ -29,6 +29,8 @@ from spillway.resilience.queue import WaitQueue
 from spillway.resilience.retry import RetryBudget, RetryPolicy
 from spillway.routing.dispatch import Dispatcher, OpenStream, RequestContext
 from spillway.routing.router import NodeHandle, Router
+from spillway.state.redis import StateDown
+from spillway.state.slots import Claim
 from spillway.wire.requests import ChatRequest, parse_chat, parse_embeddings
 from spillway.wire.sse import SseEvent
 
@@ -751,3 +753,66 @@ async def test_stream_closed_early_cancels_the_node_and_frees_the_slot(
     await opened.aclose()
     assert a.streams_closed == 1
     assert handle_of(d, "a").in_flight == 0
+
+
+# --- with shared state ----------------------------------------------------------------------
+
+
+class FakeFleet:
+    """``FleetSlots`` as the dispatcher uses it: every claim granted (after ``hold``, when
+    set); recording a failure meets Redis down (``StateDown``)."""
+
+    def __init__(self, hold: asyncio.Event | None = None) -> None:
+        self.hold = hold
+        self.claims = 0
+
+    async def claim(
+        self, node: str, limit: int, in_flight: int, member: str, key: object = None
+    ) -> Claim:
+        self.claims += 1
+        if self.hold is not None:
+            await self.hold.wait()
+        return Claim(True, member=member)
+
+    def release(self, claim: Claim) -> None:
+        pass
+
+    def record(self, node: str, claim: Claim, ok: bool) -> Awaitable[object] | None:
+        async def redis_down() -> object:
+            raise StateDown("shared state is down")
+
+        return None if ok else redis_down()
+
+    def no_verdict(self, claim: Claim) -> None:
+        pass
+
+    def spawn(self, call: Awaitable[object]) -> None:
+        asyncio.ensure_future(call).add_done_callback(lambda f: f.exception())
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_failure_that_redis_cannot_record_still_falls_back(
+    clock: ManualClock, mode: Mode
+) -> None:
+    a, b = FakeNode("a", http(500)), FakeNode("b")
+    d = build(clock, private(a), private(b))
+    d.slots = FakeFleet()  # type: ignore[assignment]
+    assert await send(d, context(clock), mode) == "b"  # not a StateDown, not a 500
+    assert d.board.stats("a").consecutive_failures == 1  # the local breaker counted it
+
+
+async def test_a_request_cancelled_during_its_claim_gives_back_the_half_open_probe(
+    clock: ManualClock,
+) -> None:
+    a = FakeNode("a")
+    d = build(clock, private(a), breaker=BreakerPolicy(half_open_probes=1))
+    open_breaker(d, "a")
+    clock.advance(BreakerPolicy().open_base_s)  # half-open: one probe may go
+    d.slots = FakeFleet(hold=asyncio.Event())  # type: ignore[assignment]
+    task = asyncio.create_task(send(d, context(clock), "complete"))
+    await settle()
+    assert d.board.stats("a").probes_in_flight == 1  # admitted locally, claiming
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert d.board.stats("a").probes_in_flight == 0
