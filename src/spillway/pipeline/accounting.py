@@ -108,34 +108,27 @@ class Accountant:
             return Tally(request_id, principal, now, at)
         return Tally(ids.request_id(), principal, now, at, client_request_id=request_id)
 
-    async def reserve(
-        self,
-        tally: Tally,
-        request: ChatRequest | EmbeddingsRequest,
-        handles: Sequence[NodeHandle],
-    ) -> None:
-        """Hold the most this request can cost against its key's budget (429 if it can't).
-
-        The most, not a guess: a worst case any node that bills honestly for the body it is
-        sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
-        """
-        worst = self._worst_case(tally, request, handles)
-        if worst is not None:
-            key_id = tally.principal.key_id
-            tally.reservation = await self._budgets.reserve(key_id, worst, tally.request_id)
-
-    def budget_part(
+    def reserve(
         self,
         tally: Tally,
         request: ChatRequest | EmbeddingsRequest,
         handles: Sequence[NodeHandle],
     ) -> BudgetPart | None:
-        """``reserve`` as the fleet's script takes it, for a slot claim to carry (None: the
-        key has no budget, or there is no shared state)."""
+        """Hold the most this request can cost against its key's budget (429 if it can't).
+
+        The most, not a guess: a worst case any node that bills honestly for the body it is
+        sent stays within (docs/ledger.md#budgets). Settling replaces it with the actual cost.
+        Without shared state it is held here, now. With it, it is returned as the fleet's
+        script takes it, for the request's first slot claim to carry. None: nothing to carry
+        (no budget, or held already)."""
         worst = self._worst_case(tally, request, handles)
         if worst is None:
             return None
-        return self._budgets.part(tally.principal.key_id, worst, tally.request_id)
+        key_id = tally.principal.key_id
+        part = self._budgets.part(key_id, worst, tally.request_id)
+        if part is None:
+            tally.reservation = self._budgets.reserve_here(key_id, worst)
+        return part
 
     def budget_reply(
         self, tally: Tally, part: BudgetPart, refused_by: str, reply: list[Any]

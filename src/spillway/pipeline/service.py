@@ -234,9 +234,7 @@ class Pipeline:
         state carried by the first slot claim, so that a request makes one round trip to
         Redis; without it checked here."""
         assert ctx.candidates is not None
-        budget = self.accountant.budget_part(tally, request, ctx.candidates)
-        if budget is None:
-            await self.accountant.reserve(tally, request, ctx.candidates)  # no budget: no-op
+        budget = self.accountant.reserve(tally, request, ctx.candidates)
         if rate is None and budget is None:
             return ctx
 
