@@ -35,6 +35,7 @@ from spillway.cache.keys import tag
 from spillway.cache.stores import Entry, ScopeStats
 from spillway.clock import Clock
 from spillway.secrets import Redactor, redacted_url
+from spillway.state.resp import text
 
 POOL_SIZE = 32
 _SCAN_BATCH = 1_000
@@ -60,10 +61,6 @@ def _connect(url: str, timeout_s: float, pool_size: int) -> Redis:
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisCacheStore:
@@ -143,7 +140,7 @@ class RedisCacheStore:
                         row[1] += size
                         row[2] += hits
             raw = await self._redis.hgetall(self._names)
-        names = {_text(k): _text(v) for k, v in raw.items()}
+        names = {text(k): text(v) for k, v in raw.items()}
         found = [
             ScopeStats(names.get(t, t), names.get(m, m), entries=n, bytes=b, hits=h)
             for (t, m), (n, b, h) in totals.items()
@@ -173,7 +170,7 @@ class RedisCacheStore:
         replies = await pipe.execute()
         out = []
         for (t, m, h), size in zip(replies[::2], replies[1::2], strict=True):
-            out.append((_text(t or b""), _text(m or b""), int(h or 0), size))
+            out.append((text(t or b""), text(m or b""), int(h or 0), size))
         return out
 
     @contextlib.contextmanager

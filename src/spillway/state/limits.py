@@ -32,6 +32,7 @@ from spillway.quota import Quota
 from spillway.state.buckets import KeyLimits, LocalBuckets, Verdict, quota
 from spillway.state.leases import Leases
 from spillway.state.redis import SharedState, StateDown
+from spillway.state.resp import text
 
 log = logging.getLogger("spillway.limits")
 
@@ -217,7 +218,7 @@ class RateLimiter:
         now = quota(limits, float(requests), float(held))
         if not int(admitted):
             wait = float(wait_ms)
-            verdict = Verdict(False, now, _text(limit), math.inf if wait < 0 else wait)
+            verdict = Verdict(False, now, text(limit), math.inf if wait < 0 else wait)
             raise RateLimited(_refusal(verdict, limits, tokens))
         if limits.max_parallel and self._leases is not None:
             self._leases.held(part.permit_id, part.keys[1])
@@ -249,13 +250,8 @@ class RateLimiter:
 
 
 def _keys(shared: SharedState, key: str) -> list[str]:
-    # The key id in braces: on a Redis Cluster, both keys of a key hash to one slot.
     base = shared.key("rl", key)
     return [base, base + ":p"]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _refusal(verdict: Verdict, limits: KeyLimits, tokens: int) -> Refusal:

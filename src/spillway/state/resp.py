@@ -37,6 +37,11 @@ except ImportError:  # pragma: no cover - exercised where hiredis is absent
 Arg = str | bytes | int | float
 
 
+def text(value: bytes | str) -> str:
+    """A bulk-string reply as text (Redis answers bytes; a decoded client answers str)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class ReplyError(Exception):
     """Redis answered a command with an error (``-ERR ...``)."""
 

@@ -36,6 +36,7 @@ from spillway.state.budgets import BUDGET_LUA
 from spillway.state.leases import Leases
 from spillway.state.limits import RATE_LUA
 from spillway.state.redis import SharedState, StateDown
+from spillway.state.resp import text
 
 #: Lua: a slot on a node, its breaker asked first. K: breaker hash, slots zset, probes zset.
 #: A: limit, member, lease ms, probes. With ``apply`` false only checks. Returns {granted,
@@ -261,21 +262,21 @@ class FleetSlots:
         refused_by, node_reply, rate_reply, budget_reply = await self._shared.call(
             lambda _: self._claim_all(keys=all_keys, args=all_args)
         )
-        part = _text(refused_by)
+        part = text(refused_by)
         key.on_reply(part, rate_reply, budget_reply)  # raises for the key's own refusals
         if not part:
             key.done = True
         return list(node_reply)
 
     def _claimed(self, node: str, member: str, keys: list[str], reply: list[Any]) -> Claim:
-        granted, open_ms, probe, *clean = reply
+        granted, open_ms, probe, clean = reply
         if not int(granted):
             wait = int(open_ms)
             return Claim(False, None if wait < 0 else wait / 1000)
         self._leases.held(member, keys[1])
         if int(probe):
             self._leases.held(member + ":probe", keys[2])
-        settled = bool(clean and int(clean[0]))
+        settled = bool(int(clean))
         if settled:
             self._dirty.discard(node)
         else:
@@ -324,7 +325,3 @@ class FleetSlots:
 
     def _key(self, kind: str, node: str) -> str:
         return self._shared.key(kind, node)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
