@@ -9,7 +9,9 @@ from the cache: no node spent a token on it).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from spillway.errors import RateLimitExceeded
@@ -26,54 +28,41 @@ class Admission:
         self._limiter = limiter
         self._reserve = output_reserve_tokens
 
-    async def admit(
+    def check(
         self, principal: Principal, request: ChatRequest | EmbeddingsRequest, request_id: str
-    ) -> Permit | None:
-        """The request's permit (None for a key without limits); ``RateLimitExceeded`` when
-        a limit says no."""
+    ) -> tuple[Permit | None, RatePart | None]:
+        """Without shared state, the request's permit, counted now in this process; with it,
+        the check as the fleet's script takes it, for the first slot claim to carry (or
+        ``admit_part`` for an answer from the cache). (None, None) for a key without limits;
+        ``RateLimitExceeded`` when a limit says no."""
         limits = principal.limits
         if limits is None:
-            return None
+            return None, None
         tokens = self.tokens_asked(request) if limits.tpm else 0
-        try:
-            return await self._limiter.admit(principal.key_id, limits, tokens, request_id)
-        except RateLimited as exc:
-            raise refused(exc.refusal) from None
-
-    def part(
-        self, principal: Principal, request: ChatRequest | EmbeddingsRequest, request_id: str
-    ) -> RatePart | None:
-        """The check as the fleet's script takes it, for a slot claim to carry (None: the key
-        has no limits, or there is no shared state: then ``admit`` is the way)."""
-        limits = principal.limits
-        if limits is None:
-            return None
-        tokens = self.tokens_asked(request) if limits.tpm else 0
-        return self._limiter.part(principal.key_id, limits, tokens, request_id)
+        part = self._limiter.part(principal.key_id, limits, tokens, request_id)
+        if part is not None:
+            return None, part
+        with _client_error():
+            permit = self._limiter.admit_here(principal.key_id, limits, tokens, request_id)
+        return permit, None
 
     async def admit_part(self, part: RatePart) -> Permit:
         """The check on its own (an answer from the cache, which claims no slot)."""
-        try:
+        with _client_error():
             return await self._limiter.admit(part.key, part.limits, part.tokens, part.permit_id)
-        except RateLimited as exc:
-            raise refused(exc.refusal) from None
 
     def permit_reply(self, part: RatePart, refused_by: str, reply: list[Any]) -> Permit | None:
         """What the claim's script said of the limits: a permit when the claim was granted,
         the client's 429 when the limits refused, nothing when another check refused."""
         if not reply or refused_by not in ("", "rate"):
             return None
-        try:
+        with _client_error():
             return self._limiter.permit_from(part, reply)
-        except RateLimited as exc:
-            raise refused(exc.refusal) from None
 
     def admit_here(self, part: RatePart) -> Permit:
         """Redis down at the claim: this replica's share of the limits."""
-        try:
+        with _client_error():
             return self._limiter.admit_here(part.key, part.limits, part.tokens, part.permit_id)
-        except RateLimited as exc:
-            raise refused(exc.refusal) from None
 
     def tokens_asked(self, request: ChatRequest | EmbeddingsRequest) -> int:
         prompt = _ESTIMATE.prompt_tokens(request.body)
@@ -81,6 +70,15 @@ class Admission:
             return prompt
         choices = request.body.get("n") or 1
         return prompt + (request.max_tokens or self._reserve) * choices
+
+
+@contextlib.contextmanager
+def _client_error() -> Iterator[None]:
+    """A refusal from the limiter, as the client's error."""
+    try:
+        yield
+    except RateLimited as exc:
+        raise refused(exc.refusal) from None
 
 
 def refused(refusal: Refusal) -> RateLimitExceeded:

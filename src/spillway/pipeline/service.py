@@ -91,7 +91,7 @@ class Pipeline:
             embed = await inbound()
             tally.asked_for(embed.model)
             candidates = self._candidates(embed.model, call)
-            rate = await self._rate_now_or_later(call, embed, tally)
+            rate = self._rate_now_or_later(call, embed, tally)
             ctx = await self._key_checks(tally, embed, self._context(call, candidates), rate)
             answer = await self.dispatcher.complete(embed, ctx)
             self._note_reply(tally, answer.handle, embed, answer.reply.data)
@@ -120,7 +120,7 @@ class Pipeline:
         tally.asked_for(chat.model)
         candidates = self._candidates(chat.model, call)
         principal = call.principal
-        rate = await self._rate_now_or_later(call, chat, tally)
+        rate = self._rate_now_or_later(call, chat, tally)
         probe = self.cache.probe(
             chat.body, call.directives, principal.tenant, chat.model, principal.private_only
         )
@@ -213,14 +213,12 @@ class Pipeline:
             sharing,
         )
 
-    async def _rate_now_or_later(
+    def _rate_now_or_later(
         self, call: Call, request: ChatRequest | EmbeddingsRequest, tally: Tally
     ) -> RatePart | None:
-        """The key's rate limits: checked now without shared state; with it, returned, to be
+        """The key's rate limits: counted now without shared state; with it, returned, to be
         carried by the first slot claim (or checked alone for an answer from the cache)."""
-        rate = self.admission.part(call.principal, request, tally.request_id)
-        if rate is None:
-            tally.permit = await self.admission.admit(call.principal, request, tally.request_id)
+        tally.permit, rate = self.admission.check(call.principal, request, tally.request_id)
         return rate
 
     async def _key_checks(
