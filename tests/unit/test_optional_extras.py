@@ -92,3 +92,6 @@ def test_serve_loads_no_charts_and_no_training() -> None:
     loaded = set(done.stdout.split())
     assert {"spillway", "aiohttp", "onnxruntime"} <= loaded  # it did start, semantic cache and all
     assert loaded.isdisjoint({*NOT_FOR_SERVE, "training"}), loaded & {*NOT_FOR_SERVE, "training"}
+    # The `redis` extra serves a Redis cache store only: shared state ([state]) has its own
+    # client, so the embedded default (installed without the extra) must not need redis-py.
+    assert "redis" not in loaded
