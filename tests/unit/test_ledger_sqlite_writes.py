@@ -1,5 +1,5 @@
 """SQLite ledger writes with plain sqlite3 in a thread of their own (SqliteBatchWriter), alone
-and under the write-behind LedgerWriter: off the event loop, all or nothing per batch, and
+and under the write-behind LedgerWriter: SQL off the event loop, all or nothing per batch, and
 nothing lost while the file is locked."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from spillway.clock import SystemClock
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.sql import _FLAVOURS, SqlLedgerStore, sqlite_url
-from spillway.ledger.sqlite_writes import Row, SqliteBatchWriter
+from spillway.ledger.sqlite_writes import MAX_ROWS_PER_STATEMENT, Row, SqliteBatchWriter, _split
 from spillway.ledger.writer import LedgerWriter
 from tests.unit.test_ledger_writer import eventually, ids, make_record
 
@@ -54,18 +54,45 @@ async def test_sqlite_file_stores_write_with_their_own_thread(store: SqlLedgerSt
         await store.write([make_record(9)])
 
 
-async def test_rows_are_converted_off_the_event_loop_thread(
+async def test_rows_are_made_on_the_loop_a_chunk_at_a_time_and_sql_runs_in_its_thread(
     store: SqlLedgerStore, tmp_path: Path
 ) -> None:
+    """The loop turns records into rows and yields between chunks (a request waits behind
+    one chunk, never a whole batch); the writer thread only binds and steps."""
     seen: list[str] = []
+    ticks: list[int] = []
     writer = quick_writer(tmp_path / "ledger.db", seen)
-    await writer.write([make_record(i) for i in range(5)])
+    sql_threads: set[str] = set()
+    real_write = writer._write
+
+    def write(statements: list[tuple[str, list[object]]]) -> None:
+        sql_threads.add(threading.current_thread().name)
+        real_write(statements)
+
+    writer._write = write  # type: ignore[method-assign]
+
+    async def other_request() -> None:
+        while len(seen) < 600:
+            ticks.append(len(seen))
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_request())
+    await writer.write([make_record(i) for i in range(600)])
+    await ticker
     await writer.aclose()
-    assert len(seen) == 5
-    assert threading.current_thread().name not in seen
-    assert set(seen) == {seen[0]} and seen[0].startswith("ledger-sqlite")
-    assert [r.request_id for r in await store.query()] == ids(5)
+    assert set(seen) == {threading.current_thread().name}
+    assert {t for t in ticks if 0 < t < 600} >= {64, 128, 192}  # it ran between chunks
+    assert len(sql_threads) == 1 and sql_threads.pop().startswith("ledger-sqlite")
+    assert [r.request_id for r in await store.query()] == ids(600)
     await store.aclose()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 257, 600])
+def test_a_batch_becomes_few_statements_of_at_most_256_rows(rows: int) -> None:
+    sizes = _split(rows)
+    assert sum(sizes) == rows
+    assert max(sizes) <= MAX_ROWS_PER_STATEMENT
+    assert len(sizes) <= rows // MAX_ROWS_PER_STATEMENT + MAX_ROWS_PER_STATEMENT.bit_length()
 
 
 async def test_a_bad_record_fails_its_whole_batch_and_the_next_batch_still_goes_in(

@@ -416,3 +416,22 @@ async def test_a_damaged_spool_file_is_set_aside_and_holds_nothing_up(tmp_path: 
         damaged.name + ".bad",
         "notes-from-an-operator.jsonl.bad",
     ]
+
+
+async def test_a_flush_writes_what_was_pending_when_it_began_not_what_arrives_meanwhile() -> None:
+    """Under load, chasing the queue made a small write every few milliseconds; each write
+    costs the loop its thread hand-offs whatever its size, so later records wait a turn."""
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    writer = LedgerWriter(store, SystemClock(), flush_interval_s=60)
+    for i in range(3):
+        writer.record(make_record(i))
+    flushing = asyncio.create_task(writer.flush())
+    await eventually(lambda: store.calls == 1)
+    for i in range(3, 5):
+        writer.record(make_record(i))  # arrive while the first write is under way
+    store.gate.set()
+    await flushing
+    assert store.batches == [3] and writer.pending == 2
+    await writer.flush()
+    assert store.batches == [3, 2] and store.ids == ids(5)

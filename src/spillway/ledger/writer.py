@@ -136,10 +136,15 @@ class LedgerWriter:
             self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def flush(self) -> None:
-        """Write everything pending now; raises what the store raises (records are kept)."""
+        """Write the records pending when it is called; raises what the store raises (the
+        records are kept). Records that arrive meanwhile wait for the next flush: chasing
+        them under load made a write of a hundred records every few milliseconds, and each
+        write costs the event loop its hand-offs (see ``sqlite_writes``) whatever its size."""
         async with self._flushing:
-            while self._pending:
-                batch = list(itertools.islice(self._pending, self._max_batch))
+            left = len(self._pending)
+            while left > 0 and self._pending:
+                batch = list(itertools.islice(self._pending, min(left, self._max_batch)))
+                left -= len(batch)
                 try:
                     await self._write(batch)
                 except RECORD_ERRORS:
