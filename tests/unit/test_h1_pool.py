@@ -29,6 +29,7 @@ from spillway.nodes.h1 import (
     ConnectTimedOut,
 )
 from spillway.nodes.http import HttpNode
+from spillway.nodes.outbox import Outbox
 from spillway.nodes.pool import KEEPALIVE_IDLE_S, Pool
 from tests.fakes.hostile import GiB, endless, fixed, gzip_bomb, raw_node, read_request
 
@@ -675,4 +676,52 @@ async def test_headers_over_the_limit_are_refused_however_they_arrive(
     assert await post(pool) == (200, OK_BODY)
     with pytest.raises(ConnectionBroke, match="headers over 64 KiB"):
         await post(pool)
+    await pool.aclose()
+
+
+async def test_the_outbox_writes_a_turns_first_request_at_once_and_the_rest_next_turn() -> None:
+    outbox, written = Outbox(), []
+    outbox.send(lambda: written.append(1))
+    assert written == [1]  # a lone request waits for nothing
+    outbox.send(lambda: written.append(2))
+    outbox.send(lambda: written.append(3))
+    assert written == [1]
+    await asyncio.sleep(0)
+    assert written == [1, 2, 3]  # together, in order, at the start of the next turn
+    outbox.send(lambda: written.append(4))
+    assert written == [1, 2, 3, 4]
+
+
+async def test_requests_of_one_turn_all_arrive(server: Server) -> None:
+    server.answers = [reply()]
+    pool = pool_for(server)
+    results = await asyncio.gather(*(post(pool, b'{"q":%d}' % i) for i in range(4)))
+    assert results == [(200, OK_BODY)] * 4
+    assert sorted(body for _, _, body in server.seen.requests) == [
+        b'{"q":%d}' % i for i in range(4)
+    ]
+    await pool.aclose()
+
+
+async def test_a_request_whose_connection_closes_while_it_waits_in_the_outbox_never_left(
+    server: Server,
+) -> None:
+    """It fails as ConnectFailed (the node never saw it, so it may go to another node), not
+    as a broken connection that might have carried it."""
+    server.answers = [reply()]
+    pool = pool_for(server)
+    await asyncio.gather(post(pool), post(pool))  # two kept-alive connections
+    assert server.seen.connections == 2
+
+    async def close_the_queued_one() -> None:
+        for conn in list(pool._all):
+            if conn.current is not None and not conn.current.sent:
+                conn.close()
+
+    first, second, _ = await asyncio.gather(
+        post(pool), post(pool), close_the_queued_one(), return_exceptions=True
+    )
+    assert first == (200, OK_BODY)
+    assert isinstance(second, ConnectFailed) and "before the request was sent" in str(second)
+    assert len(server.seen.requests) == 3
     await pool.aclose()

@@ -108,13 +108,14 @@ class Response:
 
     __slots__ = (
         "_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_limit", "_streaming",
-        "_timer", "_until_eof", "_waiter", "answered", "headers", "status",
+        "_timer", "_until_eof", "_waiter", "answered", "headers", "sent", "status",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, max_body: int) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.answered = False  # any byte of the answer arrived
+        self.sent = False  # the request was written (it waits in the outbox until then)
         self._conn = conn
         self._limit = max_body
         self._chunks: deque[bytes] = deque()
@@ -290,7 +291,9 @@ class Response:
             self._wake()
 
     def _connection_lost(self, exc: Exception | None, fresh: bool) -> None:
-        if self._until_eof and self.status and exc is None:  # a clean close ends such a body
+        if not self.sent:  # closed while the request waited in the outbox: it never left
+            self._fail(ConnectFailed("connection closed before the request was sent"))
+        elif self._until_eof and self.status and exc is None:  # a clean close ends the body
             self._complete()
         elif fresh and not self.answered and isinstance(exc, ssl.SSLError):
             # A TLS 1.3 server checks the client's certificate after the client has finished
@@ -356,9 +359,19 @@ class Connection(asyncio.Protocol):
         if deadline is not None:
             response.expire_at(deadline)
         self._head_bytes = self._parsed_head_bytes = 0
-        self.transport.write(data)
+        self._pool.outbox.send(lambda: self._deliver(response, data))
         await response.wait_until(lambda: response.status != 0)
         return response
+
+    def _deliver(self, response: Response, data: bytes) -> None:
+        """Write a request, now or when the pool's outbox sends it; never raises."""
+        if self.current is not response:
+            return  # abandoned (the wait was given up): its connection is closed already
+        if self.transport is None or self.transport.is_closing():
+            response._fail(ConnectFailed("connection closed before the request was sent"))
+            return
+        response.sent = True
+        self.transport.write(data)
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:

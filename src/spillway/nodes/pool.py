@@ -18,6 +18,7 @@ import aiohappyeyeballs
 from yarl import URL
 
 from spillway.nodes.h1 import ConnectFailed, Connection, ConnectionBroke, ConnectTimedOut, Response
+from spillway.nodes.outbox import Outbox
 from spillway.nodes.transport import Transport
 from spillway.nodes.tunnel import open_tunnel
 
@@ -96,6 +97,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._all: set[Connection] = set()
         self._closed = False
+        self.outbox = Outbox()  # this turn's requests leave together (``nodes/outbox.py``)
 
     @property
     def proxied(self) -> bool:
