@@ -132,7 +132,7 @@ class Response:
         """Fail the answer (``AnswerTimedOut``) unless it is complete by ``deadline`` (the
         loop's clock). One timer handle: cheaper on every request than ``asyncio.timeout``,
         which makes, reschedules and unwinds a cancellation scope."""
-        self._timer = asyncio.get_running_loop().call_at(deadline, self._expired)
+        self._timer = self._conn.loop.call_at(deadline, self._expired)
 
     def _expired(self) -> None:
         self._timer = None
@@ -183,7 +183,7 @@ class Response:
             while not ready():
                 if self._error is not None:
                     raise self._error.fresh()
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._conn.loop.create_future()
                 try:
                     await self._waiter
                 finally:
@@ -322,6 +322,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self.loop = pool.loop
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.current: Response | None = None

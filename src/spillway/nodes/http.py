@@ -120,7 +120,7 @@ class HttpNode:
     ) -> tuple[Response, bytes]:  # fmt: skip
         """Status, headers and the whole body; ``total_s`` covers connecting, sending and
         reading it all (the connection within ``connect_s`` of it)."""
-        deadline = asyncio.get_running_loop().time() + total_s
+        deadline = self._pool.loop.time() + total_s
         try:
             resp = await self._pool.request(
                 method, path, body, connect_timeout_s=min(connect_s, total_s),

@@ -98,6 +98,15 @@ class Pool:
         self._all: set[Connection] = set()
         self._closed = False
         self.outbox = Outbox()  # this turn's requests leave together (``nodes/outbox.py``)
+        self._loop: asyncio.AbstractEventLoop | None = None  # taken on first use
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this pool serves, looked up once: on CPython 3.11 each
+        ``asyncio.get_running_loop()`` is a ``getpid()`` system call, and a request made five."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     @property
     def proxied(self) -> bool:
@@ -159,7 +168,7 @@ class Pool:
         if self._open < self._limit:
             self._open += 1
             return await self._connect(timeout_s)
-        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Connection | None] = self.loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
@@ -240,7 +249,7 @@ class Pool:
         """The newest idle connection that is still open and idle less than ``idle_s``."""
         if not self._idle:
             return None
-        expired = asyncio.get_running_loop().time() - self._idle_s
+        expired = self.loop.time() - self._idle_s
         while self._idle and self._idle[0].idle_since < expired:
             self._idle.popleft().close()
         while self._idle:
@@ -261,7 +270,7 @@ class Pool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = self.loop.time()
         self._idle.append(conn)
 
     def discount(self, conn: Connection) -> None:
