@@ -18,7 +18,13 @@ import pytest
 from spillway.clock import SystemClock
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.sql import _FLAVOURS, SqlLedgerStore, sqlite_url
-from spillway.ledger.sqlite_writes import MAX_ROWS_PER_STATEMENT, Row, SqliteBatchWriter, _split
+from spillway.ledger.sqlite_writes import (
+    MAX_ROWS_PER_STATEMENT,
+    ROWS_PER_CHUNK,
+    Row,
+    SqliteBatchWriter,
+    _split,
+)
 from spillway.ledger.writer import LedgerWriter
 from tests.unit.test_ledger_writer import eventually, ids, make_record
 
@@ -81,7 +87,8 @@ async def test_rows_are_made_on_the_loop_a_chunk_at_a_time_and_sql_runs_in_its_t
     await ticker
     await writer.aclose()
     assert set(seen) == {threading.current_thread().name}
-    assert {t for t in ticks if 0 < t < 600} >= {64, 128, 192}  # it ran between chunks
+    chunks = {ROWS_PER_CHUNK * k for k in (1, 2, 3)}
+    assert {t for t in ticks if 0 < t < 600} >= chunks  # it ran between chunks
     assert len(sql_threads) == 1 and sql_threads.pop().startswith("ledger-sqlite")
     assert [r.request_id for r in await store.query()] == ids(600)
     await store.aclose()

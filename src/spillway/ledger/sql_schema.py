@@ -17,7 +17,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import (
@@ -91,17 +91,21 @@ class Money(TypeDecorator[Decimal]):
 
 
 def _bind_time(value: datetime, as_int: bool) -> Any:
-    if value.tzinfo is None or value.utcoffset() is None:
+    if value.utcoffset() is None:
         raise ValueError(f"ledger times must be timezone-aware, got naive {value}")
-    utc = value.astimezone(UTC)
-    return (utc - _EPOCH) // _MICROSECOND if as_int else utc
+    # An aware datetime minus the aware epoch counts its offset in: no astimezone() needed.
+    return (value - _EPOCH) // _MICROSECOND if as_int else value.astimezone(UTC)
 
 
 def _bind_money(value: Decimal, as_text: bool) -> Any:
-    if not isinstance(value, Decimal) or not value.is_finite():
-        raise ValueError(f"ledger amounts must be finite Decimals, got {value!r}")
-    if abs(value) >= _MONEY_LIMIT:
-        raise ValueError(f"ledger amount out of range: {value}")
+    # One chained comparison checks both the range and finiteness (a NaN refuses to be
+    # compared; infinities fall outside): this runs three times for every ledger row.
+    try:
+        valid = isinstance(value, Decimal) and -_MONEY_LIMIT < value < _MONEY_LIMIT
+    except InvalidOperation:
+        valid = False
+    if not valid:
+        raise ValueError(f"ledger amounts must be finite Decimals below 10^14, got {value!r}")
     exact = value.quantize(AMOUNT_QUANTUM, rounding=ROUND_HALF_EVEN)
     return str(exact) if as_text else exact
 
