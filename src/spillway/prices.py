@@ -14,6 +14,7 @@ Currency = Literal["USD", "CNY"]
 MILLION = Decimal(1_000_000)
 #: Ledger amounts are kept to a millionth of a unit: a single token can cost less than a cent.
 AMOUNT_QUANTUM = Decimal("0.000001")
+ZERO_AMOUNT = Decimal(0).quantize(AMOUNT_QUANTUM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class Price:
     currency: Currency = "USD"
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        if not (self.input_per_mtok or self.output_per_mtok):
+            return ZERO_AMOUNT  # a private node without a price: no Decimal arithmetic
         total = (
             self.input_per_mtok * prompt_tokens + self.output_per_mtok * completion_tokens
         ) / MILLION

@@ -313,6 +313,15 @@ def _declared_length(headers: dict[str, str]) -> int:
         return 0
 
 
+#: Header names as nodes spell them, already lower-cased: a dict lookup instead of a decode
+#: and a lower() for each of an answer's usual headers.
+_USUAL_NAMES = (
+    "Content-Type", "Content-Length", "Transfer-Encoding", "Content-Encoding", "Connection",
+    "Date", "Server", "Keep-Alive", "Cache-Control", "Retry-After", "X-Request-Id",
+)  # fmt: skip
+_COMMON_NAMES = {s.encode(): s.lower() for n in _USUAL_NAMES for s in (n, n.lower())}
+
+
 def _head_too_long() -> ConnectionBroke:
     return ConnectionBroke(f"answer headers over {MAX_HEAD_BYTES // 1024} KiB", answered=True)
 
@@ -445,7 +454,8 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
         self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        self.current.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = _COMMON_NAMES.get(name) or name.decode("latin-1").lower()
+        self.current.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         assert self.current is not None
