@@ -11,6 +11,7 @@ Each front door renders it in its own protocol (``server/responses.py`` for Open
     ├── StartupError                   (start-up only: a managed node or the ledger won't start)
     ├── InvalidRequest                 400 invalid_request_error
     │   ├── PayloadTooLarge            413
+    │   ├── PiiDetected                      code=pii_detected (personal data, action block)
     │   └── ModelNotFound              404   code=model_not_found
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
     ├── PermissionDenied               403 permission_error       code=permission_denied
@@ -84,6 +85,13 @@ class InvalidRequest(SpillwayError):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     default_code = "payload_too_large"
+
+
+class PiiDetected(InvalidRequest):
+    """The request holds personal data and the key's ``pii`` action is ``block``. The message
+    names the kinds and counts found, never the values."""
+
+    default_code = "pii_detected"
 
 
 class ModelNotFound(InvalidRequest):

@@ -27,6 +27,7 @@ LAYERS = {
     "spillway.ids": 0,
     "spillway.quota": 0,
     "spillway.wire": 1,
+    "spillway.pii": 1,
     "spillway.nodes": 2,
     "spillway.resilience": 2,
     "spillway.state": 2,

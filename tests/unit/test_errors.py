@@ -14,6 +14,7 @@ from spillway.errors import (
     NoEligibleNode,
     PayloadTooLarge,
     PermissionDenied,
+    PiiDetected,
     QueueFull,
     RateLimitExceeded,
     SpillwayError,
@@ -46,6 +47,7 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     PermissionDenied: (lambda: PermissionDenied("x"), 403, "permission_error"),
     QueueFull: (lambda: QueueFull("x", retry_after_s=2), 429, "rate_limit_error"),
     InsufficientQuota: (lambda: InsufficientQuota("x"), 429, "insufficient_quota"),
+    PiiDetected: (lambda: PiiDetected("x"), 400, "invalid_request_error"),
     RateLimitExceeded: (
         lambda: RateLimitExceeded("x", kind="tokens", quota=QUOTA, retry_after_s=3),
         429,

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from spillway.config.headers import check_header_name, check_header_value
+from spillway.config.privacy import CorsConfig, PiiAction, PiiConfig
 from spillway.config.proxies import NO_PROXY, masked_password, parse_proxy_url
 from spillway.config.state import LimitsConfig, StateConfig
 from spillway.config.urls import LEDGER_SCHEMES, PG_SCHEMES, REDIS_SCHEMES, check_scheme
@@ -438,6 +439,8 @@ class KeyConfig(_Frozen):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_parallel: int | None = Field(default=None, ge=1)
+    #: this key's personal-data action, instead of ``[pii] action``
+    pii: PiiAction | None = None
 
     @field_validator("key")
     @classmethod
@@ -467,6 +470,7 @@ class ServerConfig(_Frozen):
     #: the most client connections one process keeps open; None: from ``ulimit -n``
     max_connections: int | None = Field(default=None, ge=1)
     access_log: bool = False
+    cors: CorsConfig = CorsConfig()
 
 
 class Config(_Frozen):
@@ -480,6 +484,7 @@ class Config(_Frozen):
     breaker: BreakerConfig = BreakerConfig()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
+    pii: PiiConfig = PiiConfig()
     models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]
     keys: tuple[KeyConfig, ...] = ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spillway.config.privacy import PiiAction
 from spillway.state.buckets import KeyLimits
 
 
@@ -16,6 +17,8 @@ class Principal:
     key_id: str = ""
     #: the key's rpm, tpm and max_parallel; None when it has none
     limits: KeyLimits | None = None
+    #: the key's personal-data action; None: ``[pii] action``
+    pii: PiiAction | None = None
 
 
 #: Who a request is when the gateway has no keys configured (open mode).

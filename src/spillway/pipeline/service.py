@@ -22,9 +22,11 @@ from spillway.cache.service import Hit, Probe, ResponseCache
 from spillway.clock import Clock
 from spillway.errors import InvalidRequest, SpillwayError
 from spillway.nodes.tokens import TokenCounter
+from spillway.pii.policy import PiiPolicy
 from spillway.pipeline.accounting import Accountant, Tally
 from spillway.pipeline.admission import Admission
 from spillway.pipeline.calls import Answer, Call, Inbound, Route, Stream
+from spillway.pipeline.privacy import Reach, screen
 from spillway.pipeline.sharing import Sharing
 from spillway.pipeline.streams import ReplayStream, UpstreamStream
 from spillway.routing.dispatch import Dispatcher, RequestContext
@@ -62,6 +64,7 @@ class Pipeline:
         redactor: Redactor,
         clock: Clock,
         settings: PipelineSettings,
+        pii: PiiPolicy,
     ):
         self.router = router
         self.dispatcher = dispatcher
@@ -71,6 +74,7 @@ class Pipeline:
         self._redactor = redactor
         self._clock = clock
         self._settings = settings
+        self._pii = pii
 
     async def chat(self, call: Call, inbound: Inbound[ChatRequest]) -> Answer | Stream:
         """A complete answer, or a committed stream the caller must close."""
@@ -90,9 +94,11 @@ class Pipeline:
         try:
             embed = await inbound()
             tally.asked_for(embed.model)
-            candidates = self._candidates(embed.model, call)
+            reach = screen(self._pii, call.principal, embed, tally.request_id)
+            candidates = self._candidates(embed.model, reach)
             rate = self._rate_now_or_later(call, embed, tally)
-            ctx = await self._key_checks(tally, embed, self._context(call, candidates), rate)
+            ctx = self._context(call, candidates, reach)
+            ctx = await self._key_checks(tally, embed, ctx, rate)
             answer = await self.dispatcher.complete(embed, ctx)
             self._note_reply(tally, answer.handle, embed, answer.reply.data)
             handle = answer.handle
@@ -118,13 +124,13 @@ class Pipeline:
 
     async def _chat(self, call: Call, chat: ChatRequest, tally: Tally) -> Answer | Stream:
         tally.asked_for(chat.model)
-        candidates = self._candidates(chat.model, call)
-        principal = call.principal
+        reach = screen(self._pii, call.principal, chat, tally.request_id)
+        candidates = self._candidates(chat.model, reach)
         rate = self._rate_now_or_later(call, chat, tally)
         probe = self.cache.probe(
-            chat.body, call.directives, principal.tenant, chat.model, principal.private_only
+            chat.body, call.directives, call.principal.tenant, chat.model, reach.private_only
         )
-        ctx = self._context(call, candidates)
+        ctx = self._context(call, candidates, reach)
         if probe.keys is None:
             return await self._upstream(chat, ctx, tally, None, ("bypass", probe.note), rate)
         return await self._cached_or_upstream(chat, ctx, tally, probe, rate)
@@ -280,16 +286,20 @@ class Pipeline:
 
         self.accountant.count_later(tally, count)
 
-    def _candidates(self, model: str, call: Call) -> list[NodeHandle]:
+    def _candidates(self, model: str, reach: Reach) -> list[NodeHandle]:
         """The nodes this request may use, worked out once (404 for an unknown model, 503
-        for a private_only key no private node serves)."""
-        return self.router.check_eligible(model, call.principal.private_only)
+        for a private_only request no private node serves)."""
+        return self.router.check_eligible(model, reach.private_only)
 
-    def _context(self, call: Call, candidates: list[NodeHandle]) -> RequestContext:
-        principal = call.principal
+    def _context(self, call: Call, candidates: list[NodeHandle], reach: Reach) -> RequestContext:
         deadline = self._clock.monotonic() + self._budget_s(call)
         return RequestContext(
-            call.request_id, principal.tenant, principal.private_only, deadline, tuple(candidates)
+            call.request_id,
+            call.principal.tenant,
+            reach.private_only,
+            deadline,
+            tuple(candidates),
+            cloud_request=reach.cloud_request,
         )
 
     def _budget_s(self, call: Call) -> float:

@@ -65,6 +65,14 @@ class RequestContext:
     candidates: tuple[NodeHandle, ...] | None = None
     #: the key's checks (rate limits, budget) to make in the first fleet slot claim
     key: KeyPart | None = None
+    #: what a cloud node gets instead of the request: its personal data masked (``[pii]``)
+    cloud_request: ChatRequest | EmbeddingsRequest | None = None
+
+    def request_for(self, handle: NodeHandle, request: Request) -> Request:
+        """The request as ``handle`` may see it."""
+        if self.cloud_request is None or handle.private:
+            return request
+        return self.cloud_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +125,7 @@ class Dispatcher:
 
     async def complete(self, request: Request, ctx: RequestContext) -> Answer:
         async def attempt(handle: NodeHandle, timeouts: Timeouts, slot: Slot) -> Answer:
-            body = body_for_node(request, handle.models[request.model])
+            body = body_for_node(ctx.request_for(handle, request), handle.models[request.model])
             try:
                 if isinstance(request, ChatRequest):
                     reply = await handle.node.chat(body, timeouts)
@@ -131,7 +139,7 @@ class Dispatcher:
 
     async def open_stream(self, request: ChatRequest, ctx: RequestContext) -> OpenStream:
         async def attempt(handle: NodeHandle, timeouts: Timeouts, slot: Slot) -> OpenStream:
-            body = body_for_node(request, handle.models[request.model])
+            body = body_for_node(ctx.request_for(handle, request), handle.models[request.model])
             started = self.clock.monotonic()
             events = handle.node.stream(body, timeouts)
             try:

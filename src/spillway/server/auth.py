@@ -52,7 +52,12 @@ def _principal(key: KeyConfig) -> Principal:
     digest = _digest(key.key.get_secret_value())
     limits = KeyLimits(key.rpm, key.tpm, key.max_parallel)
     return Principal(
-        key.tenant, key.private_only, key.admin, key_id_of(digest), limits if limits.any else None
+        key.tenant,
+        key.private_only,
+        key.admin,
+        key_id_of(digest),
+        limits if limits.any else None,
+        key.pii,
     )
 
 

@@ -26,6 +26,7 @@ from spillway.nodes.process_status import ProcessView, StatusFile
 from spillway.nodes.signals import MetricsSource, metrics_url
 from spillway.nodes.tokens import counter_for
 from spillway.nodes.transport import transport_for
+from spillway.pii.policy import policy_for
 from spillway.pipeline.accounting import Accountant
 from spillway.pipeline.admission import Admission
 from spillway.pipeline.service import Pipeline, PipelineSettings
@@ -126,7 +127,10 @@ async def build_gateway(
     )
     limiter = RateLimiter(clock, shared, leases, local_share=processes)
     admission = Admission(limiter, config.limits.output_reserve_tokens)
-    pipeline = Pipeline(router, dispatcher, cache, accountant, admission, redactor, clock, settings)
+    pii = policy_for(config.pii)
+    pipeline = Pipeline(
+        router, dispatcher, cache, accountant, admission, redactor, clock, settings, pii
+    )
     return Gateway(
         config=config,
         clock=clock,

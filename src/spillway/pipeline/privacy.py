@@ -1,0 +1,42 @@
+"""The personal-data step of a request: scan it once, before routing, and say where it may go.
+
+``[pii] action`` (or the key's ``pii``) decides: ``block`` refuses it here (400
+``pii_detected``), ``private_only`` keeps it on private nodes, ``mask`` hands the dispatcher a
+copy for cloud nodes with each finding replaced. Only the kinds and counts are logged, never a
+value.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from spillway.pii.policy import PiiPolicy, describe
+from spillway.pipeline.principal import Principal
+from spillway.wire.requests import ChatRequest, EmbeddingsRequest
+
+log = logging.getLogger("spillway.pii")
+
+Request = ChatRequest | EmbeddingsRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Where a request may go: private nodes only, and what a cloud node gets instead."""
+
+    private_only: bool
+    cloud_request: Request | None = None
+
+
+def screen(policy: PiiPolicy, principal: Principal, request: Request, request_id: str) -> Reach:
+    """Raises ``PiiDetected`` when the action is ``block`` and personal data is found."""
+    verdict = policy.check(request.body, principal.pii)
+    if verdict is None:
+        return Reach(principal.private_only)
+    log.info(
+        "request %s: personal data (%s): %s", request_id, describe(verdict.counts), verdict.action
+    )
+    if verdict.private_only:
+        return Reach(True)
+    assert verdict.cloud_body is not None  # mask
+    return Reach(principal.private_only, replace(request, body=verdict.cloud_body))
