@@ -17,14 +17,16 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import Literal
 
 #: full-width digits (U+FF10-U+FF19) as ASCII: one character for one, so spans carry over
 _FULL_WIDTH = {0xFF10 + i: ord("0") + i for i in range(10)}
 _HAS_FULL_WIDTH = re.compile("[\uff10-\uff19]")
 #: what may not touch a number on either side: more digits or ASCII letters mean it is a
 #: piece of something longer (Chinese text may touch it: 电话13812345678)
-_ALONE_BEFORE = r"(?<![0-9A-Za-z])"
-_ALONE_AFTER = r"(?![0-9A-Za-z])"
+#: A decimal point between digits joins them too: 0.13812345678 and 13812345678.5 are numbers.
+_ALONE_BEFORE = r"(?<![0-9A-Za-z])(?<![0-9]\.)"
+_ALONE_AFTER = r"(?![0-9A-Za-z])(?!\.[0-9])"
 
 #: the first two digits of a resident ID: the province-level region (GB/T 2260), with 71
 #: (Taiwan), 81 and 82 (Hong Kong, Macao) and 83 (residence permits for Taiwan residents)
@@ -41,7 +43,8 @@ _RESIDENT_ID = re.compile(
     _ALONE_BEFORE + r"(\d{6})[ -]?(\d{8})[ -]?(\d{3}[0-9Xx])" + _ALONE_AFTER, re.ASCII
 )
 _MOBILE = re.compile(
-    r"(?<![0-9A-Za-z+])(?:(?:\+|00)86[ -]?)?(1[3-9]\d)[ -]?(\d{4})[ -]?(\d{4})" + _ALONE_AFTER,
+    r"(?<![0-9A-Za-z+])(?<![0-9]\.)(?:(?:\+|00)86[ -]?)?(1[3-9]\d)[ -]?(\d{4})[ -]?(\d{4})"
+    + _ALONE_AFTER,
     re.ASCII,
 )
 _CARD = re.compile(
@@ -70,6 +73,9 @@ class Detector:
     pattern: re.Pattern[str]
     #: True if a match really is this kind (its check digit, date, prefix); None: any match
     check: Callable[[re.Match[str]], bool] | None = None
+    #: where it looks: "number" only inside runs of 11 or more digits (``_NUMBER_RUN``),
+    #: "at" only in text with an @, "text" everywhere (custom patterns)
+    scope: Literal["number", "at", "text"] = "text"
 
 
 def _valid_resident_id(match: re.Match[str]) -> bool:
@@ -89,7 +95,19 @@ def _valid_resident_id(match: re.Match[str]) -> bool:
 
 def _valid_card(match: re.Match[str]) -> bool:
     digits = re.sub(r"[ -]", "", match.group())
+    if len(digits) == 18 and _id_shaped(digits):
+        return False  # an ID number with a wrong check digit, not a card
     return 16 <= len(digits) <= 19 and _issued_prefix(digits) and _luhn(digits)
+
+
+def _id_shaped(digits: str) -> bool:
+    """A province, then a birth year and month where an ID has them: issuers do not use
+    18 digits (UnionPay cards have 16 to 19, nearly all 16 or 19)."""
+    return (
+        digits[:2] in _PROVINCES
+        and digits[6:8] in ("18", "19", "20")
+        and 1 <= int(digits[10:12]) <= 12
+    )
 
 
 def _issued_prefix(digits: str) -> bool:
@@ -118,10 +136,10 @@ def _luhn(digits: str) -> bool:
 
 #: The built-in kinds, in the order they claim text.
 BUILT_IN: tuple[Detector, ...] = (
-    Detector("resident_id", _RESIDENT_ID, _valid_resident_id),
-    Detector("bank_card", _CARD, _valid_card),
-    Detector("mobile", _MOBILE),
-    Detector("email", _EMAIL),
+    Detector("resident_id", _RESIDENT_ID, _valid_resident_id, "number"),
+    Detector("bank_card", _CARD, _valid_card, "number"),
+    Detector("mobile", _MOBILE, None, "number"),
+    Detector("email", _EMAIL, None, "at"),
 )
 KINDS = tuple(d.kind for d in BUILT_IN)
 
@@ -132,13 +150,19 @@ def custom_detector(kind: str, pattern: str) -> Detector:
 
 
 class Scanner:
-    """Finds personal data with a fixed set of detectors."""
+    """Finds personal data with a fixed set of detectors.
+
+    Prose is mostly free of it, and a regular expression with a look-behind costs as much
+    at every position of the text as it does at a match: four of them cost 90 µs per KB. So
+    one pass finds the runs of eleven or more digits (grouped or not) that every number kind
+    needs, and the number detectors look only there (with the characters around each run in
+    view for their boundary checks); e-mail is looked for only in text with an @.
+    """
 
     def __init__(self, detectors: Sequence[Detector] = BUILT_IN):
         self._detectors = tuple(detectors)
-        # Most text holds none: one cheap look for anything any built-in kind needs (a run
-        # of 11 digits, however grouped, or an @) skips the rest. Custom patterns always run.
-        self._custom = any(d not in BUILT_IN for d in detectors)
+        self._numbers = tuple(d for d in detectors if d.scope == "number")
+        self._others = tuple(d for d in detectors if d.scope != "number")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -146,23 +170,37 @@ class Scanner:
 
     def find(self, text: str) -> list[Finding]:
         """The findings in ``text``, in order, none overlapping another."""
-        if not self._custom and not _MAY_HOLD_ANY.search(text):
-            return []
         plain = text.translate(_FULL_WIDTH) if _HAS_FULL_WIDTH.search(text) else text
         found: list[Finding] = []
-        for detector in self._detectors:
-            for match in detector.pattern.finditer(plain):
-                if detector.check is not None and not detector.check(match):
-                    continue
-                start, end = match.span()
-                if not any(f.start < end and start < f.end for f in found):
-                    found.append(Finding(detector.kind, start, end))
+        if self._numbers:
+            for run in _NUMBER_RUN.finditer(plain):
+                # One character before the run (a mobile's +), three after it (an ID's X and
+                # the look-aheads' two).
+                start, end = max(0, run.start() - 1), min(len(plain), run.end() + 3)
+                for detector in self._numbers:
+                    _claim(found, detector, detector.pattern.finditer(plain, start, end))
+        for detector in self._others:
+            if detector.scope == "at" and "@" not in plain:
+                continue
+            _claim(found, detector, detector.pattern.finditer(plain))
         found.sort(key=lambda f: f.start)
         return found
 
 
-#: a digit run long enough for a mobile number (11 digits, grouped or not), or an @
-_MAY_HOLD_ANY = re.compile("@|[0-9\uff10-\uff19](?:[ -]?[0-9\uff10-\uff19]){10}")
+def _claim(found: list[Finding], detector: Detector, matches: Iterable[re.Match[str]]) -> None:
+    """Add the matches that pass the detector's check and overlap nothing found before."""
+    for match in matches:
+        if detector.check is not None and not detector.check(match):
+            continue
+        start, end = match.span()
+        if not any(f.start < end and start < f.end for f in found):
+            found.append(Finding(detector.kind, start, end))
+
+
+#: where a number kind can be: a digit, then ten or more digits, spaces or dashes. Looser
+#: than any kind (cheaper to look for: 5 µs per KB, where an exact "eleven digits, grouped"
+#: costs 12); the look-behinds of the detectors still see what precedes a run.
+_NUMBER_RUN = re.compile(r"[0-9][0-9 -]{10,}", re.ASCII)
 
 
 def mask(text: str, findings: Iterable[Finding]) -> str:
