@@ -11,6 +11,7 @@ from aiohttp import web
 
 from spillway.clock import Clock, SystemClock
 from spillway.config.schema import Config
+from spillway.server.cors import CORS, Cors
 from spillway.server.middleware import gateway_middleware
 from spillway.server.routes import admin, chat, info
 from spillway.server.state import gateway_context
@@ -30,6 +31,9 @@ def build_app(
         client_max_size=config.server.max_body_bytes,
         middlewares=[gateway_middleware],
     )
+    cors = app[CORS] = Cors(config.server.cors)
+    if cors.enabled:
+        app.on_response_prepare.append(cors.grant)
     context = gateway_context(config, clock or SystemClock(), supervised, processes)
     app.cleanup_ctx.append(context)
     app.router.add_post("/v1/chat/completions", chat.chat_completions)

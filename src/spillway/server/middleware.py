@@ -15,6 +15,7 @@ from spillway.errors import (
     SpillwayError,
 )
 from spillway.pipeline.principal import Principal
+from spillway.server.cors import CORS
 from spillway.server.responses import error_response
 from spillway.server.state import GATEWAY
 
@@ -54,8 +55,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_ID] = rid
     request[CLIENT_ID] = rid == supplied
     try:
-        _authenticate(request)
-        response = await handler(request)
+        cors = request.app[CORS]
+        if cors.is_preflight(request):  # sent without the key, by the browser itself
+            response: web.StreamResponse = cors.preflight(request)
+        else:
+            _authenticate(request)
+            response = await handler(request)
     except SpillwayError as exc:
         response = error_response(exc, request.app[GATEWAY].redactor)
     except web.HTTPException as exc:
