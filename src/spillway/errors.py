@@ -98,6 +98,16 @@ class ModelNotFound(InvalidRequest):
     status = 404
     default_code = "model_not_found"
 
+    @classmethod
+    def named(cls, model: str) -> ModelNotFound:
+        """The one answer for a model that is not there, or that the key may not see: the
+        two are the same to the caller, so a key learns nothing of models beyond its own."""
+        return cls(
+            f"The model '{model}' does not exist on this gateway. "
+            "GET /v1/models lists the models you can use.",
+            param="model",
+        )
+
 
 class AuthenticationFailed(SpillwayError):
     status = 401

@@ -441,6 +441,8 @@ class KeyConfig(_Frozen):
     max_parallel: int | None = Field(default=None, ge=1)
     #: this key's personal-data action, instead of ``[pii] action``
     pii: PiiAction | None = None
+    #: the public models this key may use (and see in /v1/models); None: all of them
+    models: tuple[str, ...] | None = None
 
     @field_validator("key")
     @classmethod
@@ -516,6 +518,10 @@ class Config(_Frozen):
         for name in self.models:
             if name not in served:
                 raise ValueError(f"models.{name}: no node serves this model")
+        for i, key in enumerate(self.keys):
+            for name in key.models or ():
+                if name not in served:
+                    raise ValueError(f"keys.{i}.models: no node serves the model '{name}'")
         embedder = self.cache.embedder
         if embedder != "local" and embedder not in self.nodes:
             raise ValueError(f"cache.embedder: no node named '{embedder}' (or use 'local')")

@@ -19,6 +19,11 @@ class Principal:
     limits: KeyLimits | None = None
     #: the key's personal-data action; None: ``[pii] action``
     pii: PiiAction | None = None
+    #: the public models the key may use; None: every one
+    models: frozenset[str] | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 #: Who a request is when the gateway has no keys configured (open mode).

@@ -20,7 +20,7 @@ from spillway.cache.answers import CachedAnswer, from_reply, replay_body, replay
 from spillway.cache.merging import wait_for_leader
 from spillway.cache.service import Hit, Probe, ResponseCache
 from spillway.clock import Clock
-from spillway.errors import InvalidRequest, SpillwayError
+from spillway.errors import InvalidRequest, ModelNotFound, SpillwayError
 from spillway.nodes.tokens import TokenCounter
 from spillway.pii.policy import PiiPolicy
 from spillway.pipeline.accounting import Accountant, Tally
@@ -95,7 +95,7 @@ class Pipeline:
             embed = await inbound()
             tally.asked_for(embed.model)
             reach = screen(self._pii, call.principal, embed, tally.request_id)
-            candidates = self._candidates(embed.model, reach)
+            candidates = self._candidates(embed.model, call, reach)
             rate = self._rate_now_or_later(call, embed, tally)
             ctx = self._context(call, candidates, reach)
             ctx = await self._key_checks(tally, embed, ctx, rate)
@@ -125,7 +125,7 @@ class Pipeline:
     async def _chat(self, call: Call, chat: ChatRequest, tally: Tally) -> Answer | Stream:
         tally.asked_for(chat.model)
         reach = screen(self._pii, call.principal, chat, tally.request_id)
-        candidates = self._candidates(chat.model, reach)
+        candidates = self._candidates(chat.model, call, reach)
         rate = self._rate_now_or_later(call, chat, tally)
         probe = self.cache.probe(
             chat.body, call.directives, call.principal.tenant, chat.model, reach.private_only
@@ -286,9 +286,11 @@ class Pipeline:
 
         self.accountant.count_later(tally, count)
 
-    def _candidates(self, model: str, reach: Reach) -> list[NodeHandle]:
-        """The nodes this request may use, worked out once (404 for an unknown model, 503
-        for a private_only request no private node serves)."""
+    def _candidates(self, model: str, call: Call, reach: Reach) -> list[NodeHandle]:
+        """The nodes this request may use, worked out once (404 for an unknown model or one
+        the key may not use, 503 for a private_only request no private node serves)."""
+        if not call.principal.may_use(model):
+            raise ModelNotFound.named(model)
         return self.router.check_eligible(model, reach.private_only)
 
     def _context(self, call: Call, candidates: list[NodeHandle], reach: Reach) -> RequestContext:

@@ -165,11 +165,7 @@ class Router:
     def serving(self, model: str) -> list[NodeHandle]:
         handles = self._by_model.get(model)
         if not handles:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist on this gateway. "
-                "GET /v1/models lists the models you can use.",
-                param="model",
-            )
+            raise ModelNotFound.named(model)
         return handles
 
     def eligible(self, model: str, private_only: bool) -> list[NodeHandle]:

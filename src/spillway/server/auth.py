@@ -58,6 +58,7 @@ def _principal(key: KeyConfig) -> Principal:
         key_id_of(digest),
         limits if limits.any else None,
         key.pii,
+        frozenset(key.models) if key.models is not None else None,
     )
 
 

@@ -7,14 +7,17 @@ import time
 import orjson
 from aiohttp import web
 
+from spillway.errors import ModelNotFound
+from spillway.server.middleware import principal_of
 from spillway.server.state import GATEWAY
 
 _STARTED = int(time.time())
 
 
 async def list_models(request: web.Request) -> web.Response:
+    principal = principal_of(request)
     models = request.app[GATEWAY].router.models()
-    data = [_model(m) for m in models]
+    data = [_model(m) for m in models if principal.may_use(m)]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
     )
@@ -22,6 +25,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
+    if not principal_of(request).may_use(model):
+        raise ModelNotFound.named(model)
     request.app[GATEWAY].router.serving(model)  # 404 in the OpenAI envelope if unknown
     return web.Response(body=orjson.dumps(_model(model)), content_type="application/json")
 
