@@ -14,6 +14,7 @@ from aiohttp import web
 from spillway.config.load import validate
 from spillway.config.schema import Config
 from spillway.server.app import build_app
+from spillway.server.listener import AccessLog
 from spillway.server.state import GATEWAY, Gateway
 
 
@@ -56,7 +57,8 @@ async def running_gateway(raw: dict[str, Any]) -> AsyncIterator[RunningGateway]:
 async def _serve(config: Config, processes: int = 1) -> AsyncIterator[RunningGateway]:
     """``processes``: as if that many workers shared the port (each enforcing its share)."""
     app = build_app(config, processes=processes)
-    runner = web.AppRunner(app, handler_cancellation=True)
+    # The access log as `spillway serve` writes it with [server] access_log on.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLog)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

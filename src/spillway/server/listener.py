@@ -23,7 +23,10 @@ from typing import cast
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from spillway.config.schema import ServerConfig
 from spillway.errors import TooManyConnections
@@ -34,6 +37,8 @@ log = logging.getLogger("spillway.server")
 
 #: How long in-flight requests get to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE_S = 30.0
+#: the most characters of a path or User-Agent an access-log line repeats
+MAX_LOGGED_PATH = 200
 #: Descriptors a process keeps open besides client and node connections: the ledger (SQLite,
 #: its WAL and shared memory), log files, the cache's store and index, model files, pipes to
 #: managed nodes, the listening socket, the event loop's own.
@@ -67,6 +72,26 @@ def open_file_limit() -> int:
     return soft
 
 
+class AccessLog(AbstractAccessLogger):
+    """One line per request for ``[server] access_log``, like aiohttp's own but without the
+    query string, which may carry a key (``?api_key=…``, as some clients send it), and
+    without the Referer, which may carry a page's. The path is logged as sent, still
+    percent-encoded, so it cannot break a log line."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        path = request.raw_path.partition("?")[0][:MAX_LOGGED_PATH]
+        agent = request.headers.get("User-Agent", "-")[:MAX_LOGGED_PATH]
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s"',
+            request.remote, request.method, path, *request.version, response.status,
+            response.body_length, time, agent,
+        )  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
 async def start(
     app: web.Application,
     server: ServerConfig,
@@ -81,6 +106,7 @@ async def start(
         app,
         handle_signals=handle_signals,
         access_log=access_log,
+        access_log_class=AccessLog,
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         shutdown_timeout=SHUTDOWN_GRACE_S,
         keepalive_timeout=server.keepalive_timeout_s,
