@@ -28,15 +28,19 @@ class Reach:
     cloud_request: Request | None = None
 
 
+#: the two answers nearly every request gets, made once
+_PRIVATE, _ANYWHERE = Reach(True), Reach(False)
+
+
 def screen(policy: PiiPolicy, principal: Principal, request: Request, request_id: str) -> Reach:
     """Raises ``PiiDetected`` when the action is ``block`` and personal data is found."""
     verdict = policy.check(request.body, principal.pii)
     if verdict is None:
-        return Reach(principal.private_only)
+        return _PRIVATE if principal.private_only else _ANYWHERE
     log.info(
         "request %s: personal data (%s): %s", request_id, describe(verdict.counts), verdict.action
     )
     if verdict.private_only:
-        return Reach(True)
+        return _PRIVATE
     assert verdict.cloud_body is not None  # mask
     return Reach(principal.private_only, replace(request, body=verdict.cloud_body))
