@@ -20,14 +20,34 @@ MASK = "***"
 #: A node header value shorter than this is not scrubbed: it cannot be a credential worth
 #: the name ("1", "true"), and masking it everywhere would garble every log line.
 MIN_HEADER_SECRET = 8
-#: Looks like a provider key even when we were never told it (an upstream echoing its own).
-_KEY_SHAPES = re.compile(r"\b(sk|pk|rk|hs)-[A-Za-z0-9_\-]{12,}\b")
+#: Looks like a provider key even when we were never told it (an upstream echoing its own),
+#: in any case, and also half masked as providers quote it ("sk-proj-****abcd").
+_KEY_SHAPES = re.compile(r"\b(sk|pk|rk|hs)-[A-Za-z0-9_\-*]{12,}", re.IGNORECASE)
+#: A secret at least this long is a credential whose pieces give it away too: a token that
+#: holds its first FRAGMENT_HEAD or last FRAGMENT_TAIL characters is masked as well, so an
+#: upstream that echoes its key cut, spaced or partly starred does not leak it.
+MIN_FRAGMENTED = 20
+FRAGMENT_HEAD, FRAGMENT_TAIL = 10, 6
+#: what a key-like token around a fragment is made of ("=" only after it: base64 padding,
+#: never the "key=" in front of it)
+_BEFORE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-*.+/")
+_AFTER = _BEFORE | {"="}
+MAX_TOKEN = 256
 
 
 class Redactor:
+    """Masks every configured secret, in any case, and the head or tail of a long one.
+
+    Lower-cased substring search (``in``, in C) finds them: a regular expression over a few
+    hundred keys and their pieces cost milliseconds per KB, and this runs on every log line.
+    """
+
     def __init__(self, secrets: Iterable[str]):
-        # Longest first, so a key that contains another is masked whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        unique = sorted({s for s in secrets if s}, key=len, reverse=True)
+        #: (lower-cased needle, whether it is a piece to widen to its whole token), longest
+        #: first, so a key that contains another is masked whole
+        self._needles = [(secret.lower(), False) for secret in unique]
+        self._needles += [(piece.lower(), True) for s in unique for piece in _fragments(s)]
 
     @classmethod
     def for_config(cls, config: Config) -> Redactor:
@@ -44,10 +64,32 @@ class Redactor:
         return cls(secrets)
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
+        lowered = text.lower()
+        if any(needle in lowered for needle, _ in self._needles):
+            text = self._mask(text, lowered)
         return _KEY_SHAPES.sub(MASK, text)
+
+    def _mask(self, text: str, lowered: str) -> str:
+        if len(lowered) != len(text):  # lower() changed a length (a rare letter such as İ)
+            lowered = "".join(c.lower()[:1] or " " for c in text)
+        spans: list[tuple[int, int]] = []
+        for needle, piece in self._needles:
+            start = lowered.find(needle)
+            while start != -1:
+                end = start + len(needle)
+                spans.append(_widened(text, start, end) if piece else (start, end))
+                start = lowered.find(needle, end)
+        merged: list[list[int]] = []
+        for start, end in sorted(spans):
+            if merged and start < merged[-1][1]:  # overlaps the last: one mask for both
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        out, at = [], 0
+        for start, end in merged:
+            out += [text[at:start], MASK]
+            at = end
+        return "".join(out) + text[at:]
 
     def excerpt(self, text: str, limit: int, mark: str = "") -> str:
         """At most ``limit`` characters of ``text`` fit to show, ``mark`` added if it was cut.
@@ -55,6 +97,26 @@ class Redactor:
         recognised, and its first half would go out."""
         text = self.scrub(text)
         return text if len(text) <= limit else text[:limit] + mark
+
+
+def _widened(text: str, start: int, end: int) -> tuple[int, int]:
+    """The whole token around ``text[start:end]``, up to MAX_TOKEN characters each way (a
+    key is shorter; a longer run is not a key, and walking it would cost)."""
+    low, high = max(0, start - MAX_TOKEN), min(len(text), end + MAX_TOKEN)
+    while start > low and text[start - 1] in _BEFORE:
+        start -= 1
+    while end < high and text[end] in _AFTER:
+        end += 1
+    return start, end
+
+
+def _fragments(secret: str) -> list[str]:
+    """The head and tail of a long secret, where each is distinctive enough (at least four
+    different characters) not to match ordinary text such as a run of zeros."""
+    if len(secret) < MIN_FRAGMENTED:
+        return []
+    pieces = (secret[:FRAGMENT_HEAD], secret[-FRAGMENT_TAIL:])
+    return [piece for piece in pieces if len(set(piece.lower())) >= 4]
 
 
 def node_secrets(node: NodeConfig) -> list[str]:

@@ -97,3 +97,36 @@ def test_filter_scrubs_exception_text(redacted_caplog: pytest.LogCaptureFixture)
         logging.getLogger("spillway.test").exception("failed")
     assert "RuntimeError: refused ***" in redacted_caplog.text
     assert SHORT not in redacted_caplog.text
+
+
+NODE_KEY = "sk-live-node-key-8e2f10c4"
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        NODE_KEY.upper(),  # in another case
+        NODE_KEY[:12] + "****" + NODE_KEY[-6:],  # half starred, as providers quote keys
+        NODE_KEY[:10] + " " + NODE_KEY[10:],  # split
+        NODE_KEY[:-3],  # cut short
+    ],
+)
+def test_a_long_secret_is_masked_however_it_is_echoed(echoed: str) -> None:
+    scrubbed = Redactor([NODE_KEY]).scrub(f"upstream said: bad key {echoed}.")
+    assert scrubbed.startswith("upstream said: bad key ***")
+    for piece in (NODE_KEY[:10], NODE_KEY[-6:], "live-node"):
+        assert piece.lower() not in scrubbed.lower()
+
+
+def test_masking_pieces_leaves_ordinary_text_and_short_secrets_alone() -> None:
+    redactor = Redactor([NODE_KEY, "pin-1234"])
+    text = "request 0661f33c: node 'cloud' took 2.5 s; 000000 and key=value"
+    assert redactor.scrub(text) == text
+    assert redactor.scrub("pin-1234 and pin-12") == f"{MASK} and pin-12"  # no pieces of short ones
+    assert redactor.scrub(f"key={NODE_KEY};") == f"key={MASK};"
+
+
+def test_a_piece_inside_a_huge_token_is_masked_without_walking_all_of_it() -> None:
+    text = "a" * 100_000 + NODE_KEY[-6:] + "b" * 100_000
+    scrubbed = Redactor([NODE_KEY]).scrub(text)
+    assert NODE_KEY[-6:] not in scrubbed and len(scrubbed) > 199_000

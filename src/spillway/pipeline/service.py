@@ -93,7 +93,7 @@ class Pipeline:
         tally = self._open(call)
         try:
             embed = await inbound()
-            tally.asked_for(embed.model)
+            self._asked_for(tally, embed.model)
             reach = screen(self._pii, call.principal, embed, tally.request_id)
             candidates = self._candidates(embed.model, call, reach)
             rate = self._rate_now_or_later(call, embed, tally)
@@ -123,7 +123,7 @@ class Pipeline:
         self.accountant.close(tally)
 
     async def _chat(self, call: Call, chat: ChatRequest, tally: Tally) -> Answer | Stream:
-        tally.asked_for(chat.model)
+        self._asked_for(tally, chat.model)
         reach = screen(self._pii, call.principal, chat, tally.request_id)
         candidates = self._candidates(chat.model, call, reach)
         rate = self._rate_now_or_later(call, chat, tally)
@@ -285,6 +285,11 @@ class Pipeline:
             return Usage(prompt, counter.completion_tokens(reply_text(data)))
 
         self.accountant.count_later(tally, count)
+
+    def _asked_for(self, tally: Tally, model: str) -> None:
+        """The model as the ledger keeps it: one the gateway serves as it is, any other
+        scrubbed of secrets first (a key pasted into the model field must not be stored)."""
+        tally.asked_for(model if self.router.knows(model) else self._redactor.scrub(model))
 
     def _candidates(self, model: str, call: Call, reach: Reach) -> list[NodeHandle]:
         """The nodes this request may use, worked out once (404 for an unknown model or one

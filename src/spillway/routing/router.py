@@ -162,6 +162,9 @@ class Router:
     def models(self) -> list[str]:
         return list(self._by_model)
 
+    def knows(self, model: str) -> bool:
+        return model in self._by_model
+
     def serving(self, model: str) -> list[NodeHandle]:
         handles = self._by_model.get(model)
         if not handles:
