@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -249,3 +251,14 @@ def _abort(request: web.Request) -> None:
 def closed_port() -> int:
     """A loopback port with nothing listening (connection refused)."""
     return free_loopback_port()  # bound for a moment, then released
+
+
+@asynccontextmanager
+async def fake_nodes(*names: str) -> AsyncIterator[dict[str, FakeUpstream]]:
+    """Started fake nodes by name, stopped at the end."""
+    ups = {name: await FakeUpstream(name).start() for name in names}
+    try:
+        yield ups
+    finally:
+        for up in ups.values():
+            await up.stop()

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.fakes.gateway import RunningGateway, node, running_gateway
-from tests.fakes.upstream import FakeUpstream, Script
+from tests.fakes.upstream import FakeUpstream, Script, fake_nodes
 
 PHONE = "138-1234-5678"
 ID_NUMBER = "11010519491231002X"
@@ -23,10 +23,8 @@ both_modes = pytest.mark.parametrize("stream", [False, True], ids=["plain", "str
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[dict[str, FakeUpstream]]:
-    ups = {name: await FakeUpstream(name).start() for name in ("a", "cloud")}
-    yield ups
-    for up in ups.values():
-        await up.stop()
+    async with fake_nodes(*("a", "cloud")) as ups:
+        yield ups
 
 
 @pytest.fixture

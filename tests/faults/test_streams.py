@@ -13,16 +13,14 @@ import orjson
 import pytest
 
 from tests.fakes.gateway import RunningGateway, node, running_gateway
-from tests.fakes.upstream import FakeUpstream, Script
+from tests.fakes.upstream import FakeUpstream, Script, fake_nodes
 from tests.faults.test_failover import FAST, MESSAGES, ask, both_modes
 
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[dict[str, FakeUpstream]]:
-    ups = {name: await FakeUpstream(name).start() for name in ("a", "b")}
-    yield ups
-    for up in ups.values():
-        await up.stop()
+    async with fake_nodes(*("a", "b")) as ups:
+        yield ups
 
 
 @pytest.fixture
