@@ -3,6 +3,8 @@ that send what a broken or hostile node sends."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -129,3 +131,18 @@ async def test_an_answer_still_arriving_at_total_s_is_a_timeout() -> None:
         await node.aclose()
     assert caught.value.detail == "no complete answer within 0.3 s"
     assert caught.value.may_fall_back
+
+
+async def test_a_connect_timeout_names_the_limit_that_applied() -> None:
+    """A deadline shorter than connect_s (x-spillway-timeout) bounds the connect: the error
+    named connect_s (3 s) though the wait was 0.2 s."""
+    head = f"HTTP/1.1 200 OK\r\n{JSON}Content-Length: 100000\r\n\r\n"
+    async with raw_node(endless(head, total=64 * 1024)) as raw:
+        node = HttpNode("n", raw.base_url, None, 1, max_response_bytes=64 * MiB)
+        first = asyncio.create_task(node.chat(b"{}", Timeouts()))  # holds the one connection
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamTimeout) as caught:
+            await node.chat(b"{}", Timeouts(connect_s=3.0, total_s=0.2))
+        first.cancel()
+        await node.aclose()
+    assert caught.value.detail == "no connection within 0.2 s"

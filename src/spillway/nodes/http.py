@@ -121,10 +121,11 @@ class HttpNode:
         """Status, headers and the whole body; ``total_s`` covers connecting, sending and
         reading it all (the connection within ``connect_s`` of it)."""
         deadline = self._pool.loop.time() + total_s
+        connect_s = min(connect_s, total_s)  # the error then names the limit that applied
         try:
             resp = await self._pool.request(
-                method, path, body, connect_timeout_s=min(connect_s, total_s),
-                deadline=deadline, max_body=max_body,
+                method, path, body, connect_timeout_s=connect_s, deadline=deadline,
+                max_body=max_body,
             )  # fmt: skip
             return resp, await resp.read()
         except Exception as exc:
