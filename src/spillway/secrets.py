@@ -44,6 +44,7 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str]):
         unique = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = unique
         #: (lower-cased needle, whether it is a piece to widen to its whole token), longest
         #: first, so a key that contains another is masked whole
         self._needles = [(secret.lower(), False) for secret in unique]
@@ -64,6 +65,11 @@ class Redactor:
         return cls(secrets)
 
     def scrub(self, text: str) -> str:
+        # Exactly as configured first: lower-casing is not always one character for one
+        # (İ, a final Σ), so the search below may miss what this pass cannot.
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
         lowered = text.lower()
         if any(needle in lowered for needle, _ in self._needles):
             text = self._mask(text, lowered)

@@ -119,3 +119,18 @@ async def test_an_embedder_outage_costs_hits_not_requests(
     assert during == ["hit-exact", "miss"]
     assert failing >= 1
     assert after == "hit-semantic"  # back: matched against the entry stored before the outage
+
+
+async def test_prompts_with_personal_data_never_reach_a_cloud_embedder(
+    ups: dict[str, FakeUpstream], tmp_path: Path
+) -> None:
+    """With ``[pii] action = "mask"`` the cache sees the original prompt: a cloud embedder
+    must not (the attack-pass review found it did)."""
+    settings = {**config(ups, tmp_path, "cloud"), "pii": {"action": "mask"}}
+    async with running_gateway(settings) as gw:
+        personal = await status(gw, KEY_A, "call me on 13812345678")
+        embedded = ups["emb"].calls
+        ordinary = await status(gw, KEY_A, "hello there")
+    assert personal == "miss" and embedded == 0
+    assert ordinary == "miss" and ups["emb"].calls >= 1  # ordinary prompts still embedded
+    assert all("13812345678" not in str(r.body) for r in ups["emb"].received)

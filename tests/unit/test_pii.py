@@ -85,33 +85,31 @@ def test_custom_patterns_find_what_the_operator_names() -> None:
     assert [f.kind for f in found] == ["employee_id", "mobile"]
 
 
-def test_the_scan_walks_nested_text_skips_names_and_data_and_leaves_the_original() -> None:
+def test_the_scan_walks_keys_numbers_and_nested_text_skips_data_and_leaves_the_original() -> None:
+    blob = "QUJD" * 100 + "13812345678"  # base64 of an image: encoded data, not words
     body: dict[str, Any] = {
-        "model": "13812345678",  # a name, not text
+        "model": "m",
         "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "call 13812345678"},
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": "data:image/png;base64,13812345678"},
-                    },
-                ],
-            },
-            {"role": "tool", "tool_call_id": "13812345678", "content": "a@example.com"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "call 13812345678"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,13812345678"}},
+                {"type": "input_audio", "input_audio": {"data": blob, "format": "wav"}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a@example.com"},
         ],
-    }
+        "metadata": {"13912345678": "a key", "phone": 13712345678, "data": "b@example.com"},
+    }  # fmt: skip
     original = json.dumps(body)
     scan = scan_body(body, SCANNER, want_masked=True)
-    assert scan.counts == {"mobile": 1, "email": 1}
+    assert scan.counts == {"mobile": 3, "email": 2}
     assert json.dumps(body) == original
     assert scan.masked is not None
     parts = scan.masked["messages"][0]["content"]
     assert parts[0]["text"] == "call [MOBILE]"
     assert parts[1] is body["messages"][0]["content"][1]  # untouched parts are shared
+    assert parts[2]["input_audio"]["data"] == blob
     assert scan.masked["messages"][1]["content"] == "[EMAIL]"
-    assert scan.masked["model"] == "13812345678"
+    assert scan.masked["metadata"] == {"[MOBILE]": "a key", "phone": "[MOBILE]", "data": "[EMAIL]"}
 
 
 def test_block_names_kinds_and_counts_never_values() -> None:
@@ -145,6 +143,9 @@ def test_config_refuses_bad_custom_patterns_and_origins() -> None:
         CorsConfig(allow_origins=("https://app.example.com/x",))
     cors = CorsConfig(allow_origins=("https://App.Example.com/", "http://localhost:5173"))
     assert cors.allow_origins == ("https://app.example.com", "http://localhost:5173")
+    # as browsers send them: IPv6 bracketed, a default port left out
+    cors = CorsConfig(allow_origins=("http://[::1]:8080", "https://a.example.com:443"))
+    assert cors.allow_origins == ("http://[::1]:8080", "https://a.example.com")
 
 
 def test_the_evaluation_set_meets_the_targets() -> None:

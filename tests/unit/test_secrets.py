@@ -130,3 +130,14 @@ def test_a_piece_inside_a_huge_token_is_masked_without_walking_all_of_it() -> No
     text = "a" * 100_000 + NODE_KEY[-6:] + "b" * 100_000
     scrubbed = Redactor([NODE_KEY]).scrub(text)
     assert NODE_KEY[-6:] not in scrubbed and len(scrubbed) > 199_000
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        ("pässİword-12345678", "key is pässİword-12345678 ok"),  # İ lowers to two characters
+        ("ΠΑΣΣΩΡΔΣ", "x ΠΑΣΣΩΡΔΣΑ y"),  # a final sigma lowers by its context
+    ],
+)
+def test_a_secret_whose_letters_lower_unevenly_is_still_masked(secret: str, text: str) -> None:
+    assert secret not in Redactor([secret]).scrub(text)

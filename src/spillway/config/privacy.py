@@ -83,5 +83,8 @@ def _origin(text: str) -> str:
         raise ValueError(f"{text!r} is not an origin such as https://app.example.com")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ValueError(f"{text!r}: an origin is scheme://host[:port], with no path")
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{parts.hostname.lower()}{port}"
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host  # IPv6, bracketed as browsers send it
+    default = {"http": 80, "https": 443}[parts.scheme]
+    port = f":{parts.port}" if parts.port not in (None, default) else ""  # as browsers do
+    return f"{parts.scheme}://{host}{port}"

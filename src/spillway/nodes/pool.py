@@ -104,7 +104,7 @@ class Pool:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop this pool serves, looked up once: on CPython 3.11 each
         ``asyncio.get_running_loop()`` is a ``getpid()`` system call, and a request made five."""
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():  # a pool may outlive a loop (tests)
             self._loop = asyncio.get_running_loop()
         return self._loop
 

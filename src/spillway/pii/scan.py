@@ -1,26 +1,26 @@
 """Every piece of a request's text a node would see, scanned for personal data, and masked.
 
 A node reads more than ``messages[].content``: content-part arrays, tool results, the
-arguments of earlier tool calls, the system prompt, the ``user`` field, tool descriptions,
-an embeddings ``input``. So the scan walks every string value of the body, not a list of
-known fields that a new API field would slip past. It skips only values that are not text a
-model reads as words: names of things (``model``, ``role``, ``type``, ids) and encoded data
-(an image's ``url``, which may be a ``data:`` URL, and audio's base64 ``data``), whose long
-digit runs and letters would be noise. Object keys are not scanned.
+arguments of earlier tool calls, the system prompt, the ``user`` field, ``metadata``, tool
+descriptions, an embeddings ``input``. So the scan walks the whole body, not a list of known
+fields that a new API field would slip past: every string value, every object key, and every
+number (a phone number sent as an integer is still one). It skips only encoded data, which is
+not words and whose long runs of digits and letters would be noise: ``data:`` URLs and long
+base64 blobs (an image, a piece of audio).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from spillway.pii.detectors import Scanner, mask
 
-#: values under these keys are names or encoded data, not text
-_NOT_TEXT = frozenset(
-    {"model", "role", "type", "id", "tool_call_id", "url", "data", "detail", "format"}
-)
+#: a string this long, of base64's characters only, is encoded data (an image, audio)
+MIN_BLOB = 256
+_BLOB = re.compile(r"[A-Za-z0-9+/=_-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +48,31 @@ def scan_body(body: dict[str, Any], scanner: Scanner, want_masked: bool) -> Body
 def _walk(value: Any, scanner: Scanner, counts: Counter[str], rewrite: bool) -> Any:
     """``value`` with its text masked (the same object where nothing changed)."""
     if isinstance(value, str):
-        findings = scanner.find(value)
-        if not findings:
-            return value
-        counts.update(f.kind for f in findings)
-        return mask(value, findings) if rewrite else value
+        return _text(value, scanner, counts, rewrite)
     if isinstance(value, dict):
-        changed = {}
+        changed = False
+        items = {}
         for key, item in value.items():
-            if key in _NOT_TEXT:
-                continue
-            new = _walk(item, scanner, counts, rewrite)
-            if new is not item:
-                changed[key] = new
-        return {**value, **changed} if changed else value
+            new_key = _text(key, scanner, counts, rewrite) if isinstance(key, str) else key
+            new_item = _walk(item, scanner, counts, rewrite)
+            changed = changed or new_key is not key or new_item is not item
+            items[new_key] = new_item
+        return items if changed else value
     if isinstance(value, list):
-        items = [_walk(item, scanner, counts, rewrite) for item in value]
-        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+        listed = [_walk(item, scanner, counts, rewrite) for item in value]
+        return listed if any(a is not b for a, b in zip(listed, value, strict=True)) else value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        text = str(value)
+        masked = _text(text, scanner, counts, rewrite)
+        return masked if masked is not text else value
     return value
+
+
+def _text(text: str, scanner: Scanner, counts: Counter[str], rewrite: bool) -> str:
+    if text.startswith("data:") or (len(text) >= MIN_BLOB and _BLOB.fullmatch(text)):
+        return text  # encoded data, not words
+    findings = scanner.find(text)
+    if not findings:
+        return text
+    counts.update(f.kind for f in findings)
+    return mask(text, findings) if rewrite else text

@@ -127,8 +127,11 @@ class Pipeline:
         reach = screen(self._pii, call.principal, chat, tally.request_id)
         candidates = self._candidates(chat.model, call, reach)
         rate = self._rate_now_or_later(call, chat, tally)
+        # A body holding personal data stays in the private fleet for the cache too: no
+        # cloud embedder may read it (with mask, the original is what the cache sees).
+        private = reach.private_only or reach.cloud_request is not None
         probe = self.cache.probe(
-            chat.body, call.directives, call.principal.tenant, chat.model, reach.private_only
+            chat.body, call.directives, call.principal.tenant, chat.model, private
         )
         ctx = self._context(call, candidates, reach)
         if probe.keys is None:
