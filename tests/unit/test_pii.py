@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from spillway.config.privacy import CorsConfig, PiiConfig
+from spillway.config.privacy import BUILT_IN_KINDS, CorsConfig, PiiConfig
 from spillway.errors import PiiDetected
-from spillway.pii.detectors import BUILT_IN, Scanner, custom_detector, mask
+from spillway.pii.detectors import BUILT_IN, KINDS, Scanner, custom_detector, mask
 from spillway.pii.policy import PiiPolicy, policy_for
 from spillway.pii.scan import scan_body
 
@@ -77,6 +77,11 @@ def test_an_id_is_never_also_a_card_and_findings_are_in_order() -> None:
 def test_mask_replaces_each_finding_with_its_kind() -> None:
     text = "电话13812345678, mail a@example.com"
     assert mask(text, SCANNER.find(text)) == "电话[MOBILE], mail [EMAIL]"
+
+
+def test_the_config_knows_the_built_in_kinds_the_detectors_have() -> None:
+    """config (layer 0) cannot import the detectors: its list of names is checked here."""
+    assert KINDS == BUILT_IN_KINDS
 
 
 def test_custom_patterns_find_what_the_operator_names() -> None:

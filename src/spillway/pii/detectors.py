@@ -164,10 +164,6 @@ class Scanner:
         self._numbers = tuple(d for d in detectors if d.scope == "number")
         self._others = tuple(d for d in detectors if d.scope != "number")
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(d.kind for d in self._detectors)
-
     def find(self, text: str) -> list[Finding]:
         """The findings in ``text``, in order, none overlapping another."""
         plain = text.translate(_FULL_WIDTH) if _HAS_FULL_WIDTH.search(text) else text

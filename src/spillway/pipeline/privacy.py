@@ -27,6 +27,12 @@ class Reach:
     private_only: bool
     cloud_request: Request | None = None
 
+    @property
+    def private_for_cache(self) -> bool:
+        """Personal data found (or a private-only key): no cloud embedder may read the
+        body, and with ``mask`` the cache sees the original."""
+        return self.private_only or self.cloud_request is not None
+
 
 #: the two answers nearly every request gets, made once
 _PRIVATE, _ANYWHERE = Reach(True), Reach(False)

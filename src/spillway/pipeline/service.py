@@ -93,9 +93,7 @@ class Pipeline:
         tally = self._open(call)
         try:
             embed = await inbound()
-            self._asked_for(tally, embed.model)
-            reach = screen(self._pii, call.principal, embed, tally.request_id)
-            candidates = self._candidates(embed.model, call, reach)
+            reach, candidates = self._admitted(call, embed, tally)
             rate = self._rate_now_or_later(call, embed, tally)
             ctx = self._context(call, candidates, reach)
             ctx = await self._key_checks(tally, embed, ctx, rate)
@@ -123,15 +121,10 @@ class Pipeline:
         self.accountant.close(tally)
 
     async def _chat(self, call: Call, chat: ChatRequest, tally: Tally) -> Answer | Stream:
-        self._asked_for(tally, chat.model)
-        reach = screen(self._pii, call.principal, chat, tally.request_id)
-        candidates = self._candidates(chat.model, call, reach)
+        reach, candidates = self._admitted(call, chat, tally)
         rate = self._rate_now_or_later(call, chat, tally)
-        # A body holding personal data stays in the private fleet for the cache too: no
-        # cloud embedder may read it (with mask, the original is what the cache sees).
-        private = reach.private_only or reach.cloud_request is not None
         probe = self.cache.probe(
-            chat.body, call.directives, call.principal.tenant, chat.model, private
+            chat.body, call.directives, call.principal.tenant, chat.model, reach.private_for_cache
         )
         ctx = self._context(call, candidates, reach)
         if probe.keys is None:
@@ -288,6 +281,14 @@ class Pipeline:
             return Usage(prompt, counter.completion_tokens(reply_text(data)))
 
         self.accountant.count_later(tally, count)
+
+    def _admitted(
+        self, call: Call, request: ChatRequest | EmbeddingsRequest, tally: Tally
+    ) -> tuple[Reach, list[NodeHandle]]:
+        """The model noted, the personal-data step, and the nodes the request may use."""
+        self._asked_for(tally, request.model)
+        reach = screen(self._pii, call.principal, request, tally.request_id)
+        return reach, self._candidates(request.model, call, reach)
 
     def _asked_for(self, tally: Tally, model: str) -> None:
         """The model as the ledger keeps it: one the gateway serves as it is, any other
