@@ -12,7 +12,8 @@ Each front door renders it in its own protocol (``server/responses.py`` for Open
     ├── InvalidRequest                 400 invalid_request_error
     │   ├── PayloadTooLarge            413
     │   ├── PiiDetected                      code=pii_detected (personal data, action block)
-    │   └── ModelNotFound              404   code=model_not_found
+    │   ├── ModelNotFound              404   code=model_not_found
+    │   └── KeyNotFound                404   code=key_not_found (/admin/keys, spillway keys)
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
     ├── PermissionDenied               403 permission_error       code=permission_denied
     ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
@@ -40,7 +41,8 @@ tracebacks or file paths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from spillway.quota import Quota
 
@@ -92,6 +94,8 @@ class PiiDetected(InvalidRequest):
     names the kinds and counts found, never the values."""
 
     default_code = "pii_detected"
+    #: the kinds and counts found, never a value: for the request's ledger row
+    counts: Mapping[str, int] = MappingProxyType({})
 
 
 class ModelNotFound(InvalidRequest):
@@ -107,6 +111,13 @@ class ModelNotFound(InvalidRequest):
             "GET /v1/models lists the models you can use.",
             param="model",
         )
+
+
+class KeyNotFound(InvalidRequest):
+    """No managed key has the prefix, key id or key given (``/admin/keys``, ``spillway keys``)."""
+
+    status = 404
+    default_code = "key_not_found"
 
 
 class AuthenticationFailed(SpillwayError):

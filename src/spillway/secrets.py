@@ -56,8 +56,9 @@ class Redactor:
         for node in config.nodes.values():
             secrets += node_secrets(node)
         cache = config.cache
-        if cache.secret is not None:
-            secrets.append(cache.secret.get_secret_value())
+        for secret in (cache.secret, config.server.secret):
+            if secret is not None:
+                secrets.append(secret.get_secret_value())
         for url in (cache.redis_url, cache.pgvector_url, config.ledger.url, config.state.redis_url):
             password = urlsplit(url.get_secret_value()).password if url else None
             if password:

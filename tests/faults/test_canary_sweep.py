@@ -4,6 +4,9 @@ node's API key, a node's extra header, a proxy's password), then a search for ea
 everything the gateway wrote or said: its log (every logger, DEBUG and up), every response
 body and header, and every file in its data directory (the ledger, the cache, the spool).
 
+A managed key (``/admin/keys``) is used, misused and revoked in the same run: apart from
+the answer that issued it, no trace of it may remain either.
+
 /metrics does not exist yet; when it does, it joins the search."""
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ async def test_no_secret_appears_in_logs_answers_ledger_or_cache(
                 "proxy": proxy,
             },
         },
-        "keys": [{"key": CLIENT_KEY, "tenant": "t"}],
+        "keys": [{"key": CLIENT_KEY, "tenant": "t", "admin": True}],
     }
     said: list[str] = []
     async with running_gateway(config) as gw, httpx.AsyncClient(base_url=gw.base_url) as http:
@@ -96,6 +99,17 @@ async def test_no_secret_appears_in_logs_answers_ledger_or_cache(
         assert behind.status_code >= 500
         nodes = await http.get("/admin/nodes", headers=auth)
         said.append(nodes.text)
+        # A managed key: its one showing (the create answer) is the only place it may be.
+        made = await http.post(f"{gw.url}/admin/keys", json={"tenant": "u"}, headers=auth)
+        managed = made.json()["key"]
+        private.script = cloud.script = Script()
+        mine = {"Authorization": f"Bearer {managed}"}
+        assert (await call("/chat/completions", json=CHAT, headers=mine)).status_code == 200
+        pasted = {**CHAT, "model": managed}
+        assert (await call("/chat/completions", json=pasted, headers=mine)).status_code == 404
+        revoked = await http.post(f"{gw.url}/admin/keys/{managed[:15]}/revoke", headers=auth)
+        said.append(revoked.text)
+        assert (await call("/chat/completions", json=CHAT, headers=mine)).status_code == 401
     await private.stop()
     await cloud.stop()
 
@@ -109,6 +123,8 @@ async def test_no_secret_appears_in_logs_answers_ledger_or_cache(
     # Every canary holds "CANARY": no trace of one, in any case or any piece, may remain.
     leaks = {where: text.lower().count("canary") for where, text in places.items()}
     assert {where: n for where, n in leaks.items() if n} == {}
+    secret_part = managed[15:].lower()  # all but its public prefix
+    assert [where for where, text in places.items() if secret_part in text.lower()] == []
 
 
 def _files(root: Path) -> dict[str, str]:

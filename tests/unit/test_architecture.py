@@ -37,6 +37,7 @@ LAYERS = {
     "spillway.batch": 3,
     "spillway.planner": 3,
     "spillway.pipeline": 4,
+    "spillway.access": 4,
     "spillway.server": 5,
     "spillway.cli": 6,
 }

@@ -41,6 +41,7 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     InvalidRequest: (lambda: InvalidRequest("x", param="p"), 400, "invalid_request_error"),
     PayloadTooLarge: (lambda: PayloadTooLarge("x"), 413, "invalid_request_error"),
     ModelNotFound: (lambda: ModelNotFound("x"), 404, "invalid_request_error"),
+    errors.KeyNotFound: (lambda: errors.KeyNotFound("x"), 404, "invalid_request_error"),
     AuthenticationFailed: (lambda: AuthenticationFailed("x"), 401, "authentication_error"),
     NoEligibleNode: (lambda: NoEligibleNode("x"), 503, "service_unavailable"),
     errors.TooManyConnections: (lambda: errors.TooManyConnections("x"), 503, "service_unavailable"),

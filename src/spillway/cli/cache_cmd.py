@@ -22,6 +22,7 @@ from rich.table import Table
 
 from spillway.cache.stores import CacheStore, ScopeStats
 from spillway.cache.vectors import VectorIndex
+from spillway.cli.admin_db import actor, admin_db
 from spillway.cli.common import config_option, load_or_exit
 from spillway.clock import SystemClock
 from spillway.config.schema import Config
@@ -90,9 +91,14 @@ async def _gather(config: Config) -> dict[str, Any]:
 
 
 async def _clear(config: Config, tenant: str | None, model: str | None) -> tuple[int, int]:
+    """Clear, then put it in the audit trail (when there is a ledger database to hold it)."""
     async with _opened(config) as (store, index):
         answers = await store.clear(tenant, model)
         vectors = await index.clear(tenant, model) if index is not None else 0
+    if config.ledger.enabled:
+        detail = {"model": model, "answers": answers, "semantic_entries": vectors}
+        async with admin_db(config, need_keys=False) as db:
+            await db.audit.record(actor(), "cache.clear", tenant, model, detail)
     return answers, vectors
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from spillway.cli.audit_cmd import audit
 from spillway.cli.cache_cmd import cache_group
 from spillway.cli.config_cmd import config_group
+from spillway.cli.keys_cmd import keys_group
 from spillway.cli.nodes import nodes
 from spillway.cli.planner_cmds import plan, roi
 from spillway.cli.report import report
@@ -25,6 +27,8 @@ cli.add_command(roi)
 cli.add_command(plan)
 cli.add_command(report)
 cli.add_command(cache_group)
+cli.add_command(keys_group)
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -8,12 +8,13 @@ Kept apart from ``schema.py`` (which imports both); the names are those users wr
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PiiAction = Literal["off", "private_only", "block", "mask"]
+PII_ACTIONS: tuple[PiiAction, ...] = get_args(PiiAction)
 #: the built-in kinds (``pii/detectors.py``); a custom pattern may not take their names
 BUILT_IN_KINDS = ("resident_id", "bank_card", "mobile", "email")
 

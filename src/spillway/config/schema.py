@@ -425,11 +425,10 @@ class NodeConfig(_Frozen):
         return self
 
 
-class KeyConfig(_Frozen):
-    """A client API key and what it may do."""
+class KeyPolicy(_Frozen):
+    """What a client key may do: the same fields for ``[[keys]]`` and for managed keys
+    (``spillway keys create``, ``/admin/keys``), which keep theirs in the database."""
 
-    key: SecretStr
-    tenant: str
     private_only: bool = False
     #: may read /admin endpoints
     admin: bool = False
@@ -444,6 +443,19 @@ class KeyConfig(_Frozen):
     #: the public models this key may use (and see in /v1/models); None: all of them
     models: tuple[str, ...] | None = None
 
+
+def check_tenant(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
+    return value
+
+
+class KeyConfig(KeyPolicy):
+    """A client API key written in ``spillway.toml``, and what it may do."""
+
+    key: SecretStr
+    tenant: str
+
     @field_validator("key")
     @classmethod
     def _key(cls, value: SecretStr) -> SecretStr:
@@ -454,9 +466,11 @@ class KeyConfig(_Frozen):
     @field_validator("tenant")
     @classmethod
     def _tenant(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
-        return value
+        return check_tenant(value)
+
+    @property
+    def policy(self) -> KeyPolicy:
+        return KeyPolicy(**{name: getattr(self, name) for name in KeyPolicy.model_fields})
 
 
 class ServerConfig(_Frozen):
@@ -473,6 +487,16 @@ class ServerConfig(_Frozen):
     max_connections: int | None = Field(default=None, ge=1)
     access_log: bool = False
     cors: CorsConfig = CorsConfig()
+    #: the key under which managed API keys are hashed (HMAC-SHA256); the same on every
+    #: replica and for the CLI. None: DATA_DIR/secret, made on first use (SQLite ledger only)
+    secret: SecretStr | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("too short: use at least 32 characters (openssl rand -hex 32)")
+        return value
 
 
 class Config(_Frozen):

@@ -23,7 +23,7 @@ reservations (spend is shared through the ledger and reloaded at start).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
@@ -107,18 +107,26 @@ class Budgets:
         self._fleet = fleet
         self._replicas = replicas
         self._ids = itertools.count()
-        now = self._now()
-        self._accounts = {
-            key_id: _Account(
-                exchange.convert(b.amount, b.currency, currency), b.period,
-                period_start(now, b.period),
-            )
-            for key_id, b in limits.items()
-        }  # fmt: skip
+        self._exchange, self._currency = exchange, currency
+        self._accounts = {key_id: self._account(b) for key_id, b in limits.items()}
 
-    async def load(self, store: LedgerStore) -> None:
-        """What each key already spent this period, from the ledger."""
-        for key_id, account in self._accounts.items():
+    def _account(self, budget: BudgetConfig) -> _Account:
+        limit = self._exchange.convert(budget.amount, budget.currency, self._currency)
+        return _Account(limit, budget.period, period_start(self._now(), budget.period))
+
+    def add(self, limits: Mapping[str, BudgetConfig]) -> list[str]:
+        """Budgets of keys issued while running (managed keys); returns the key ids that
+        are new here, whose spend ``load`` should read. An account is never dropped: a
+        revoked key's requests may still be settling, and its row costs a few bytes."""
+        new = [key_id for key_id in limits if key_id not in self._accounts]
+        for key_id in new:
+            self._accounts[key_id] = self._account(limits[key_id])
+        return new
+
+    async def load(self, store: LedgerStore, only: Iterable[str] | None = None) -> None:
+        """What each key (or each of ``only``) already spent this period, from the ledger."""
+        wanted = self._accounts if only is None else {k: self._accounts[k] for k in only}
+        for key_id, account in wanted.items():
             # Never below what this process counted itself: records still spooled or pending
             # are not in the store yet, and a settle may land while this waits.
             account.spent = max(account.spent, await store.spend(key_id, account.started))

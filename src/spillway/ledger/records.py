@@ -47,6 +47,10 @@ class LedgerRecord:
     client_request_id: str | None = None
     #: a cache hit: what answering it again on the node that first answered would have cost
     avoided_cost: Decimal = Decimal(0)
+    #: what the personal-data step did ("private_only", "mask", "block") and found
+    #: ("email=1,mobile=2": kinds and counts, never a value); None when it found nothing
+    pii_action: str | None = None
+    pii_kinds: str | None = None
 
 
 class LedgerStore(Protocol):

@@ -209,6 +209,18 @@ class SqlLedgerStore:
                 self._url.database, self._flavour.insert_sql, self._flavour.row, _SQLITE_PRAGMAS
             )
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database's engine, for the other tables in it (keys, audit); ``open()`` first."""
+        return self._engine
+
+    @property
+    def writing(self) -> AsyncEngine:
+        """The engine for a transaction that reads and then writes. On SQLite it begins
+        IMMEDIATE (takes the write lock first): a deferred one that read and then wants to
+        write fails at once when another connection wrote meanwhile, busy timeout or not."""
+        return self._engine.execution_options(**{_BEGIN: "IMMEDIATE"})
+
     async def open(self) -> None:
         """Connect and apply the migrations; again after a failure, or at once when done."""
         if self._opened:

@@ -1,14 +1,10 @@
-"""The ledger's tables, column types and migrations, the same on SQLite and PostgreSQL.
+"""The ledger's tables and migrations, the same on SQLite and PostgreSQL.
 
-- ``at`` is a UTC instant, exact to the microsecond: ``timestamptz`` on PostgreSQL, integer
-  microseconds since the Unix epoch on SQLite (sortable, indexable, no text parsing).
-  Naive datetimes are refused, in records and in query bounds alike.
-- Money is ``NUMERIC(20, 6)`` on PostgreSQL and exact decimal TEXT on SQLite; amounts are
-  quantized to a millionth (``prices.AMOUNT_QUANTUM``, half-even) before either engine sees
-  them, so both store and return the same ``Decimal`` (``Decimal("0.123400")``), never a float.
+- Column types are ``sql_types``'s: exact UTC instants and ``Decimal`` money on both engines.
 - Schema changes are the ordered ``MIGRATIONS`` below, recorded in ``schema_migrations`` and
   applied by ``migrate`` (``SqlLedgerStore.open`` holds the lock that makes that safe for any
-  number of processes at once).
+  number of processes at once). Migration 3 adds the key and audit tables
+  (``access_tables``) and the ledger's personal-data columns.
 """
 
 from __future__ import annotations
@@ -16,8 +12,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import fields
-from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -25,89 +20,18 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
-    DateTime,
     Index,
     Integer,
     MetaData,
-    Numeric,
     Table,
     Text,
     insert,
     select,
 )
-from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
 
+from spillway.ledger.access_tables import create_access_v3
 from spillway.ledger.records import LedgerRecord
-from spillway.prices import AMOUNT_QUANTUM
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-#: NUMERIC(20, 6) holds 14 digits before the point.
-_MONEY_LIMIT = Decimal(10) ** 14
-
-
-class UtcTimestamp(TypeDecorator[datetime]):
-    """A timezone-aware UTC instant: ``timestamptz`` on PostgreSQL, epoch µs on SQLite."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> Any:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(BigInteger())
-        return dialect.type_descriptor(DateTime(timezone=True))
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
-        return None if value is None else _bind_time(value, dialect.name == "sqlite")
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, int):
-            return _EPOCH + value * _MICROSECOND
-        assert isinstance(value, datetime)
-        return value.astimezone(UTC)
-
-
-class Money(TypeDecorator[Decimal]):
-    """An exact amount to a millionth: ``NUMERIC(20, 6)`` on PostgreSQL, TEXT on SQLite."""
-
-    impl = Numeric(20, 6, asdecimal=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> Any:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(Text())
-        return dialect.type_descriptor(Numeric(20, 6, asdecimal=True))
-
-    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
-        return None if value is None else _bind_money(value, dialect.name == "sqlite")
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
-        if value is None:
-            return None
-        return value if isinstance(value, Decimal) else Decimal(value)
-
-
-def _bind_time(value: datetime, as_int: bool) -> Any:
-    if value.utcoffset() is None:
-        raise ValueError(f"ledger times must be timezone-aware, got naive {value}")
-    # An aware datetime minus the aware epoch counts its offset in: no astimezone() needed.
-    return (value - _EPOCH) // _MICROSECOND if as_int else value.astimezone(UTC)
-
-
-def _bind_money(value: Decimal, as_text: bool) -> Any:
-    # One chained comparison checks both the range and finiteness (a NaN refuses to be
-    # compared; infinities fall outside): this runs three times for every ledger row.
-    try:
-        valid = isinstance(value, Decimal) and -_MONEY_LIMIT < value < _MONEY_LIMIT
-    except InvalidOperation:
-        valid = False
-    if not valid:
-        raise ValueError(f"ledger amounts must be finite Decimals below 10^14, got {value!r}")
-    exact = value.quantize(AMOUNT_QUANTUM, rounding=ROUND_HALF_EVEN)
-    return str(exact) if as_text else exact
+from spillway.ledger.sql_types import Money, UtcTimestamp, bind_money, bind_time
 
 
 def _ledger_v1(metadata: MetaData) -> Table:
@@ -149,8 +73,17 @@ def _ledger_v2(metadata: MetaData) -> Table:
     return table
 
 
+def _ledger_v3(metadata: MetaData) -> Table:
+    """Migration 3 adds what the personal-data step decided (``mask``, and the kinds and
+    counts found, never a value); NULL when it found nothing."""
+    table = _ledger_v2(metadata)
+    table.append_column(Column("pii_action", Text))
+    table.append_column(Column("pii_kinds", Text))
+    return table
+
+
 METADATA = MetaData()
-LEDGER = _ledger_v2(METADATA)
+LEDGER = _ledger_v3(METADATA)
 SCHEMA_MIGRATIONS = Table(
     "schema_migrations",
     METADATA,
@@ -180,15 +113,16 @@ def _add_avoided_cost(conn: Connection) -> None:
 MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _create_ledger_v1),
     (2, _add_avoided_cost),
+    (3, create_access_v3),
 )
 
 
 def driver_row(rec: LedgerRecord, sqlite: bool) -> tuple[Any, ...]:
     """One record as the driver takes it, converted exactly as the column types do."""
     values = list(_VALUES(rec))
-    values[_AT] = _bind_time(rec.at, sqlite)
+    values[_AT] = bind_time(rec.at, sqlite)
     for i in _MONEY_FIELDS:
-        values[i] = _bind_money(values[i], sqlite)
+        values[i] = bind_money(values[i], sqlite)
     if sqlite:
         values[_ESTIMATED] = int(rec.tokens_estimated)
     return tuple(values)

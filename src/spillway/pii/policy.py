@@ -13,6 +13,7 @@ pure computation over a body already parsed and bounded, so it has no other way 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from spillway.errors import PiiDetected
 from spillway.pii.detectors import BUILT_IN, Scanner, custom_detector
 from spillway.pii.scan import scan_body
 
-__all__ = ["PiiAction", "PiiPolicy", "PiiVerdict", "describe", "policy_for"]
+__all__ = ["PiiAction", "PiiPolicy", "PiiVerdict", "describe", "ledger_kinds", "policy_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +55,24 @@ class PiiPolicy:
         if not scan.found:
             return None
         if action == "block":
-            raise PiiDetected(
+            refusal = PiiDetected(
                 f"The request holds personal data ({describe(scan.counts)}) and this API key "
                 "may not send it. Remove it, or ask for a key whose pii action allows it.",
                 param="messages",
             )
+            refusal.counts = scan.counts
+            raise refusal
         return PiiVerdict(action, scan.counts, scan.masked)
 
 
-def describe(counts: dict[str, int]) -> str:
+def describe(counts: Mapping[str, int]) -> str:
     """``2 mobile, 1 email``: kinds and counts, never a value."""
     return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+
+
+def ledger_kinds(counts: Mapping[str, int]) -> str:
+    """The ledger's and audit trail's form of what was found: ``email=1,mobile=2``."""
+    return ",".join(f"{kind}={n}" for kind, n in sorted(counts.items()))
 
 
 def policy_for(config: PiiConfig) -> PiiPolicy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -24,6 +24,7 @@ from spillway.ledger.costing import Charge, Costing
 from spillway.ledger.records import LedgerRecord, Status
 from spillway.ledger.writer import LedgerWriter
 from spillway.nodes.tokens import EstimatingCounter, TokenCounter, most_prompt_tokens
+from spillway.pii.policy import ledger_kinds
 from spillway.pipeline.principal import Principal
 from spillway.routing.router import NodeHandle
 from spillway.state.limits import Permit
@@ -60,6 +61,9 @@ class Tally:
     from_cache: CachedAnswer | None = None
     #: the request's place in its key's rate limits, settled with the record
     permit: Permit | None = None
+    #: what the personal-data step decided and found (kinds and counts, never values)
+    pii_action: str | None = None
+    pii_kinds: str | None = None
 
     def asked_for(self, model: str) -> None:
         self.model = model
@@ -71,6 +75,9 @@ class Tally:
     def replayed(self, answer: CachedAnswer) -> None:
         """The answer came from the cache (a hit, or an identical request's answer)."""
         self.from_cache = answer
+
+    def found_pii(self, action: str, counts: Mapping[str, int]) -> None:
+        self.pii_action, self.pii_kinds = action, ledger_kinds(counts)
 
     def first_token_at(self, now: float) -> None:
         self.ttft_ms = int(1000 * (now - self.started))
@@ -99,6 +106,10 @@ class Accountant:
         self._clock = clock
         self._max_output_tokens = max_output_tokens
         self._later: set[asyncio.Task[None]] = set()
+
+    @property
+    def budgets(self) -> Budgets:
+        return self._budgets
 
     def open(self, request_id: str, principal: Principal, client_id: bool = False) -> Tally:
         """A tally keyed by a fresh id when the client chose ``request_id`` (it may repeat)."""
@@ -247,6 +258,8 @@ class Accountant:
             error_code=tally.error_code,
             client_request_id=tally.client_request_id,
             avoided_cost=avoided,
+            pii_action=tally.pii_action,
+            pii_kinds=tally.pii_kinds,
         )
 
 

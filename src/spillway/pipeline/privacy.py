@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+from spillway.errors import PiiDetected
 from spillway.pii.policy import PiiPolicy, describe
+from spillway.pipeline.accounting import Tally
 from spillway.pipeline.principal import Principal
 from spillway.wire.requests import ChatRequest, EmbeddingsRequest
 
@@ -38,13 +40,25 @@ class Reach:
 _PRIVATE, _ANYWHERE = Reach(True), Reach(False)
 
 
-def screen(policy: PiiPolicy, principal: Principal, request: Request, request_id: str) -> Reach:
-    """Raises ``PiiDetected`` when the action is ``block`` and personal data is found."""
-    verdict = policy.check(request.body, principal.pii)
+def screen(policy: PiiPolicy, principal: Principal, request: Request, tally: Tally) -> Reach:
+    """Raises ``PiiDetected`` when the action is ``block`` and personal data is found. What
+    was decided, and the kinds and counts found, go on the request's ledger row."""
+    try:
+        verdict = policy.check(request.body, principal.pii)
+    except PiiDetected as refused:
+        tally.found_pii("block", refused.counts)
+        log.info(
+            "request %s: personal data (%s): block", tally.request_id, describe(refused.counts)
+        )
+        raise
     if verdict is None:
         return _PRIVATE if principal.private_only else _ANYWHERE
+    tally.found_pii(verdict.action, verdict.counts)
     log.info(
-        "request %s: personal data (%s): %s", request_id, describe(verdict.counts), verdict.action
+        "request %s: personal data (%s): %s",
+        tally.request_id,
+        describe(verdict.counts),
+        verdict.action,
     )
     if verdict.private_only:
         return _PRIVATE

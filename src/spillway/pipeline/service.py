@@ -287,7 +287,7 @@ class Pipeline:
     ) -> tuple[Reach, list[NodeHandle]]:
         """The model noted, the personal-data step, and the nodes the request may use."""
         self._asked_for(tally, request.model)
-        reach = screen(self._pii, call.principal, request, tally.request_id)
+        reach = screen(self._pii, call.principal, request, tally)
         return reach, self._candidates(request.model, call, reach)
 
     def _asked_for(self, tally: Tally, model: str) -> None:

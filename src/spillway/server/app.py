@@ -13,7 +13,7 @@ from spillway.clock import Clock, SystemClock
 from spillway.config.schema import Config
 from spillway.server.cors import CORS, Cors
 from spillway.server.middleware import gateway_middleware
-from spillway.server.routes import admin, chat, info
+from spillway.server.routes import admin, admin_keys, chat, info
 from spillway.server.state import gateway_context
 
 log = logging.getLogger("spillway.server")
@@ -43,6 +43,12 @@ def build_app(
     app.router.add_get("/healthz", info.healthz)
     app.router.add_get("/readyz", info.readyz)
     app.router.add_get("/admin/nodes", admin.nodes)
+    app.router.add_get("/admin/keys", admin_keys.list_keys)
+    app.router.add_post("/admin/keys", admin_keys.create_key)
+    app.router.add_post("/admin/keys/{ident}/revoke", admin_keys.revoke_key)
+    app.router.add_delete("/admin/keys/{ident}", admin_keys.revoke_key)
+    app.router.add_post("/admin/keys/{ident}/rotate", admin_keys.rotate_key)
+    app.router.add_get("/admin/audit", admin_keys.audit)
     return app
 
 

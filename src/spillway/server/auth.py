@@ -1,24 +1,62 @@
-"""Bearer-key authentication: a key maps to a tenant and its policy."""
+"""Bearer-key authentication: a key maps to a tenant and its policy.
+
+Two kinds of key: those written in ``[[keys]]`` (looked up by SHA-256, fixed for the life of
+the process) and managed keys (``spillway keys``, ``/admin/keys``), looked up by their HMAC
+under the server secret and replaced whole by ``KeySync`` whenever the database's set
+changes. Neither the key nor anything that could be turned back into it is a dict key, a
+log field or a ledger column.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from spillway.config.schema import KeyConfig
+from spillway.access.records import ManagedKey
+from spillway.access.tokens import KeyHasher
+from spillway.clock import Clock, SystemClock
+from spillway.config.schema import KeyConfig, KeyPolicy
 from spillway.errors import AuthenticationFailed
 from spillway.pipeline.principal import ANONYMOUS, Principal
 from spillway.state.buckets import KeyLimits
 
 
-class KeyRing:
-    """Looks keys up by their SHA-256, so the secret itself is never a dict key or log field."""
+@dataclass(frozen=True, slots=True)
+class _Managed:
+    principal: Principal
+    prefix: str
+    #: wall-clock seconds after which the key no longer works (expiry, or the end of a
+    #: rotated key's grace period); None: never
+    ends_at: float | None
 
-    def __init__(self, keys: tuple[KeyConfig, ...]):
+
+class KeyRing:
+    """Looks keys up by digest, so the secret itself is never a dict key or log field."""
+
+    def __init__(self, keys: tuple[KeyConfig, ...], clock: Clock | None = None):
+        self._clock = clock or SystemClock()
         self._by_digest = {_digest(k.key.get_secret_value()): _principal(k) for k in keys}
+        self._hasher: KeyHasher | None = None
+        self._managed: dict[str, _Managed] = {}
+        #: managed keys' prefixes and when each was last used (wall seconds), until
+        #: ``KeySync`` takes them for the database
+        self.used: dict[str, float] = {}
 
     @property
     def open(self) -> bool:
-        return not self._by_digest
+        """No key at all, configured or managed: every request is the default tenant."""
+        return not self._by_digest and not self._managed
+
+    @property
+    def managed_count(self) -> int:
+        return len(self._managed)
+
+    def set_managed(self, hasher: KeyHasher, keys: Iterable[ManagedKey]) -> None:
+        """Replace the managed keys with ``keys`` (the database's usable set)."""
+        self._hasher = hasher
+        self._managed = {k.key_hash: _managed(k) for k in keys}
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self.open:
@@ -28,12 +66,13 @@ class KeyRing:
                 "Missing API key. Send it as the header 'Authorization: Bearer <key>'."
             )
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed(
                 "Malformed Authorization header. Use 'Authorization: Bearer <key>'."
             )
         try:
-            digest = _digest(token.strip())
+            digest = _digest(token)
         except UnicodeEncodeError:
             # aiohttp keeps header bytes that are not UTF-8 as lone surrogates, which have
             # no UTF-8 form; no configured key can be such a string.
@@ -43,22 +82,49 @@ class KeyRing:
         # A lookup by digest leaks nothing useful through timing: a caller cannot steer
         # the digest of a guess towards a stored one.
         principal = self._by_digest.get(digest)
-        if principal is None:
+        if principal is not None:
+            return principal
+        if self._managed and self._hasher is not None:
+            return self._managed_principal(self._hasher.hash(token))
+        raise AuthenticationFailed("Incorrect API key provided.")
+
+    def _managed_principal(self, key_hash: str) -> Principal:
+        entry = self._managed.get(key_hash)
+        if entry is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return principal
+        now = self._clock.wall()
+        if entry.ends_at is not None and now >= entry.ends_at:
+            ended = datetime.fromtimestamp(entry.ends_at, UTC).isoformat(timespec="seconds")
+            raise AuthenticationFailed(
+                f"This API key stopped working at {ended.replace('+00:00', 'Z')} (expired, "
+                "or replaced by a rotated key). Use its replacement, or ask for a new key.",
+                code="expired_api_key",
+            )
+        self.used[entry.prefix] = now
+        return entry.principal
+
+
+def principal_for(tenant: str, policy: KeyPolicy, key_id: str) -> Principal:
+    limits = KeyLimits(policy.rpm, policy.tpm, policy.max_parallel)
+    return Principal(
+        tenant,
+        policy.private_only,
+        policy.admin,
+        key_id,
+        limits if limits.any else None,
+        policy.pii,
+        frozenset(policy.models) if policy.models is not None else None,
+    )
 
 
 def _principal(key: KeyConfig) -> Principal:
-    digest = _digest(key.key.get_secret_value())
-    limits = KeyLimits(key.rpm, key.tpm, key.max_parallel)
-    return Principal(
-        key.tenant,
-        key.private_only,
-        key.admin,
-        key_id_of(digest),
-        limits if limits.any else None,
-        key.pii,
-        frozenset(key.models) if key.models is not None else None,
+    return principal_for(key.tenant, key.policy, key_id_of(_digest(key.key.get_secret_value())))
+
+
+def _managed(key: ManagedKey) -> _Managed:
+    ends = [at.timestamp() for at in (key.expires_at, key.revoked_at) if at is not None]
+    return _Managed(
+        principal_for(key.tenant, key.policy, key.key_id), key.prefix, min(ends, default=None)
     )
 
 
@@ -71,5 +137,5 @@ def key_id_of(digest: bytes) -> str:
 
 
 def key_id(secret: str) -> str:
-    """The ledger's name for a key: the first 16 hex digits of its SHA-256."""
+    """The ledger's name for a configured key: the first 16 hex digits of its SHA-256."""
     return key_id_of(_digest(secret))

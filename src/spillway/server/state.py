@@ -11,6 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from spillway.access.audit import AuditTrail
+from spillway.access.store import KeyStore
+from spillway.access.tokens import hasher_for
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
 from spillway.errors import StartupError
@@ -41,6 +44,7 @@ from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing, key_id
 from spillway.server.cache_setup import build_cache
 from spillway.server.health import HealthBoard
+from spillway.server.key_sync import Access, KeySync, start_sync
 from spillway.state.budgets import FleetBudgets
 from spillway.state.leases import Leases
 from spillway.state.limits import RateLimiter
@@ -62,6 +66,9 @@ class Gateway:
     health: HealthBoard
     #: a request's whole path (dispatcher, cache, accountant), for every front door
     pipeline: Pipeline
+    #: managed keys and the audit trail; None without a database (``[ledger] enabled =
+    #: false``) or without a secret for a shared one
+    access: Access | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -119,7 +126,10 @@ async def build_gateway(
     monitor.start()
     stack.push_async_callback(monitor.aclose)
     fleet_budgets = FleetBudgets(shared, leases) if shared and leases else None
-    accountant = await _accountant(config, clock, stack, fleet_budgets, replicas)
+    database = await _database(config, stack)
+    accountant = await _accountant(config, clock, stack, fleet_budgets, replicas, database)
+    ring = KeyRing(config.keys, clock)
+    access = await _access(config, database, ring, accountant.budgets, clock, stack)
     cache = await build_cache(config, router, clock, stack)
     redactor = Redactor.for_config(config)
     settings = PipelineSettings(
@@ -135,10 +145,11 @@ async def build_gateway(
         config=config,
         clock=clock,
         router=router,
-        keys=KeyRing(config.keys),
+        keys=ring,
         redactor=redactor,
         health=HealthBoard(router, clock, shared),
         pipeline=pipeline,
+        access=access,
     )
 
 
@@ -174,12 +185,32 @@ def _leases(
     return leases
 
 
+@dataclass(frozen=True, slots=True)
+class _Database:
+    """The ledger's database (also the keys' and the audit trail's), and why it could not
+    be opened at start (None: it is open)."""
+
+    store: SqlLedgerStore
+    problem: str | None
+
+
+async def _database(config: Config, stack: AsyncExitStack) -> _Database | None:
+    ledger = config.ledger
+    if not ledger.enabled:
+        return None
+    url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
+    store, problem = await _open_store(url)
+    stack.push_async_callback(store.aclose)
+    return _Database(store, problem)
+
+
 async def _accountant(
     config: Config,
     clock: Clock,
     stack: AsyncExitStack,
     fleet: FleetBudgets | None,
     replicas: Callable[[], int],
+    database: _Database | None,
 ) -> Accountant:
     """Costing, budgets and the write-behind ledger; closed in reverse: count, flush, close."""
     ledger = config.ledger
@@ -196,15 +227,15 @@ async def _accountant(
     limits = {key_id(k.key.get_secret_value()): k.budget for k in config.keys if k.budget}
     budgets = Budgets(limits, exchange, ledger.currency, clock, fleet, replicas)
     writer = None
-    if ledger.enabled:
-        url = ledger.url.get_secret_value() if ledger.url else sqlite_url(config.server.data_dir)
-        store, problem = await _open_store(url)
-        stack.push_async_callback(store.aclose)
-        if problem is None:
+    if database is not None:
+        store = database.store
+        if database.problem is None:
             await budgets.load(store)
         else:
             log.warning(
-                "%s; serving anyway: records wait in %s until it answers", problem, "ledger-spool"
+                "%s; serving anyway: records wait in %s until it answers",
+                database.problem,
+                "ledger-spool",
             )
             opening = asyncio.create_task(_load_budgets_when_open(store, budgets, clock))
             stack.callback(opening.cancel)
@@ -218,6 +249,39 @@ async def _accountant(
     accountant = Accountant(costing, budgets, writer, clock, ledger.max_output_tokens)
     stack.push_async_callback(accountant.aclose)
     return accountant
+
+
+async def _access(
+    config: Config,
+    database: _Database | None,
+    ring: KeyRing,
+    budgets: Budgets,
+    clock: Clock,
+    stack: AsyncExitStack,
+) -> Access | None:
+    """Managed keys, loaded before the first request and followed while running."""
+    if database is None:
+        return None
+    try:
+        hasher = hasher_for(config)
+    except StartupError as exc:
+        log.info("managed keys are off: %s", exc.message)
+        return None
+    store = KeyStore(database.store, hasher, clock)
+    sync = KeySync(store, hasher, ring, budgets, database.store, clock)
+    # A database already known to be down costs the start no more waiting.
+    task = await start_sync(sync, OPEN_TIMEOUT_S if database.problem is None else 0.1)
+    stack.push_async_callback(_last_touch, sync)
+    stack.callback(task.cancel)  # runs first: no poll races the last touch
+    return Access(store, AuditTrail(database.store, clock), sync)
+
+
+async def _last_touch(sync: KeySync) -> None:
+    """When keys were last used, written once more at shutdown (best effort)."""
+    try:
+        await sync.touch()
+    except Exception as exc:
+        log.warning("managed keys: last-used times not written (%s)", type(exc).__name__)
 
 
 def _price(spec: NodeConfig) -> Price | None:

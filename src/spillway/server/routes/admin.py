@@ -15,7 +15,7 @@ from spillway.server.state import GATEWAY, Gateway
 
 async def nodes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    _require_admin(request, gateway)
+    require_admin(request, gateway)
     return web.Response(body=orjson.dumps(snapshot(gateway)), content_type="application/json")
 
 
@@ -66,14 +66,20 @@ def _node(router: Router, handle: NodeHandle, now: float, wall: float) -> dict[s
     }
 
 
-def _require_admin(request: web.Request, gateway: Gateway) -> None:
+def require_admin(request: web.Request, gateway: Gateway) -> None:
     if gateway.keys.open:
         # No keys configured: admin data only for callers on this machine.
         if request.remote not in ("127.0.0.1", "::1"):
-            raise PermissionDenied("Admin endpoints need an admin key; configure [[keys]].")
+            raise PermissionDenied(
+                "Admin endpoints need an admin key; configure [[keys]] or run "
+                "`spillway keys create --admin`."
+            )
         return
     if not principal_of(request).admin:
-        raise PermissionDenied("This key is not an admin key (set admin = true in [[keys]]).")
+        raise PermissionDenied(
+            "This key is not an admin key (admin = true in [[keys]], or a key made with "
+            "`spillway keys create --admin`)."
+        )
 
 
 def _share(part: int, whole: int) -> float:

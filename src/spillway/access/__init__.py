@@ -1,0 +1,1 @@
+"""Managed API keys and the audit trail, kept in the ledger's database."""
