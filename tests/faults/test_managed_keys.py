@@ -315,3 +315,48 @@ async def test_a_replica_with_another_secret_refuses_to_start(pg: PgServer, up, 
     with pytest.raises(Exception, match="another secret"):
         async with running_gateway(other):
             pass
+
+
+async def test_revoking_the_last_key_does_not_open_the_gateway_again(up, tmp_path):
+    raw = config(up, tmp_path)
+    raw.pop("keys")
+    async with running_gateway(raw) as gw:
+        made = await admin(gw, "POST", "/admin/keys", {"tenant": "ops", "admin": True}, key="")
+        key, prefix = made.json()["key"], made.json()["prefix"]
+        assert (await admin(gw, "POST", f"/admin/keys/{prefix}/revoke", key=key)).status_code == 200
+        assert not await works(gw, "anything")
+        with pytest.raises(openai.AuthenticationError) as revoked:
+            await gw.client(key).chat.completions.create(model="m", messages=HI)
+        assert "was revoked" in revoked.value.message
+        again = await admin(gw, "POST", "/admin/keys", {"tenant": "x", "admin": True}, key="")
+        assert again.status_code == 401
+    async with running_gateway(raw) as gw:  # and after a restart
+        assert not await works(gw, "anything")
+    (tmp_path / "ledger.db").unlink()  # even when the database cannot tell: the data dir can
+    for extra in tmp_path.glob("ledger.db-*"):
+        extra.unlink()
+    async with running_gateway(raw) as gw:
+        assert not await works(gw, "anything")
+
+
+async def test_a_browser_page_cannot_post_a_key_request_without_asking(gw):
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        simple = await http.post(
+            "/admin/keys",
+            content=b'{"tenant": "t"}',
+            headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "text/plain"},
+        )
+        assert simple.status_code == 400 and "application/json" in simple.text
+        made = await http.post(
+            "/admin/keys", json={"tenant": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+    assert made.status_code == 201 and made.headers["Cache-Control"] == "no-store"
+    for body, words in (({"tenant": "t", "rpm": True}, "rpm"),
+                        ({"tenant": "t", "private_only": "yes"}, "private_only"),
+                        ({"tenant": "t", "models": []}, "at least one model"),
+                        ({"tenant": "t", "expires_in": "99999999w"}, "100 years"),
+                        ({"tenant": "t", "name": "a\x1b[31m"}, "control")):  # fmt: skip
+        answer = await admin(gw, "POST", "/admin/keys", body)
+        assert answer.status_code == 400 and words in answer.text, answer.text
+    overflow = await admin(gw, "GET", "/admin/audit?since=9999999w")
+    assert overflow.status_code == 400

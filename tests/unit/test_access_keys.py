@@ -4,6 +4,7 @@ the ledger name, and a process with another secret says so."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -138,12 +139,58 @@ async def test_expired_keys_are_not_usable(store, clock):
 
 async def test_unknown_names_are_refused_without_echoing_a_key(store):
     await store.create("t", KeyPolicy(), "cli:a")
+    unknown = "sk-spw-notthere" + "0" * 35  # shaped like a whole key
     with pytest.raises(KeyNotFound) as caught:
-        await store.revoke("sk-spw-notthere000000000000000000000000000000000", "cli:a")
+        await store.revoke(unknown, "cli:a")
     assert "'sk-spw-notthere'" in caught.value.message  # its prefix only
     assert "0000" not in caught.value.message
+    with pytest.raises(InvalidRequest, match="Give a key's prefix"):
+        await store.revoke("sk-spw-notthere00", "cli:a")  # neither prefix nor key
+    with pytest.raises(KeyNotFound) as configured:
+        await store.revoke("sk-live-configured-in-toml", "cli:a")
+    assert "sk-live" not in configured.value.message and "[[keys]]" in configured.value.message
     with pytest.raises(InvalidRequest, match="tenant"):
         await store.create("no spaces allowed", KeyPolicy(), "cli:a")
+
+
+async def test_a_rotated_key_cannot_be_rotated_again_and_revoking_ends_its_grace(store):
+    old = await store.create("t", KeyPolicy(), "cli:a")
+    new, _ = await store.rotate(old.record.prefix, "cli:a", timedelta(minutes=1))
+    with pytest.raises(InvalidRequest, match="rotated already"):
+        await store.rotate(old.record.prefix, "cli:a", timedelta(weeks=52))
+    assert {k.prefix for k in await store.usable()} == {old.record.prefix, new.record.prefix}
+    await store.revoke(old.record.prefix, "cli:a")  # ends the grace period at once
+    assert {k.prefix for k in await store.usable()} == {new.record.prefix}
+
+
+async def test_concurrent_changes_to_one_key_do_not_both_land(store, db, clock):
+    first = await store.create("t", KeyPolicy(), "cli:a")
+    outcomes = await asyncio.gather(
+        store.rotate(first.record.prefix, "cli:a"),
+        store.rotate(first.record.prefix, "cli:b"),
+        store.revoke(first.record.prefix, "cli:c"),
+        return_exceptions=True,
+    )
+    landed = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(landed) == 1, outcomes
+    assert all(isinstance(o, (KeyNotFound, InvalidRequest)) for o in outcomes if o not in landed)
+    usable = await store.usable()
+    assert len(usable) <= 1  # a successor, or none when the revoke won
+    assert first.record.prefix not in {k.prefix for k in usable}
+
+
+async def test_the_first_keys_issued_at_once_agree_on_the_secret(url, clock):
+    stores = [SqlLedgerStore(url, clock) for _ in range(4)]
+    try:
+        for database in stores:
+            await database.open()
+        made = await asyncio.gather(
+            *(KeyStore(d, KeyHasher(SECRET), clock).create("t", KeyPolicy(), "a") for d in stores)
+        )
+        assert len({m.record.prefix for m in made}) == 4
+    finally:
+        for database in stores:
+            await database.aclose()
 
 
 async def test_a_process_with_another_secret_says_so(store, db, clock):
@@ -169,9 +216,11 @@ def test_durations_and_budgets_as_people_write_them():
     assert parse_duration("30d") == timedelta(days=30)
     assert parse_duration(" 12h ") == timedelta(hours=12)
     assert parse_duration("2w") == timedelta(weeks=2)
-    for bad in ("0d", "30", "d", "1.5h", "-1h", "30 days"):
+    for bad in ("0d", "30", "d", "1.5h", "-1h", "30 days", "9999999999d"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(bad)
+    with pytest.raises(ValueError, match="100 years"):
+        parse_duration("99999999w")
     budget = parse_budget("300CNY/day")
     assert (budget.amount, budget.currency, budget.period) == (Decimal(300), "CNY", "day")
     assert parse_budget("12.5 usd / Month").currency == "USD"

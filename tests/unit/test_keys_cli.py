@@ -99,3 +99,25 @@ def test_without_a_database_there_are_no_managed_keys(config: Path) -> None:
     config.write_text(config.read_text() + "\n[ledger]\nenabled = false\n")
     result = run(config, "keys", "list")
     assert result.exit_code == 2 and "enabled = false" in result.stderr
+
+
+def test_names_are_shown_as_written_and_keys_can_come_from_stdin(config: Path) -> None:
+    made = as_json(run(config, "keys", "create", "--tenant", "t", "--name", "[/x] [red]",
+                       "--format", "json"))  # fmt: skip
+    listed = run(config, "keys", "list")
+    assert listed.exit_code == 0 and "[/x] [red]" in listed.stdout
+    assert run(config, "audit").exit_code == 0
+    revoked = CliRunner().invoke(
+        cli, ["keys", "revoke", "-", "--config", str(config)], input=made["key"] + "\n"
+    )
+    assert revoked.exit_code == 0, revoked.output
+    assert made["prefix"] in revoked.stdout and made["key"] not in revoked.stdout
+
+
+def test_a_database_that_does_not_answer_is_one_line(config: Path) -> None:
+    text = config.read_text().replace("[server]\n", f'[server]\nsecret = "{"s" * 32}"\n', 1)
+    config.write_text(text + '\n[ledger]\nurl = "postgresql+asyncpg://u:pw@127.0.0.1:9/db"\n')
+    result = run(config, "keys", "list")
+    assert result.exit_code == 1
+    assert "did not answer" in result.stderr and "Traceback" not in result.output
+    assert "pw@" not in result.stderr

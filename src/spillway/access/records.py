@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from spillway.config.schema import BudgetConfig, KeyPolicy, check_tenant
+from spillway.wire.requests import CONTROL_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +29,26 @@ class ManagedKey:
     created_by: str
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    #: a rotated key works until then though revoked (None: no grace)
+    grace_until: datetime | None = None
     last_used_at: datetime | None = None
     #: the prefix of the key that replaced this one (``rotate``)
     replaced_by: str | None = None
 
     def state(self, now: datetime) -> str:
-        if self.revoked_at is not None and self.revoked_at <= now:
+        if self.revoked_at is not None and not self.in_grace(now):
             return "revoked"
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
         return "active"
+
+    def in_grace(self, now: datetime) -> bool:
+        return self.grace_until is not None and self.grace_until > now
+
+    def ends_at(self) -> datetime | None:
+        """When a usable key stops working by itself: its expiry, or its grace's end."""
+        ends = [at for at in (self.expires_at, self.grace_until) if at is not None]
+        return min(ends, default=None)
 
     def public(self, now: datetime) -> dict[str, Any]:
         """What ``keys list`` and ``/admin/keys`` show: everything but the hash."""
@@ -52,6 +63,7 @@ class ManagedKey:
             "created_by": self.created_by,
             "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
+            "grace_until": _iso(self.grace_until),
             "last_used_at": _iso(self.last_used_at),
             "replaced_by": self.replaced_by,
         }
@@ -69,7 +81,9 @@ def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat().replace("+00:00", "Z")
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw])\s*$")
+#: the longest duration accepted (an expiry, a grace period, a look back): 100 years
+MAX_DURATION = timedelta(days=36_500)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d{1,6})?)\s*(USD|CNY)?\s*/\s*(day|month)\s*$", re.IGNORECASE)
 
@@ -79,7 +93,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if match is None or int(match[1]) == 0:
         raise ValueError(f"'{text}' is not a duration: write a positive number and s, m, h, d or w")
-    return timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
+    seconds = int(match[1]) * _UNIT_S[match[2]]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"'{text}' is longer than 100 years")
+    return timedelta(seconds=seconds)
 
 
 def parse_budget(text: str) -> BudgetConfig:
@@ -108,6 +125,13 @@ class KeyRequest(KeyPolicy):
     @classmethod
     def _tenant(cls, value: str) -> str:
         return check_tenant(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and CONTROL_CHARS.search(value):
+            raise ValueError("no control characters (line breaks, escapes)")
+        return value
 
     @field_validator("budget", mode="before")
     @classmethod

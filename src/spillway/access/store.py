@@ -14,13 +14,17 @@ from typing import Any
 
 import orjson
 from sqlalchemy import insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from spillway.access.audit import record_action
 from spillway.access.records import IssuedKey, ManagedKey
 from spillway.access.tokens import (
+    KEY_SCHEME,
+    PREFIX_LENGTH,
     KeyHasher,
+    is_prefix,
     looks_managed,
     new_key,
     new_key_id,
@@ -49,21 +53,27 @@ class KeyStore:
     async def check_secret(self, claim: bool) -> None:
         """Raise ``SecretMismatch`` when the database's keys were hashed under another
         secret. ``claim``: store this secret's check value when none is stored yet (done by
-        whoever issues the first key)."""
+        whoever issues the first key; two at once agree, whichever lands first)."""
         await self._db.open()
         mine = self._hasher.check_value()
-        async with self._db.writing.begin() as conn:
-            stored = await conn.scalar(
-                select(SETTINGS.c.value).where(SETTINGS.c.name == KEY_HASH_CHECK)
-            )
-            if stored is None and claim:
-                await conn.execute(insert(SETTINGS).values(name=KEY_HASH_CHECK, value=mine))
-                return
+        stored = await self._check_value()
+        if stored is None and claim:
+            async with self._db.writing.begin() as conn:
+                await conn.execute(
+                    _insert_ignoring(conn, SETTINGS, "name").values(name=KEY_HASH_CHECK, value=mine)
+                )
+            stored = await self._check_value()
         if stored is not None and stored != mine:
             raise SecretMismatch(
                 "the managed keys in this database were hashed under another secret: give "
                 "every replica and the CLI the same [server] secret"
             )
+
+    async def has_keys(self) -> bool:
+        return await keys_issued(self._db)
+
+    async def _check_value(self) -> str | None:
+        return await _check_value(self._db)
 
     async def create(
         self,
@@ -92,33 +102,47 @@ class KeyStore:
         self, ident: str, actor: str, grace: timedelta | None = None
     ) -> tuple[IssuedKey, ManagedKey]:
         """A new key with the old one's tenant, policy, name, expiry and ``key_id`` (so its
-        budget and ledger history carry on); the old one is revoked now, or after ``grace``."""
+        budget and ledger history carry on); the old one is revoked now, or works on for
+        ``grace``. A key already rotated is refused: rotate its successor."""
         await self.check_secret(claim=True)
         now = self._now()
         async with self._db.writing.begin() as conn:
-            old = await self._find(conn, ident, usable_at=now)
+            old = await self._find(conn, ident, usable_at=now, lock=True)
+            if old.replaced_by is not None:
+                raise InvalidRequest(
+                    f"{old.prefix} was rotated already (to {old.replaced_by}); rotate that "
+                    "key, or revoke this one to end its grace period."
+                )
             issued = await self._insert(
                 conn, old.tenant, old.policy, actor, old.name, old.expires_at, old.key_id
             )
-            ends = now + grace if grace else now
-            await conn.execute(
+            ends = now + grace if grace else None
+            changed = await conn.execute(
                 update(API_KEYS)
-                .where(API_KEYS.c.prefix == old.prefix)
-                .values(revoked_at=ends, replaced_by=issued.record.prefix)
+                .where(API_KEYS.c.prefix == old.prefix, API_KEYS.c.revoked_at.is_(None))
+                .values(revoked_at=now, grace_until=ends, replaced_by=issued.record.prefix)
             )
-            detail = {"replaced_by": issued.record.prefix, "old_key_ends_at": ends.isoformat()}
+            _one_row(changed.rowcount, old.prefix)
+            detail = {
+                "replaced_by": issued.record.prefix,
+                "old_key_ends_at": (ends or now).isoformat(),
+            }
             await record_action(conn, now, actor, "key.rotate", old.tenant, old.prefix, detail)
             await _bump(conn)
         return issued, old
 
     async def revoke(self, ident: str, actor: str) -> ManagedKey:
+        """Revoke a usable key at once (a rotated key's grace period ends too)."""
         now = self._now()
         await self._db.open()
         async with self._db.writing.begin() as conn:
-            key = await self._find(conn, ident, usable_at=now)
-            await conn.execute(
-                update(API_KEYS).where(API_KEYS.c.prefix == key.prefix).values(revoked_at=now)
+            key = await self._find(conn, ident, usable_at=now, lock=True)
+            changed = await conn.execute(
+                update(API_KEYS)
+                .where(API_KEYS.c.prefix == key.prefix, _usable(now))
+                .values(revoked_at=now, grace_until=None)
             )
+            _one_row(changed.rowcount, key.prefix)
             await record_action(conn, now, actor, "key.revoke", key.tenant, key.prefix, {})
             await _bump(conn)
         return key
@@ -138,9 +162,21 @@ class KeyStore:
             return [_record(row) for row in await conn.execute(stmt)]
 
     async def usable(self) -> list[ManagedKey]:
-        """The keys a gateway should know now: not revoked and not expired (a rotated key in
-        its grace period included)."""
+        """The keys that work now: not revoked and not expired (a rotated key in its grace
+        period included)."""
         return await self.keys(include_ended=False)
+
+    async def for_gateway(self, remember: timedelta = timedelta(days=30)) -> list[ManagedKey]:
+        """What a gateway loads: the usable keys, and those that ended in the last
+        ``remember`` (so a client using one is told it was revoked or expired)."""
+        await self._db.open()
+        since = self._now() - remember
+        c = API_KEYS.c
+        recent = or_(c.revoked_at.is_(None), c.revoked_at > since, c.grace_until > since) & or_(
+            c.expires_at.is_(None), c.expires_at > since
+        )
+        async with self._db.engine.connect() as conn:
+            return [_record(row) for row in await conn.execute(select(API_KEYS).where(recent))]
 
     async def revision(self) -> int:
         await self._db.open()
@@ -197,28 +233,42 @@ class KeyStore:
         return IssuedKey(key, record)
 
     async def _find(
-        self, conn: AsyncConnection, ident: str, usable_at: datetime | None
+        self,
+        conn: AsyncConnection,
+        ident: str,
+        usable_at: datetime | None,
+        lock: bool = False,
     ) -> ManagedKey:
-        """By the whole key, its prefix, or its key id; ``usable_at``: only a key not yet
-        revoked or expired then."""
+        """By the whole key, its prefix, or its key id; ``usable_at``: only a key usable then;
+        ``lock``: hold its row until the transaction ends (PostgreSQL; SQLite's IMMEDIATE
+        transaction holds the whole database already)."""
         ident = ident.strip()
         if looks_managed(ident):
             where = API_KEYS.c.key_hash == self._hasher.hash(ident)
+        elif ident.startswith(KEY_SCHEME) and not is_prefix(ident):
+            raise InvalidRequest(
+                f"Give a key's prefix ({PREFIX_LENGTH} characters, as `spillway keys list` "
+                "shows it), its key id, or the whole key."
+            )
         else:
             where = or_(API_KEYS.c.prefix == ident, API_KEYS.c.key_id == ident)
         stmt = select(API_KEYS).where(where)
         if usable_at is not None:
             stmt = stmt.where(_usable(usable_at))
+        if lock:
+            stmt = stmt.with_for_update()
         rows = list(await conn.execute(stmt))
         if not rows:
+            named = f" '{prefix_of(ident)}'" if ident.startswith(KEY_SCHEME) else ""
             raise KeyNotFound(
-                f"No {'usable ' if usable_at else ''}managed key has the prefix or key id "
-                f"'{prefix_of(ident)}'. `spillway keys list` shows them."
+                f"No {'usable ' if usable_at else ''}managed key has that prefix, key id or "
+                f"key{named}. `spillway keys list` shows them; keys written in [[keys]] are "
+                "changed in spillway.toml."
             )
         if len(rows) > 1:
             raise InvalidRequest(
-                f"'{ident}' names {len(rows)} keys (a key id shared by a rotated key and its "
-                "successor): give the key's prefix instead."
+                f"That key id names {len(rows)} keys (a rotated key and its successor): give "
+                "the key's prefix instead."
             )
         return _record(rows[0])
 
@@ -226,10 +276,36 @@ class KeyStore:
         return datetime.fromtimestamp(self._clock.wall(), UTC)
 
 
+async def keys_issued(database: SqlLedgerStore) -> bool:
+    """Whether any managed key was ever issued in this database (the secret's check value is
+    stored with the first): if so, a gateway is never open, whatever it can read of them."""
+    await database.open()
+    return await _check_value(database) is not None
+
+
+async def _check_value(database: SqlLedgerStore) -> str | None:
+    async with database.engine.connect() as conn:
+        value = await conn.scalar(select(SETTINGS.c.value).where(SETTINGS.c.name == KEY_HASH_CHECK))
+    return None if value is None else str(value)
+
+
 def _usable(now: datetime) -> Any:
-    return or_(API_KEYS.c.revoked_at.is_(None), API_KEYS.c.revoked_at > now) & or_(
-        API_KEYS.c.expires_at.is_(None), API_KEYS.c.expires_at > now
+    c = API_KEYS.c
+    return or_(c.revoked_at.is_(None), c.grace_until > now) & or_(
+        c.expires_at.is_(None), c.expires_at > now
     )
+
+
+def _one_row(count: int, prefix: str) -> None:
+    """A conditional update changed nothing: another change to the key got there first."""
+    if count != 1:
+        raise InvalidRequest(f"{prefix} changed meanwhile (revoked or rotated); look again.")
+
+
+def _insert_ignoring(conn: AsyncConnection, table: Any, key: str) -> Any:
+    """INSERT … ON CONFLICT (key) DO NOTHING, in the connection's dialect."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
 async def _bump(conn: AsyncConnection) -> None:
@@ -267,6 +343,7 @@ def _record(row: Row[Any]) -> ManagedKey:
         created_by=m["created_by"],
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
+        grace_until=m["grace_until"],
         last_used_at=m["last_used_at"],
         replaced_by=m["replaced_by"],
     )

@@ -22,6 +22,7 @@ from spillway.errors import StartupError
 KEY_SCHEME = "sk-spw-"
 PREFIX_LENGTH = len(KEY_SCHEME) + 8
 _RANDOM_BYTES = 32
+KEY_LENGTH = len(KEY_SCHEME) + 43  # token_urlsafe(32): 43 characters
 _CHECK_MESSAGE = b"spillway: managed keys are hashed under this secret"
 SECRET_FILE = "secret"
 
@@ -36,7 +37,11 @@ def prefix_of(key: str) -> str:
 
 def looks_managed(text: str) -> bool:
     """A whole managed key (not just its prefix)."""
-    return text.startswith(KEY_SCHEME) and len(text) > PREFIX_LENGTH
+    return text.startswith(KEY_SCHEME) and len(text) == KEY_LENGTH
+
+
+def is_prefix(text: str) -> bool:
+    return text.startswith(KEY_SCHEME) and len(text) == PREFIX_LENGTH
 
 
 def new_key_id() -> str:
@@ -83,8 +88,26 @@ def _secret_file(path: Path) -> bytes:
     """Read the secret, or make it: 32 random bytes, readable by this user only. Written
     whole under a temporary name and linked into place, so two processes starting at once
     agree on one and neither reads a half-written file."""
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
+    try:
+        if not path.exists():
+            _make_secret_file(path)
+        value = bytes.fromhex(path.read_text().strip())
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use {path.name} in the data directory ({type(exc).__name__}): run as the "
+            "user the gateway runs as, or set [server] secret"
+        ) from None
+    except ValueError:
+        value = b""
+    if len(value) < 32:
+        raise StartupError(
+            f"{path.name} in the data directory is damaged (not 32 hex bytes); restore it, "
+            "or set [server] secret (managed keys hashed under the old one stop working)"
+        )
+    return value
+
+
+def _make_secret_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -98,4 +121,3 @@ def _secret_file(path: Path) -> bytes:
         pass
     finally:
         partial.unlink()
-    return bytes.fromhex(path.read_text().strip())

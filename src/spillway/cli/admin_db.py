@@ -3,7 +3,8 @@ as the config names it, opened for one command, and who the command is acting fo
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,11 +34,18 @@ class AdminDb:
 
 
 def actor() -> str:
-    """Who the audit trail names for a CLI command: the operating-system user."""
+    """Who the audit trail names for a CLI command: the operating-system user the process
+    runs as (not $USER, which anyone may set)."""
     try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
+        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid-{os.getuid()}"
+
+
+def database_down(exc: BaseException) -> str:
+    """One line for a database that did not answer (the URL may hold a password: not shown)."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"the ledger's database did not answer ({type(exc).__name__}: {first})"
 
 
 @asynccontextmanager

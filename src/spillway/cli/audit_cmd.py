@@ -17,10 +17,12 @@ import click
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from spillway.access.audit import AuditEvent, EventKind
 from spillway.access.records import parse_duration
-from spillway.cli.admin_db import REFUSED_EXIT, admin_db, fail
+from spillway.cli.admin_db import REFUSED_EXIT, admin_db, database_down, fail
 from spillway.cli.common import config_option, load_or_exit
 from spillway.config.schema import Config
 
@@ -54,7 +56,10 @@ def audit(
         window = parse_duration(since) if since else None
     except ValueError as exc:
         fail(f"--since: {exc}", REFUSED_EXIT)
-    events = asyncio.run(_events(config, window, _KINDS[kind], tenant, limit))
+    try:
+        events = asyncio.run(_events(config, window, _KINDS[kind], tenant, limit))
+    except (OSError, SQLAlchemyError) as exc:
+        fail(database_down(exc), REFUSED_EXIT)
     if fmt == "json":
         shown = [e.public() for e in events]
         click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
@@ -81,7 +86,7 @@ def _table(events: list[AuditEvent]) -> Table:
         table.add_column(column)
     for e in events:
         detail = ", ".join(f"{k}={_plain(v)}" for k, v in e.detail.items())
-        table.add_row(
+        cells = (
             e.at.strftime("%Y-%m-%d %H:%M:%S"),
             e.action,
             e.actor,
@@ -89,6 +94,7 @@ def _table(events: list[AuditEvent]) -> Table:
             e.target or "",
             detail,
         )
+        table.add_row(*(Text(cell) for cell in cells))  # text as it is: no markup
     return table
 
 

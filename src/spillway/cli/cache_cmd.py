@@ -19,10 +19,11 @@ import click
 import orjson
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from spillway.cache.stores import CacheStore, ScopeStats
 from spillway.cache.vectors import VectorIndex
-from spillway.cli.admin_db import actor, admin_db
+from spillway.cli.admin_db import REFUSED_EXIT, actor, admin_db, database_down
 from spillway.cli.common import config_option, load_or_exit
 from spillway.clock import SystemClock
 from spillway.config.schema import Config
@@ -77,6 +78,14 @@ def clear(
     config = load_or_exit(config_path, {"data_dir": data_dir})
     answers, vectors = asyncio.run(_clear(config, tenant, model))
     click.echo(f"cleared {answers} cached answers and {vectors} semantic entries")
+    if config.ledger.enabled:
+        detail = {"model": model, "answers": answers, "semantic_entries": vectors}
+        try:
+            asyncio.run(_audit_clear(config, tenant, model, detail))
+        except (OSError, SQLAlchemyError) as exc:
+            click.echo(f"spillway: the clear is not in the audit trail: {database_down(exc)}",
+                       err=True)  # fmt: skip
+            sys.exit(REFUSED_EXIT)
 
 
 async def _gather(config: Config) -> dict[str, Any]:
@@ -91,15 +100,18 @@ async def _gather(config: Config) -> dict[str, Any]:
 
 
 async def _clear(config: Config, tenant: str | None, model: str | None) -> tuple[int, int]:
-    """Clear, then put it in the audit trail (when there is a ledger database to hold it)."""
     async with _opened(config) as (store, index):
         answers = await store.clear(tenant, model)
         vectors = await index.clear(tenant, model) if index is not None else 0
-    if config.ledger.enabled:
-        detail = {"model": model, "answers": answers, "semantic_entries": vectors}
-        async with admin_db(config, need_keys=False) as db:
-            await db.audit.record(actor(), "cache.clear", tenant, model, detail)
     return answers, vectors
+
+
+async def _audit_clear(
+    config: Config, tenant: str | None, model: str | None, detail: dict[str, Any]
+) -> None:
+    """The clear, in the audit trail (after it: the cache and the ledger are two stores)."""
+    async with admin_db(config, need_keys=False) as db:
+        await db.audit.record(actor(), "cache.clear", tenant, model, detail)
 
 
 @asynccontextmanager

@@ -19,10 +19,12 @@ import orjson
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from spillway.access.records import IssuedKey, KeyRequest, explain, parse_duration, unserved_models
 from spillway.access.store import KeyStore
-from spillway.cli.admin_db import REFUSED_EXIT, actor, admin_db, fail
+from spillway.cli.admin_db import REFUSED_EXIT, actor, admin_db, database_down, fail
 from spillway.cli.common import config_option, load_or_exit
 from spillway.config.privacy import PII_ACTIONS
 from spillway.config.schema import Config
@@ -100,9 +102,11 @@ def list_keys(config_path: Path | None, everything: bool, fmt: str) -> None:
 @config_option
 @click.argument("key_or_prefix")
 def revoke(config_path: Path | None, key_or_prefix: str) -> None:
-    """Revoke a key, named by the key itself, its prefix or its key id."""
+    """Revoke a key, named by its prefix, its key id, or the key itself (- reads it from
+    standard input)."""
     config = load_or_exit(config_path)
-    key = _run(config, lambda store: store.revoke(key_or_prefix, actor()))
+    named = _named(key_or_prefix)
+    key = _run(config, lambda store: store.revoke(named, actor()))
     click.echo(f"revoked {key.prefix}… (tenant {key.tenant}); gateways refuse it within 2 s")
 
 
@@ -119,7 +123,8 @@ def rotate(config_path: Path | None, key_or_prefix: str, grace: str | None, fmt:
         window = parse_duration(grace) if grace else None
     except ValueError as exc:
         fail(f"--grace: {exc}", REFUSED_EXIT)
-    issued, old = _run(config, lambda store: store.rotate(key_or_prefix, actor(), window))
+    named = _named(key_or_prefix)
+    issued, old = _run(config, lambda store: store.rotate(named, actor(), window))
     _show_issued(issued, fmt, replaces=old.prefix)
 
 
@@ -133,6 +138,17 @@ def _run(config: Config, action: Callable[[KeyStore], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except SpillwayError as exc:
         fail(exc.message, REFUSED_EXIT)
+    except (OSError, SQLAlchemyError) as exc:
+        fail(database_down(exc), REFUSED_EXIT)
+
+
+def _named(key_or_prefix: str) -> str:
+    """``-``: read the key from standard input (a key on the command line stays in the
+    shell's history and in ``ps``)."""
+    if key_or_prefix != "-":
+        return key_or_prefix
+    line: str = sys.stdin.readline()
+    return line.strip()
 
 
 def _show_issued(issued: IssuedKey, fmt: str, replaces: str | None) -> None:
@@ -155,7 +171,7 @@ def _table(keys: list[dict[str, Any]]) -> Table:
     for column in ("prefix", "tenant", "name", "state", "limits", "created", "last used"):
         table.add_column(column)
     for k in keys:
-        table.add_row(
+        cells = (
             k["prefix"] + "…",
             k["tenant"],
             k["name"] or "",
@@ -164,6 +180,7 @@ def _table(keys: list[dict[str, Any]]) -> Table:
             (k["created_at"] or "")[:19],
             (k["last_used_at"] or "never")[:19],
         )
+        table.add_row(*(Text(cell) for cell in cells))  # text as it is: no markup
     return table
 
 

@@ -49,6 +49,8 @@ def _access_v3(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         Column("created_by", Text, nullable=False),
         Column("expires_at", UtcTimestamp),
         Column("revoked_at", UtcTimestamp),
+        #: a rotated key's grace period: it works until then though revoked (NULL: none)
+        Column("grace_until", UtcTimestamp),
         Column("last_used_at", UtcTimestamp),
         Column("replaced_by", Text),
         Index("api_keys_key_id", "key_id"),

@@ -30,6 +30,8 @@ class _Managed:
     #: wall-clock seconds after which the key no longer works (expiry, or the end of a
     #: rotated key's grace period); None: never
     ends_at: float | None
+    #: revoked outright (no grace): refused, with the time it was revoked
+    revoked_at: float | None = None
 
 
 class KeyRing:
@@ -40,23 +42,33 @@ class KeyRing:
         self._by_digest = {_digest(k.key.get_secret_value()): _principal(k) for k in keys}
         self._hasher: KeyHasher | None = None
         self._managed: dict[str, _Managed] = {}
+        #: the database has held managed keys: the gateway is never open again, even when
+        #: none can be read or all have ended
+        self._sealed = False
         #: managed keys' prefixes and when each was last used (wall seconds), until
         #: ``KeySync`` takes them for the database
         self.used: dict[str, float] = {}
 
     @property
     def open(self) -> bool:
-        """No key at all, configured or managed: every request is the default tenant."""
-        return not self._by_digest and not self._managed
+        """No key at all, configured or managed, ever: every request is the default tenant."""
+        return not self._by_digest and not self._managed and not self._sealed
+
+    def seal(self) -> None:
+        """Managed keys exist (or did): keys are required from now on."""
+        self._sealed = True
 
     @property
     def managed_count(self) -> int:
         return len(self._managed)
 
     def set_managed(self, hasher: KeyHasher, keys: Iterable[ManagedKey]) -> None:
-        """Replace the managed keys with ``keys`` (the database's usable set)."""
+        """Replace the managed keys with ``keys`` (``KeyStore.for_gateway``: the usable ones
+        and those that ended lately, which are refused saying so)."""
         self._hasher = hasher
         self._managed = {k.key_hash: _managed(k) for k in keys}
+        if self._managed:
+            self._sealed = True
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self.open:
@@ -92,12 +104,16 @@ class KeyRing:
         entry = self._managed.get(key_hash)
         if entry is None:
             raise AuthenticationFailed("Incorrect API key provided.")
+        if entry.revoked_at is not None:
+            raise AuthenticationFailed(
+                f"This API key was revoked at {_iso(entry.revoked_at)}. Ask for a new key."
+            )
         now = self._clock.wall()
         if entry.ends_at is not None and now >= entry.ends_at:
-            ended = datetime.fromtimestamp(entry.ends_at, UTC).isoformat(timespec="seconds")
             raise AuthenticationFailed(
-                f"This API key stopped working at {ended.replace('+00:00', 'Z')} (expired, "
-                "or replaced by a rotated key). Use its replacement, or ask for a new key.",
+                f"This API key stopped working at {_iso(entry.ends_at)} (it expired, or the "
+                "grace period after its rotation ended). Use its replacement, or ask for a "
+                "new key.",
                 code="expired_api_key",
             )
         self.used[entry.prefix] = now
@@ -122,10 +138,18 @@ def _principal(key: KeyConfig) -> Principal:
 
 
 def _managed(key: ManagedKey) -> _Managed:
-    ends = [at.timestamp() for at in (key.expires_at, key.revoked_at) if at is not None]
+    ends = key.ends_at()
+    revoked = key.revoked_at if key.revoked_at is not None and key.grace_until is None else None
     return _Managed(
-        principal_for(key.tenant, key.policy, key.key_id), key.prefix, min(ends, default=None)
+        principal_for(key.tenant, key.policy, key.key_id),
+        key.prefix,
+        None if ends is None else ends.timestamp(),
+        None if revoked is None else revoked.timestamp(),
     )
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _digest(secret: str) -> bytes:

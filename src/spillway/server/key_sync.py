@@ -16,6 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from spillway.access.audit import AuditTrail
 from spillway.access.store import KeyStore, SecretMismatch
@@ -39,7 +40,9 @@ class KeySync:
         budgets: Budgets,
         ledger: SqlLedgerStore,
         clock: Clock,
+        marker: Path | None = None,
     ):
+        self._marker = marker
         self._store = store
         self._hasher = hasher
         self._ring = ring
@@ -49,22 +52,46 @@ class KeySync:
         self._revision: int | None = None
         self._failing = False
         self._last_touch = clock.monotonic()
+        #: one refresh at a time: the admin API's and the poll's must not interleave, or the
+        #: one that read first could install its older set last
+        self._lock = asyncio.Lock()
+        #: managed keys' budgets whose spend has not been read from the ledger yet
+        self._unloaded: set[str] = set()
 
     async def refresh(self, force: bool = False) -> None:
         """Reload the keys if the revision moved (or ``force``). Raises what the database
         raised; ``SecretMismatch`` when its keys were hashed under another secret."""
-        revision = await self._store.revision()
-        if revision == self._revision and not force:
-            return
-        await self._store.check_secret(claim=False)
-        keys = await self._store.usable()
-        self._ring.set_managed(self._hasher, keys)
-        new = self._budgets.add({k.key_id: k.policy.budget for k in keys if k.policy.budget})
-        if new:
-            await self._budgets.load(self._ledger, only=new)
-        if self._revision is not None:
-            log.info("managed keys: revision %d, %d usable", revision, len(keys))
-        self._revision = revision
+        async with self._lock:
+            await self._load_spend()
+            revision = await self._store.revision()
+            if revision == self._revision and not force:
+                return
+            if await self._store.has_keys():
+                self._sealed()
+            await self._store.check_secret(claim=False)
+            keys = await self._store.for_gateway()
+            self._ring.set_managed(self._hasher, keys)
+            budgets = {k.key_id: k.policy.budget for k in keys if k.policy.budget}
+            self._unloaded.update(self._budgets.add(budgets))
+            await self._load_spend()
+            if self._revision is not None:
+                log.info("managed keys: revision %d, %d loaded", revision, len(keys))
+            self._revision = revision
+
+    def _sealed(self) -> None:
+        """Keys are required from now on, here and after a restart that cannot read the
+        database (``marker``, a file in the data directory)."""
+        self._ring.seal()
+        if self._marker is not None and not self._marker.exists():
+            self._marker.parent.mkdir(parents=True, exist_ok=True)
+            self._marker.touch()
+
+    async def _load_spend(self) -> None:
+        """What new keys already spent (a rotated key's successor shares its key id), until
+        it has been read once for each: a failed read is tried again at the next poll."""
+        if self._unloaded:
+            await self._budgets.load(self._ledger, only=sorted(self._unloaded))
+            self._unloaded.clear()
 
     async def run(self) -> None:
         while True:
@@ -77,6 +104,7 @@ class KeySync:
             if self._clock.monotonic() - self._last_touch >= TOUCH_S:
                 await self.touch()
         except SecretMismatch as exc:
+            self._sealed()
             self._ring.set_managed(self._hasher, ())
             self._complain(str(exc))
         except Exception as exc:  # the database is away: keep the last set and try again

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from spillway.access.audit import EventKind
 from spillway.access.records import KeyRequest, explain, parse_duration, unserved_models
-from spillway.access.tokens import looks_managed
+from spillway.access.tokens import KEY_SCHEME, PREFIX_LENGTH
 from spillway.errors import InvalidRequest, SpillwayError
 from spillway.server.body import read_within_limits
 from spillway.server.key_sync import Access
@@ -43,7 +43,8 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     gateway, access = _admin(request)
-    body = await _json_body(request, gateway)
+    body = orjson.loads(await _json_body(request, gateway))
+    _plain_types(body)
     try:
         wanted = KeyRequest.model_validate(body)
     except ValidationError as exc:
@@ -56,7 +57,7 @@ async def create_key(request: web.Request) -> web.Response:
         wanted.tenant, wanted.policy, _actor(request, gateway), wanted.name, wanted.expires_at(now)
     )
     await _take_effect(access)
-    return _json({"key": issued.key, **issued.record.public(now)}, status=201)
+    return _json({"key": issued.key, **issued.record.public(now)}, status=201, secret=True)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -70,7 +71,8 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     gateway, access = _admin(request)
     ident = _ident(request)
-    body = await _json_body(request, gateway, optional=True)
+    raw = await _json_body(request, gateway, optional=True)
+    body = orjson.loads(raw) if raw else {}
     grace = body.get("grace")
     if grace is not None and not isinstance(grace, str):
         raise InvalidRequest("grace: write a duration such as '1h' or '30m'", param="grace")
@@ -81,7 +83,8 @@ async def rotate_key(request: web.Request) -> web.Response:
     issued, old = await access.store.rotate(ident, _actor(request, gateway), window)
     await _take_effect(access)
     now = _now(gateway)
-    return _json({"key": issued.key, **issued.record.public(now), "replaces": old.prefix}, 201)
+    answer = {"key": issued.key, **issued.record.public(now), "replaces": old.prefix}
+    return _json(answer, 201, secret=True)
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -107,6 +110,26 @@ async def audit(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": [e.public() for e in events]})
 
 
+#: JSON types the policy fields must have: "private_only": "yes" or "rpm": true is a mistake
+#: to name, not one to guess at (pydantic would take both)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "private_only": (bool,),
+    "admin": (bool,),
+    "rpm": (int,),
+    "tpm": (int,),
+    "max_parallel": (int,),
+}
+
+
+def _plain_types(body: dict[str, Any]) -> None:
+    for name, types in _JSON_TYPES.items():
+        value = body.get(name)
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if value is not None and (wrong_bool or not isinstance(value, types)):
+            kind = "true or false" if bool in types else "a whole number"
+            raise InvalidRequest(f"Invalid key request: {name}: must be {kind}", param=name)
+
+
 def _admin(request: web.Request) -> tuple[Gateway, Access]:
     gateway = request.app[GATEWAY]
     require_admin(request, gateway)
@@ -122,7 +145,7 @@ def _admin(request: web.Request) -> tuple[Gateway, Access]:
 
 def _ident(request: web.Request) -> str:
     ident = request.match_info["ident"]
-    if looks_managed(ident):
+    if ident.startswith(KEY_SCHEME) and len(ident) > PREFIX_LENGTH:
         raise InvalidRequest(
             "Name the key by its prefix (its first 15 characters) or key id, not the whole "
             "key: a URL is kept in logs. Revoke this key now if the URL was seen by others."
@@ -130,17 +153,22 @@ def _ident(request: web.Request) -> str:
     return ident
 
 
-async def _json_body(request: web.Request, gateway: Gateway, optional: bool = False) -> Any:
+async def _json_body(request: web.Request, gateway: Gateway, optional: bool = False) -> bytes:
+    """The body, checked to be one JSON object, sent as ``application/json``: a browser can
+    send another type from any page without asking (a CORS "simple" request), so a page
+    could otherwise issue keys on a gateway in open mode."""
     raw = await read_within_limits(request, gateway.config.server)
     if optional and not raw.strip():
-        return {}
+        return b""
+    if request.content_type != "application/json":
+        raise InvalidRequest("Send the body as JSON, with 'Content-Type: application/json'.")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return raw
 
 
 async def _take_effect(access: Access) -> None:
@@ -162,5 +190,9 @@ def _iso(at: datetime) -> str:
     return at.isoformat().replace("+00:00", "Z")
 
 
-def _json(body: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def _json(body: dict[str, Any], status: int = 200, secret: bool = False) -> web.Response:
+    """``secret``: the answer holds a key, which no cache on the way may keep."""
+    headers = {"Cache-Control": "no-store"} if secret else None
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
