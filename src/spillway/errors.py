@@ -13,7 +13,8 @@ Each front door renders it in its own protocol (``server/responses.py`` for Open
     │   ├── PayloadTooLarge            413
     │   ├── PiiDetected                      code=pii_detected (personal data, action block)
     │   ├── ModelNotFound              404   code=model_not_found
-    │   └── KeyNotFound                404   code=key_not_found (/admin/keys, spillway keys)
+    │   ├── KeyNotFound                404   code=key_not_found (/admin/keys, spillway keys)
+    │   └── NotFound                   404   code=not_found (a file or batch, or another tenant's)
     ├── AuthenticationFailed           401 authentication_error   code=invalid_api_key
     ├── PermissionDenied               403 permission_error       code=permission_denied
     ├── QueueFull                      429 rate_limit_error       code=queue_full (+Retry-After)
@@ -21,6 +22,7 @@ Each front door renders it in its own protocol (``server/responses.py`` for Open
     │                                      (+Retry-After and the key's quota)
     ├── InsufficientQuota              429 insufficient_quota     code=insufficient_quota
     ├── NoEligibleNode                 503 service_unavailable    code=no_eligible_node
+    │   └── NoSpareCapacity                  code=no_spare_capacity (a batch line: run later)
     ├── TooManyConnections             503 service_unavailable    code=too_many_connections
     ├── DeadlineExceeded               504 timeout                code=deadline_exceeded
     └── UpstreamError                  502 upstream_error         (one node failed)
@@ -120,6 +122,13 @@ class KeyNotFound(InvalidRequest):
     default_code = "key_not_found"
 
 
+class NotFound(InvalidRequest):
+    """No such file or batch for this tenant (another tenant's is answered the same way)."""
+
+    status = 404
+    default_code = "not_found"
+
+
 class AuthenticationFailed(SpillwayError):
     status = 401
     kind = "authentication_error"
@@ -176,6 +185,12 @@ class NoEligibleNode(SpillwayError):
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NoSpareCapacity(NoEligibleNode):
+    """A batch line found no node with spare capacity: the batch runs it later."""
+
+    default_code = "no_spare_capacity"
 
 
 class TooManyConnections(SpillwayError):

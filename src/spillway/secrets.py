@@ -56,7 +56,13 @@ class Redactor:
         for node in config.nodes.values():
             secrets += node_secrets(node)
         cache = config.cache
-        for secret in (cache.secret, config.server.secret):
+        storage = config.storage
+        for secret in (
+            cache.secret,
+            config.server.secret,
+            storage.access_key_id,
+            storage.secret_access_key,
+        ):
             if secret is not None:
                 secrets.append(secret.get_secret_value())
         for url in (cache.redis_url, cache.pgvector_url, config.ledger.url, config.state.redis_url):

@@ -37,6 +37,9 @@ class Script:
     latency_s: float = 0.0  # service time before the answer (or the first chunk)
     #: the prompt tokens its usage reports; None: 7 for a chat, 2 for embeddings
     prompt_tokens: int | None = None
+    #: answer a chat with its last message's content ("echo: …"), so each answer can be
+    #: matched to its own request
+    echo: bool = False
 
 
 @dataclass
@@ -155,6 +158,8 @@ class FakeUpstream:
 
     async def _complete(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         text = "".join(self._pieces())
+        if self.script.echo:
+            text = f"echo: {body['messages'][-1]['content']}"
         answer = {
             "id": f"chatcmpl-{self.name}",
             "object": "chat.completion",

@@ -34,12 +34,12 @@ LAYERS = {
     "spillway.routing": 3,
     "spillway.cache": 3,
     "spillway.ledger": 3,
-    "spillway.batch": 3,
     "spillway.planner": 3,
     "spillway.pipeline": 4,
     "spillway.access": 4,
-    "spillway.server": 5,
-    "spillway.cli": 6,
+    "spillway.batch": 5,
+    "spillway.server": 6,
+    "spillway.cli": 7,
 }
 #: Same-layer imports that keep layer 0 acyclic: errors < config < secrets.
 SAME_LAYER = {
@@ -216,7 +216,7 @@ def test_checker_resolves_relative_imports() -> None:
 def test_checker_catches_lazy_imports_and_root_imports() -> None:
     source = "def f():\n    from spillway import cli\n"
     assert check_module("spillway.server.fake", source) == [
-        "spillway.server.fake:2: imports spillway.cli (layer 6) from layer 5: "
+        "spillway.server.fake:2: imports spillway.cli (layer 7) from layer 6: "
         "imports must go to strictly lower layers"
     ]
 

@@ -5,7 +5,7 @@ from spillway.errors import AuthenticationFailed
 from spillway.pipeline.principal import ANONYMOUS, Principal
 from spillway.secrets import Redactor
 from spillway.server.auth import KeyRing, key_id
-from spillway.server.responses import error_body
+from spillway.wire.errors import error_body
 
 KEYS = (
     KeyConfig.model_validate({"key": "team-a-key-123456", "tenant": "team-a"}),

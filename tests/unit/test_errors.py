@@ -30,7 +30,8 @@ from spillway.errors import (
 )
 from spillway.quota import Quota
 from spillway.secrets import Redactor
-from spillway.server.responses import error_body, error_headers
+from spillway.server.responses import error_headers
+from spillway.wire.errors import error_body
 
 #: One instance of every error class, with the status and OpenAI type it must answer with.
 QUOTA = Quota(30, 0, 2.0, 1000, 10, 59.4)
@@ -42,6 +43,8 @@ EXAMPLES: dict[type[SpillwayError], tuple[Callable[[], SpillwayError], int, str]
     PayloadTooLarge: (lambda: PayloadTooLarge("x"), 413, "invalid_request_error"),
     ModelNotFound: (lambda: ModelNotFound("x"), 404, "invalid_request_error"),
     errors.KeyNotFound: (lambda: errors.KeyNotFound("x"), 404, "invalid_request_error"),
+    errors.NotFound: (lambda: errors.NotFound("x"), 404, "invalid_request_error"),
+    errors.NoSpareCapacity: (lambda: errors.NoSpareCapacity("x"), 503, "service_unavailable"),
     AuthenticationFailed: (lambda: AuthenticationFailed("x"), 401, "authentication_error"),
     NoEligibleNode: (lambda: NoEligibleNode("x"), 503, "service_unavailable"),
     errors.TooManyConnections: (lambda: errors.TooManyConnections("x"), 503, "service_unavailable"),

@@ -18,7 +18,7 @@ from spillway.errors import (
 from spillway.nodes.http import HttpNode
 from spillway.nodes.transport import Transport
 from spillway.secrets import Redactor
-from spillway.server.responses import error_body
+from spillway.wire.errors import error_body
 from tests.fakes.hostile import MiB, endless, fixed, raw_node
 
 JSON = "Content-Type: application/json\r\n"

@@ -7,7 +7,7 @@ import pytest
 
 from spillway.errors import InvalidRequest
 from spillway.secrets import Redactor
-from spillway.server.responses import error_body
+from spillway.wire.errors import error_body
 from spillway.wire.requests import (
     MAX_MODEL_CHARS,
     MAX_NESTING,

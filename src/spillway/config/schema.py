@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from spillway.config.batch import BatchConfig, StorageConfig
 from spillway.config.headers import check_header_name, check_header_value
 from spillway.config.privacy import CorsConfig, PiiAction, PiiConfig
 from spillway.config.proxies import NO_PROXY, masked_password, parse_proxy_url
@@ -185,6 +186,8 @@ class PriceConfig(_Frozen):
     input_per_mtok: Decimal = Field(ge=0)
     output_per_mtok: Decimal = Field(ge=0)
     currency: Currency = "USD"
+    #: the share taken off for batch requests (OpenAI's Batch API: 0.5)
+    batch_discount: Decimal = Field(default=Decimal(0), ge=0, lt=1)
 
 
 class HardwareCost(_Frozen):
@@ -443,6 +446,13 @@ class KeyPolicy(_Frozen):
     #: the public models this key may use (and see in /v1/models); None: all of them
     models: tuple[str, ...] | None = None
 
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("name at least one model, or leave models out for all of them")
+        return value
+
 
 def check_tenant(value: str) -> str:
     if not _NAME.match(value):
@@ -511,6 +521,8 @@ class Config(_Frozen):
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     pii: PiiConfig = PiiConfig()
+    batch: BatchConfig = BatchConfig()
+    storage: StorageConfig = StorageConfig()
     models: dict[str, ModelPolicy] = {}
     nodes: dict[str, NodeConfig]
     keys: tuple[KeyConfig, ...] = ()

@@ -76,20 +76,30 @@ class Costing:
         exchange: Exchange,
         currency: Currency,
         clock: Clock,
+        batch_prices: Mapping[str, Price] | None = None,
     ):
         self._prices = dict(prices)
+        #: the prices batch lines pay, where a node gives a batch discount
+        self._batch_prices = dict(batch_prices or {})
         self._hourly = dict(hourly)
         self._reference = reference
         self._exchange = exchange
         self.currency: Currency = currency
         self._windows = {node: UtilisationWindow(clock) for node in self._hourly}
 
-    def charge(self, node: str | None, prompt_tokens: int, completion_tokens: int) -> Charge:
+    def charge(
+        self, node: str | None, prompt_tokens: int, completion_tokens: int, batch: bool = False
+    ) -> Charge:
+        """``batch``: a batch line, which pays the node's batch price where it has one."""
         reference = self._in_ledger_currency(
             self._reference.cost(prompt_tokens, completion_tokens), self._reference.currency
         )
         if node is None:
             return Charge(Decimal(0), reference)
+        if batch and node in self._batch_prices:
+            price = self._batch_prices[node]
+            cost = price.cost(prompt_tokens, completion_tokens)
+            return Charge(self._in_ledger_currency(cost, price.currency), reference)
         return Charge(self._node_cost(node, prompt_tokens + completion_tokens,
                                       prompt_tokens, completion_tokens), reference)  # fmt: skip
 

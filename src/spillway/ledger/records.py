@@ -51,6 +51,8 @@ class LedgerRecord:
     #: ("email=1,mobile=2": kinds and counts, never a value); None when it found nothing
     pii_action: str | None = None
     pii_kinds: str | None = None
+    #: the batch this request was a line of (``/v1/batches``); None for others
+    batch_id: str | None = None
 
 
 class LedgerStore(Protocol):

@@ -17,6 +17,7 @@ DIMENSIONS: dict[str, Callable[[LedgerRecord], str]] = {
     "node": lambda r: r.node or "-",
     "source": lambda r: r.source or "none",
     "day": lambda r: r.at.date().isoformat(),
+    "batch": lambda r: r.batch_id or "interactive",
 }
 
 

@@ -88,7 +88,9 @@ def _enable_wal(url: URL) -> None:
 def _sqlite_engine(url: URL) -> AsyncEngine:
     # An in-memory database lives in one connection, so the pool must hand out only that one.
     options: dict[str, Any] = {"poolclass": StaticPool} if _in_memory(url) else {}
-    engine = create_async_engine(url, **options)
+    # hide_parameters: a failed statement's error must not carry its values (a key's hash,
+    # a ledger row) into a log line.
+    engine = create_async_engine(url, hide_parameters=True, **options)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -111,7 +113,9 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
 def _postgres_engine(url: URL) -> AsyncEngine:
     # pre-ping: a pooled connection that outlived a server restart is replaced quietly;
     # timeout: an unreachable server fails a write in 10 s rather than asyncpg's 60.
-    return create_async_engine(url, pool_pre_ping=True, connect_args={"timeout": 10})
+    return create_async_engine(
+        url, pool_pre_ping=True, hide_parameters=True, connect_args={"timeout": 10}
+    )
 
 
 def _nothing_to_prepare(url: URL) -> None:

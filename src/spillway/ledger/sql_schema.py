@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from spillway.ledger.access_tables import create_access_v3
+from spillway.ledger.batch_tables import create_batch_v4
 from spillway.ledger.records import LedgerRecord
 from spillway.ledger.sql_types import Money, UtcTimestamp, bind_money, bind_time
 
@@ -82,8 +83,15 @@ def _ledger_v3(metadata: MetaData) -> Table:
     return table
 
 
+def _ledger_v4(metadata: MetaData) -> Table:
+    """Migration 4 adds the batch a request ran for (``batch_tables``); NULL for others."""
+    table = _ledger_v3(metadata)
+    table.append_column(Column("batch_id", Text))
+    return table
+
+
 METADATA = MetaData()
-LEDGER = _ledger_v3(METADATA)
+LEDGER = _ledger_v4(METADATA)
 SCHEMA_MIGRATIONS = Table(
     "schema_migrations",
     METADATA,
@@ -114,6 +122,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _create_ledger_v1),
     (2, _add_avoided_cost),
     (3, create_access_v3),
+    (4, create_batch_v4),
 )
 
 

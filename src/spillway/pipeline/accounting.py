@@ -64,6 +64,8 @@ class Tally:
     #: what the personal-data step decided and found (kinds and counts, never values)
     pii_action: str | None = None
     pii_kinds: str | None = None
+    #: the batch this request is a line of (its price may carry the batch discount)
+    batch_id: str | None = None
 
     def asked_for(self, model: str) -> None:
         self.model = model
@@ -216,7 +218,9 @@ class Accountant:
         cached = tally.from_cache
         usage = cached.usage if cached else tally.usage or Usage(0, 0)
         node = tally.handle.name if tally.handle else None
-        charge = self._costing.charge(node, usage.prompt_tokens, usage.completion_tokens)
+        charge = self._costing.charge(
+            node, usage.prompt_tokens, usage.completion_tokens, batch=tally.batch_id is not None
+        )
         self._budgets.settle(tally.reservation, charge.cost)
         if tally.permit is not None:  # a node's tokens: none for an answer from the cache
             tally.permit.settle(0 if cached else usage.prompt_tokens + usage.completion_tokens)
@@ -260,6 +264,7 @@ class Accountant:
             avoided_cost=avoided,
             pii_action=tally.pii_action,
             pii_kinds=tally.pii_kinds,
+            batch_id=tally.batch_id,
         )
 
 

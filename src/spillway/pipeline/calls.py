@@ -20,6 +20,19 @@ Source = Literal["private", "cloud", "cache"]
 
 
 @dataclass(frozen=True, slots=True)
+class Background:
+    """A request that runs on spare capacity (a batch line): it may use a private node only
+    while that node's in-flight count is under ``max_share`` of its ``max_concurrency`` (at
+    least one slot), and a cloud node only when ``may_spill``; otherwise it is refused at
+    once with ``NoSpareCapacity`` and tried again later, never queued behind interactive
+    requests."""
+
+    batch_id: str
+    max_share: float
+    may_spill: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """Who asks, and the facts of the asking that are not in the body."""
 
@@ -30,6 +43,8 @@ class Call:
     #: the client's spillway directives by lower-case name: ``x-spillway-cache``,
     #: ``cache-control``, ``x-spillway-timeout`` (HTTP headers, for the HTTP doors)
     directives: Mapping[str, str] = field(default_factory=dict)
+    #: set for a batch line: run it only on spare capacity
+    background: Background | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -20,12 +21,12 @@ from spillway.cache.answers import CachedAnswer, from_reply, replay_body, replay
 from spillway.cache.merging import wait_for_leader
 from spillway.cache.service import Hit, Probe, ResponseCache
 from spillway.clock import Clock
-from spillway.errors import InvalidRequest, ModelNotFound, SpillwayError
+from spillway.errors import InvalidRequest, ModelNotFound, NoSpareCapacity, SpillwayError
 from spillway.nodes.tokens import TokenCounter
 from spillway.pii.policy import PiiPolicy
 from spillway.pipeline.accounting import Accountant, Tally
 from spillway.pipeline.admission import Admission
-from spillway.pipeline.calls import Answer, Call, Inbound, Route, Stream
+from spillway.pipeline.calls import Answer, Background, Call, Inbound, Route, Stream
 from spillway.pipeline.privacy import Reach, screen
 from spillway.pipeline.sharing import Sharing
 from spillway.pipeline.streams import ReplayStream, UpstreamStream
@@ -108,7 +109,10 @@ class Pipeline:
         return _with_quota(result, tally)
 
     def _open(self, call: Call) -> Tally:
-        return self.accountant.open(call.request_id, call.principal, call.client_request_id)
+        tally = self.accountant.open(call.request_id, call.principal, call.client_request_id)
+        if call.background is not None:
+            tally.batch_id = call.background.batch_id
+        return tally
 
     def _end(self, tally: Tally, exc: BaseException) -> None:
         """The request failed before its answer: record how, once."""
@@ -300,7 +304,15 @@ class Pipeline:
         the key may not use, 503 for a private_only request no private node serves)."""
         if not call.principal.may_use(model):
             raise ModelNotFound.named(model)
-        return self.router.check_eligible(model, reach.private_only)
+        handles = self.router.check_eligible(model, reach.private_only)
+        if call.background is None:
+            return handles
+        spare = spare_nodes(handles, call.background)
+        if not spare:
+            raise NoSpareCapacity(
+                "No private node has spare capacity for batch work now; the line runs later."
+            )
+        return spare
 
     def _context(self, call: Call, candidates: list[NodeHandle], reach: Reach) -> RequestContext:
         deadline = self._clock.monotonic() + self._budget_s(call)
@@ -329,6 +341,22 @@ class Pipeline:
                 param=TIMEOUT_DIRECTIVE,
             )
         return min(seconds, configured)
+
+
+def spare_nodes(handles: Iterable[NodeHandle], background: Background) -> list[NodeHandle]:
+    """The nodes with room for background work now: private ones under their share of
+    ``max_concurrency`` (at least one slot), cloud ones only when the batch may spill."""
+    return [
+        h
+        for h in handles
+        if (h.private and h.in_flight < background_slots(h, background.max_share))
+        or (not h.private and background.may_spill)
+    ]
+
+
+def background_slots(handle: NodeHandle, max_share: float) -> int:
+    """How many of a node's slots background work may fill."""
+    return max(1, int(handle.max_concurrency * max_share))
 
 
 _Result = TypeVar("_Result", Answer, Stream)

@@ -13,7 +13,7 @@ from spillway.clock import Clock, SystemClock
 from spillway.config.schema import Config
 from spillway.server.cors import CORS, Cors
 from spillway.server.middleware import gateway_middleware
-from spillway.server.routes import admin, admin_keys, chat, info
+from spillway.server.routes import admin, admin_keys, batches, chat, info
 from spillway.server.state import gateway_context
 
 log = logging.getLogger("spillway.server")
@@ -40,6 +40,15 @@ def build_app(
     app.router.add_post("/v1/embeddings", chat.embeddings)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/v1/models/{model}", info.get_model)
+    app.router.add_post("/v1/files", batches.upload_file)
+    app.router.add_get("/v1/files", batches.list_files)
+    app.router.add_get("/v1/files/{file_id}", batches.get_file)
+    app.router.add_get("/v1/files/{file_id}/content", batches.file_content)
+    app.router.add_delete("/v1/files/{file_id}", batches.delete_file)
+    app.router.add_post("/v1/batches", batches.create_batch)
+    app.router.add_get("/v1/batches", batches.list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", batches.get_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", batches.cancel_batch)
     app.router.add_get("/healthz", info.healthz)
     app.router.add_get("/readyz", info.readyz)
     app.router.add_get("/admin/nodes", admin.nodes)

@@ -31,7 +31,7 @@ from aiohttp.web_response import StreamResponse
 from spillway.config.schema import ServerConfig
 from spillway.errors import TooManyConnections
 from spillway.secrets import Redactor
-from spillway.server.responses import error_body
+from spillway.wire.errors import error_body
 
 log = logging.getLogger("spillway.server")
 

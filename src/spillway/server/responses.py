@@ -12,6 +12,7 @@ from spillway.errors import RateLimitExceeded, SpillwayError
 from spillway.pipeline.calls import Route
 from spillway.quota import Quota
 from spillway.secrets import Redactor
+from spillway.wire.errors import error_body
 
 #: Response header: the node that answered.
 NODE_HEADER = "x-spillway-node"
@@ -24,19 +25,6 @@ CACHE_HEADER = "x-spillway-cache"
 CACHE_NOTE_HEADER = "x-spillway-cache-note"
 #: Response header on an answer shared from an identical request already in flight.
 MERGED_HEADER = "x-spillway-merged"
-
-
-def error_body(exc: SpillwayError, redactor: Redactor) -> dict[str, object]:
-    """OpenAI's ``{"error": {"message", "type", "param", "code"}}``. An error's ``kind`` is
-    named after OpenAI's types, so it is the type as it is."""
-    return {
-        "error": {
-            "message": redactor.scrub(exc.message),
-            "type": exc.kind,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
 
 
 def error_headers(exc: SpillwayError) -> dict[str, str]:

@@ -12,8 +12,13 @@ from pathlib import Path
 from aiohttp import web
 
 from spillway.access.audit import AuditTrail
-from spillway.access.store import KeyStore
+from spillway.access.store import KeyStore, keys_issued
 from spillway.access.tokens import hasher_for
+from spillway.batch.catalog import FileCatalog
+from spillway.batch.jobs import BatchStore
+from spillway.batch.service import Batches
+from spillway.batch.storage import store_for
+from spillway.batch.worker import BatchWorker
 from spillway.clock import Clock
 from spillway.config.schema import Config, NodeConfig
 from spillway.errors import StartupError
@@ -69,6 +74,8 @@ class Gateway:
     #: managed keys and the audit trail; None without a database (``[ledger] enabled =
     #: false``) or without a secret for a shared one
     access: Access | None = None
+    #: the Files and Batches APIs and this replica's batch worker; None without a database
+    batches: Batches | None = None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -141,6 +148,7 @@ async def build_gateway(
     pipeline = Pipeline(
         router, dispatcher, cache, accountant, admission, redactor, clock, settings, pii
     )
+    batches = await _batches(config, database, pipeline, redactor, clock, stack)
     return Gateway(
         config=config,
         clock=clock,
@@ -150,6 +158,7 @@ async def build_gateway(
         health=HealthBoard(router, clock, shared),
         pipeline=pipeline,
         access=access,
+        batches=batches,
     )
 
 
@@ -221,8 +230,16 @@ async def _accountant(
         for name, spec in config.nodes.items()
         if spec.hardware is not None
     }
+    discounted = {name: _batch_price(spec) for name, spec in config.nodes.items()}
+    batch_prices = {name: price for name, price in discounted.items() if price is not None}
     costing = Costing(
-        prices, hourly, LIST_PRICES[ledger.reference], exchange, ledger.currency, clock
+        prices,
+        hourly,
+        LIST_PRICES[ledger.reference],
+        exchange,
+        ledger.currency,
+        clock,
+        batch_prices,
     )
     limits = {key_id(k.key.get_secret_value()): k.budget for k in config.keys if k.budget}
     budgets = Budgets(limits, exchange, ledger.currency, clock, fleet, replicas)
@@ -251,6 +268,11 @@ async def _accountant(
     return accountant
 
 
+#: in the data directory: managed keys were seen, so a gateway that cannot read them at
+#: start still requires keys
+KEYS_MARKER = "managed-keys-in-use"
+
+
 async def _access(
     config: Config,
     database: _Database | None,
@@ -262,18 +284,59 @@ async def _access(
     """Managed keys, loaded before the first request and followed while running."""
     if database is None:
         return None
+    marker = config.server.data_dir / KEYS_MARKER
+    if marker.exists():
+        ring.seal()
     try:
         hasher = hasher_for(config)
     except StartupError as exc:
-        log.info("managed keys are off: %s", exc.message)
+        await _seal_if_issued(database, ring)
+        log.warning("managed keys are off: %s", exc.message)
         return None
     store = KeyStore(database.store, hasher, clock)
-    sync = KeySync(store, hasher, ring, budgets, database.store, clock)
+    sync = KeySync(store, hasher, ring, budgets, database.store, clock, marker)
     # A database already known to be down costs the start no more waiting.
     task = await start_sync(sync, OPEN_TIMEOUT_S if database.problem is None else 0.1)
     stack.push_async_callback(_last_touch, sync)
     stack.callback(task.cancel)  # runs first: no poll races the last touch
     return Access(store, AuditTrail(database.store, clock), sync)
+
+
+async def _seal_if_issued(database: _Database, ring: KeyRing) -> None:
+    """Managed keys this replica cannot check (no secret) still end open mode."""
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT_S):
+            issued = await keys_issued(database.store)
+    except Exception:
+        return
+    if issued:
+        ring.seal()
+        log.warning("managed keys exist in the database; without the secret they are refused")
+
+
+async def _batches(
+    config: Config,
+    database: _Database | None,
+    pipeline: Pipeline,
+    redactor: Redactor,
+    clock: Clock,
+    stack: AsyncExitStack,
+) -> Batches | None:
+    """Files in ``[storage]``, batches in the ledger's database, and the worker that runs
+    them on spare capacity. Its runners stop before the pipeline closes."""
+    if database is None:
+        return None
+    store = store_for(config.storage, config.server.data_dir)
+    await store.open()
+    stack.push_async_callback(store.aclose)
+    files = FileCatalog(database.store, store, clock)
+    jobs = BatchStore(database.store, clock)
+    worker = None
+    if config.batch.run:
+        worker = BatchWorker(jobs, files, pipeline, redactor, config.batch, clock)
+        worker.start()
+        stack.push_async_callback(worker.aclose)
+    return Batches(files, jobs, config.batch, worker)
 
 
 async def _last_touch(sync: KeySync) -> None:
@@ -291,6 +354,14 @@ def _price(spec: NodeConfig) -> Price | None:
         return None
     p = spec.price
     return Price(p.input_per_mtok, p.output_per_mtok, p.currency)
+
+
+def _batch_price(spec: NodeConfig) -> Price | None:
+    """A node's price for batch lines, when its own price gives a batch discount."""
+    if isinstance(spec.price, str) or spec.price is None or not spec.price.batch_discount:
+        return None
+    p, keep = spec.price, 1 - spec.price.batch_discount
+    return Price(p.input_per_mtok * keep, p.output_per_mtok * keep, p.currency)
 
 
 def _pools(handles: list[NodeHandle]) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from spillway.pipeline.calls import Stream
 from spillway.secrets import Redactor
-from spillway.server.responses import error_body
+from spillway.wire.errors import error_body
 from spillway.wire.sse import DONE_EVENT, encode_error
 
 SSE_HEADERS = {

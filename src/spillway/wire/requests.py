@@ -81,7 +81,13 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if _may_nest_deeper(raw, MAX_NESTING) and _nests_deeper(body, MAX_NESTING):
+    _check_object(body, _may_nest_deeper(raw, MAX_NESTING))
+    return body
+
+
+def _check_object(body: dict[str, Any], may_nest_deeper: bool = True) -> None:
+    """Not too deep, and no field that would steer the upstream."""
+    if may_nest_deeper and _nests_deeper(body, MAX_NESTING):
         raise InvalidRequest(
             f"The request body nests objects and arrays more than {MAX_NESTING} levels deep."
             f" Send at most {MAX_NESTING} levels."
@@ -92,11 +98,19 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             "configuration. Remove the field.",
             param=field,
         )
-    return body
 
 
 def parse_chat(raw: bytes) -> ChatRequest:
-    body = parse_json_object(raw)
+    return _chat(parse_json_object(raw))
+
+
+def check_chat(body: dict[str, Any]) -> ChatRequest:
+    """``parse_chat`` for a body already parsed (a batch line's)."""
+    _check_object(body)
+    return _chat(body)
+
+
+def _chat(body: dict[str, Any]) -> ChatRequest:
     model = _model(body)
     _messages(body.get("messages"))
     stream = _optional(body, "stream", bool, False)
@@ -117,7 +131,16 @@ def parse_chat(raw: bytes) -> ChatRequest:
 
 
 def parse_embeddings(raw: bytes) -> EmbeddingsRequest:
-    body = parse_json_object(raw)
+    return _embeddings(parse_json_object(raw))
+
+
+def check_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
+    """``parse_embeddings`` for a body already parsed (a batch line's)."""
+    _check_object(body)
+    return _embeddings(body)
+
+
+def _embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
     model = _model(body)
     value = body.get("input")
     if value is None or value == "" or value == []:
