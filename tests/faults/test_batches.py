@@ -220,7 +220,7 @@ async def test_a_cancel_takes_effect_within_seconds(gw, up):
     assert (await client.batches.cancel(batch.id)).status == "cancelled"  # as it is
 
 
-async def test_interactive_requests_keep_their_room_while_a_batch_runs(gw, up):
+async def test_interactive_requests_keep_their_room_while_a_batch_runs(gw, up, tmp_path):
     up.script = Script(echo=True, latency_s=0.1)
     client = gw.client(KEY_A)
 
@@ -240,6 +240,9 @@ async def test_interactive_requests_keep_their_room_while_a_batch_runs(gw, up):
         busy += [t for t, _ in results]
         assert {source for _, source in results} == {"private"}
     await client.batches.cancel(batch.id)
+    await gw.gateway.pipeline.accountant.aclose()  # flush the ledger
+    refusals = [r for r in await _ledger(tmp_path) if r.error_code == "no_spare_capacity"]
+    assert refusals == []  # a line that found no room is not a request that happened
     idle_p50, busy_p50 = idle[len(idle) // 2], sorted(busy)[len(busy) // 2]
     print(f"interactive p50: idle {idle_p50 * 1000:.0f} ms, with a batch {busy_p50 * 1000:.0f} ms")
     assert busy_p50 <= 1.5 * idle_p50
@@ -307,3 +310,74 @@ async def _ledger(data_dir: Path) -> list[Any]:
         return await store.query()
     finally:
         await store.aclose()
+
+
+async def test_a_cancel_while_validating_runs_nothing(gw, up):
+    client = gw.client(KEY_A)
+    batch = await submit(client, [chat_line(i) for i in range(20_000)])
+    await client.batches.cancel(batch.id)
+    done = await until_done(client, batch.id, limit_s=30)
+    assert done.status == "cancelled" and up.calls == 0
+
+
+async def test_an_input_in_use_cannot_be_deleted(gw):
+    client = gw.client(KEY_A)
+    batch = await submit(client, [chat_line(i) for i in range(5)])
+    with pytest.raises(openai.BadRequestError, match="cancel it first"):
+        await client.files.delete(batch.input_file_id)
+    await until_done(client, batch.id)
+    assert (await client.files.delete(batch.input_file_id)).deleted
+
+
+async def test_lines_the_key_could_never_run_fail_validation(up, tmp_path):
+    cloud = await FakeUpstream("cloud").start()
+    raw = config(up, tmp_path)
+    raw["nodes"]["cloud"] = {**node("cloud", cloud.base_url), "models": {"c": "c1"}}
+    raw["keys"].append({"key": "private-key-0003", "tenant": "p", "private_only": True})
+    async with running_gateway(raw) as gw:
+        client = gw.client("private-key-0003")
+        done = await until_done(client, (await submit(client, [chat_line(1, model="c")])).id)
+    await cloud.stop()
+    assert done.status == "failed"
+    assert "No private node serves 'c'" in done.errors.data[0].message and cloud.calls == 0
+
+
+async def test_one_line_that_breaks_does_not_stop_the_batch(gw, monkeypatch):
+    pipeline = gw.gateway.pipeline
+    chat = pipeline.chat
+
+    async def flaky(call: Any, read: Any) -> Any:
+        request = await read()
+        if request.body["messages"][0]["content"] == "question 3":
+            raise RuntimeError("a bug")
+
+        async def again() -> Any:
+            return request
+
+        return await chat(call, again)
+
+    monkeypatch.setattr(pipeline, "chat", flaky)
+    client = gw.client(KEY_A)
+    done = await until_done(client, (await submit(client, [chat_line(i) for i in range(10)])).id)
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == (
+        "completed", 9, 1,
+    )  # fmt: skip
+    errors = await lines_of(client, done.error_file_id)
+    assert errors[0]["custom_id"] == "q-3" and errors[0]["response"]["status_code"] == 500
+
+
+async def test_a_busy_model_does_not_hold_up_another(up, tmp_path):
+    slow = await FakeUpstream("slow", script=Script(echo=True, latency_s=1.0)).start()
+    raw = config(up, tmp_path)
+    raw["nodes"]["b"] = {**node("private", slow.base_url), "models": {"n": "n1"},
+                         "max_concurrency": 1}  # fmt: skip
+    lines = [chat_line(i, model="n" if i % 2 else "m") for i in range(40)]
+    async with running_gateway(raw) as gw:
+        client = gw.client(KEY_A)
+        started = time.monotonic()
+        batch = await submit(client, lines)
+        await until(client, batch.id, lambda b: b.request_counts.completed >= 20)
+        took = time.monotonic() - started
+        await client.batches.cancel(batch.id)
+    await slow.stop()
+    assert took < 8, took  # the 20 lines for m, while n's node serves one a second

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from spillway.batch.catalog import RESULT_PURPOSE, FileCatalog
-from spillway.batch.jobs import BatchStore, LeaseLost, Segment
+from spillway.batch.jobs import BatchStore, LeaseLost
 from spillway.batch.lines import BatchLine, unrun_line
-from spillway.batch.records import BatchRecord
+from spillway.batch.records import BatchRecord, Status
 from spillway.errors import NotFound
 
 log = logging.getLogger("spillway.batch")
@@ -47,10 +47,14 @@ class Finisher:
         now = self._jobs.now()
         if final != "cancelled":
             stamp = {"expired_at": now} if final == "expired" else {}
-            await self._fenced(status="finalizing", finalizing_at=now, **stamp)
+            finalizing = {"status": "finalizing", "finalizing_at": now, **stamp}
+            if not await self._jobs.update(
+                self._record.id, self._owner, ("in_progress", "finalizing"), **finalizing
+            ):
+                final = await self._cancelled_meanwhile()
         segments = await self._jobs.segments(self._record.id)
-        output = await self._join(segments, "output", [s.output_key for s in segments])
-        errors = await self._join(segments, "error", [s.error_key for s in segments])
+        output = await self._join("output", [s.output_key for s in segments])
+        errors = await self._join("error", [s.error_key for s in segments])
         ended = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}
         values: dict[str, Any] = {
             "status": final,
@@ -60,13 +64,22 @@ class Finisher:
             "lease_owner": None,
             "lease_until": None,
         }
-        await self._fenced(**values)
+        expect: tuple[Status, ...] = ("cancelling",) if final == "cancelled" else ("finalizing",)
+        if not await self._jobs.update(self._record.id, self._owner, expect, **values):
+            raise LeaseLost(self._record.id)
         log.info("batch %s %s", self._record.id, final)
         for key in (k for s in segments for k in (s.output_key, s.error_key) if k):
             with contextlib.suppress(Exception):  # best effort: nothing refers to them now
                 await self._files.store.delete(key)
 
-    async def _join(self, segments: list[Segment], kind: str, keys: list[str | None]) -> str | None:
+    async def _cancelled_meanwhile(self) -> str:
+        """Finalizing was refused: a cancel came after the last lines ran, or the lease went."""
+        current = await self._jobs.get(None, self._record.id)
+        if current.status == "cancelling":
+            return "cancelled"
+        raise LeaseLost(self._record.id)
+
+    async def _join(self, kind: str, keys: list[str | None]) -> str | None:
         parts = [k for k in keys if k]
         if not parts:
             return None
@@ -88,10 +101,6 @@ class Finisher:
         for key in keys:
             async for chunk in self._files.store.read(key):
                 yield chunk
-
-    async def _fenced(self, **values: Any) -> None:
-        if not await self._jobs.update(self._record.id, self._owner, **values):
-            raise LeaseLost(self._record.id)
 
 
 async def expire_rest(lines: AsyncIterator[BatchLine]) -> AsyncIterator[tuple[int, bytes]]:

@@ -10,6 +10,7 @@ counts in one transaction, so a line is done exactly when a committed segment ho
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import zlib
 from array import array
@@ -48,13 +49,18 @@ class Segment:
 
 
 def pack_lines(lines: Iterable[int]) -> bytes:
-    return zlib.compress(array("I", lines).tobytes())
+    """Line numbers, sorted, as differences (mostly 1: lines end in about the order they
+    start), zlib-compressed: a few bytes per thousand lines. The array is in this machine's
+    byte order; every platform spillway runs on is little-endian."""
+    ordered = sorted(lines)
+    deltas = array("I", (b - a for a, b in zip([0, *ordered], ordered, strict=False)))
+    return zlib.compress(deltas.tobytes())
 
 
 def unpack_lines(blob: bytes) -> list[int]:
-    numbers = array("I")
-    numbers.frombytes(zlib.decompress(blob))
-    return numbers.tolist()
+    deltas = array("I")
+    deltas.frombytes(zlib.decompress(blob))
+    return list(itertools.accumulate(deltas))
 
 
 class BatchStore:
@@ -116,24 +122,35 @@ class BatchStore:
             )
         return await self.get(tenant, batch_id)
 
-    async def claimable(self, limit: int) -> list[str]:
-        """Batches with work to do whose lease is free (never taken, or run out)."""
+    async def claimable(self, limit: int) -> list[tuple[str, Status]]:
+        """Batches with work to do whose lease is free (never taken, or run out), those to
+        cancel first, then the oldest."""
         await self._db.open()
         c = BATCHES.c
-        stmt = (
-            select(c.id)
-            .where(c.status.in_(ACTIVE))
-            .where(or_(c.lease_owner.is_(None), c.lease_until < self.now()))
-            .order_by(c.created_at)
-            .limit(limit)
-        )
         async with self._db.engine.connect() as conn:
-            return list(await conn.scalars(stmt))
+            now = await self._time(conn)
+            stmt = (
+                select(c.id, c.status)
+                .where(c.status.in_(ACTIVE))
+                .where(or_(c.lease_owner.is_(None), c.lease_until < now))
+                .order_by((c.status != "cancelling"), c.created_at)
+                .limit(limit)
+            )
+            return [(row.id, row.status) for row in await conn.execute(stmt)]
+
+    async def _time(self, conn: AsyncConnection) -> datetime:
+        """The database's clock on PostgreSQL, where replicas on several machines compare
+        lease times (their own clocks may disagree); this machine's on SQLite."""
+        if conn.dialect.name == "postgresql":
+            value = await conn.scalar(select(func.now()))
+            assert isinstance(value, datetime)
+            return value.astimezone(UTC)
+        return self.now()
 
     async def claim(self, batch_id: str, owner: str, lease: timedelta) -> bool:
-        now = self.now()
         c = BATCHES.c
         async with self._db.writing.begin() as conn:
+            now = await self._time(conn)
             changed = await conn.execute(
                 update(BATCHES)
                 .where(c.id == batch_id, c.status.in_(ACTIVE))
@@ -144,15 +161,25 @@ class BatchStore:
 
     async def renew(self, batch_id: str, owner: str, lease: timedelta) -> bool:
         """Extend this replica's lease; False when another replica holds it now."""
-        return await self.update(batch_id, owner, lease_until=self.now() + lease)
+        async with self._db.writing.begin() as conn:
+            until = await self._time(conn) + lease
+            return await _fenced(conn, batch_id, owner, {"lease_until": until})
 
     async def release(self, batch_id: str, owner: str) -> None:
         await self.update(batch_id, owner, lease_owner=None, lease_until=None)
 
-    async def update(self, batch_id: str, owner: str, **values: Any) -> bool:
-        """Change the batch while this replica holds its lease; False when it does not."""
+    async def update(
+        self,
+        batch_id: str,
+        owner: str,
+        expect: tuple[Status, ...] | None = None,
+        **values: Any,
+    ) -> bool:
+        """Change the batch while this replica holds its lease (and, with ``expect``, while
+        its status is one of those: a cancel asked for meanwhile is not overwritten);
+        False when it does not."""
         async with self._db.writing.begin() as conn:
-            return await _fenced(conn, batch_id, owner, values)
+            return await _fenced(conn, batch_id, owner, values, expect)
 
     async def commit(self, batch_id: str, owner: str, segment: Segment) -> bool:
         """Record a segment whose objects are written whole, with the batch's counts."""
@@ -190,6 +217,17 @@ class BatchStore:
                 for r in await conn.execute(stmt)
             ]
 
+    async def using(self, tenant: str, file_id: str) -> BatchRecord | None:
+        """An unfinished batch of the tenant's that reads ``file_id``, if any."""
+        await self._db.open()
+        c = BATCHES.c
+        stmt = select(BATCHES).where(
+            c.tenant == tenant, c.input_file_id == file_id, c.status.in_(ACTIVE)
+        )
+        async with self._db.engine.connect() as conn:
+            row = (await conn.execute(stmt.limit(1))).first()
+        return None if row is None else _record(row._mapping)
+
     async def next_seq(self, batch_id: str) -> int:
         s = BATCH_SEGMENTS.c
         async with self._db.engine.connect() as conn:
@@ -197,12 +235,17 @@ class BatchStore:
         return 0 if last is None else int(last) + 1
 
 
-async def _fenced(conn: AsyncConnection, batch_id: str, owner: str, values: dict[str, Any]) -> bool:
-    changed = await conn.execute(
-        update(BATCHES)
-        .where(BATCHES.c.id == batch_id, BATCHES.c.lease_owner == owner)
-        .values(**values)
-    )
+async def _fenced(
+    conn: AsyncConnection,
+    batch_id: str,
+    owner: str,
+    values: dict[str, Any],
+    expect: tuple[Status, ...] | None = None,
+) -> bool:
+    stmt = update(BATCHES).where(BATCHES.c.id == batch_id, BATCHES.c.lease_owner == owner)
+    if expect is not None:
+        stmt = stmt.where(BATCHES.c.status.in_(expect))
+    changed = await conn.execute(stmt.values(**values))
     if changed.rowcount != 1:
         await conn.rollback()
         return False

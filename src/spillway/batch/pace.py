@@ -1,11 +1,11 @@
 """Whether a batch may spill to cloud nodes: only when private capacity alone would miss its
 completion window, and never for a ``private_only`` key.
 
-The estimate is the rate at which this run has been finishing lines over the last minute:
-the remaining lines at that rate, with a quarter more for safety and ``MARGIN_S`` for the
-finishing, must fit in the time left. Until a minute of evidence exists the answer is no,
-unless the window is in its last tenth; a fleet that finishes nothing for a minute (down,
-or all taken by interactive work) lets the batch spill.
+The estimate is the better of two rates: this run's over the last minute, and over its whole
+life. The remaining lines at that rate, with a quarter more for safety and ``MARGIN_S`` for
+the finishing, must fit in the time left. Until a minute of evidence exists, and while the
+fleet finishes nothing at all (down, or all taken by interactive work), the answer is no
+until the window's last tenth: a busy hour must not send a day's batch to the cloud.
 """
 
 from __future__ import annotations
@@ -33,11 +33,16 @@ class Pace:
         self._private_only = private_only
         self._started = clock.monotonic()
         self._finished: deque[float] = deque()
+        self._ran = 0  # lines this run finished
         self._answer = (False, -CACHE_S)
 
     def finished(self) -> None:
         self.done += 1
-        self._finished.append(self._clock.monotonic())
+        self._ran += 1
+        if not self._private_only:
+            now = self._clock.monotonic()
+            self._finished.append(now)
+            self._forget(now)
 
     def may_spill(self) -> bool:
         if self._private_only:
@@ -56,13 +61,16 @@ class Pace:
             return False
         wall = datetime.fromtimestamp(self._clock.wall(), self._expires.tzinfo)
         left = (self._expires - wall).total_seconds()
-        window = (self._expires - self._created).total_seconds()
+        last_tenth = left < (self._expires - self._created).total_seconds() / 10
+        self._forget(now)
+        elapsed = now - self._started
+        if elapsed < RATE_WINDOW_S:
+            return last_tenth  # too little evidence yet
+        rate = max(len(self._finished) / RATE_WINDOW_S, self._ran / elapsed)
+        if rate == 0:
+            return last_tenth
+        return remaining / rate * SAFETY + MARGIN_S > left
+
+    def _forget(self, now: float) -> None:
         while self._finished and self._finished[0] < now - RATE_WINDOW_S:
             self._finished.popleft()
-        observed = min(now - self._started, RATE_WINDOW_S)
-        if observed < RATE_WINDOW_S:
-            return left < window / 10  # too little evidence: only in the window's last tenth
-        rate = len(self._finished) / observed
-        if rate == 0:
-            return True
-        return remaining / rate * SAFETY + MARGIN_S > left

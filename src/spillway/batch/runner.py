@@ -7,10 +7,11 @@ rest, and batch lines yield as interactive load rises (they are not started, rat
 queued). A line goes to a cloud node only when the batch would otherwise miss its window
 (``Pace``), and never for a ``private_only`` key.
 
-Results are buffered and made durable in segments (``Checkpoint``): the objects first, then
-the segment's row with its line numbers, fenced by the lease. A line is done once a segment
-holds it; after a crash, or on another replica, the run starts again from the input and
-skips the done lines. The output and error files are the segments joined (``finish``).
+Results are buffered and made durable in segments (``Checkpoint``): the objects first, under
+names no other run can take, then the segment's row with its line numbers, fenced by the
+lease. A line is done once a segment holds it; after a crash, or on another replica, the run
+starts again from the input and skips the done lines. The output and error files are the
+segments joined (``finish``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,6 +39,7 @@ from spillway.errors import (
     DeadlineExceeded,
     NoEligibleNode,
     NoSpareCapacity,
+    NotFound,
     QueueFull,
     SpillwayError,
     UpstreamError,
@@ -54,10 +56,22 @@ from spillway.wire.requests import ChatRequest, EmbeddingsRequest, check_chat, c
 log = logging.getLogger("spillway.batch")
 #: how long to wait before looking again for spare capacity
 IDLE_S = 0.02
+#: lines read ahead of those running: a line whose model has no room does not hold up the
+#: lines behind it that another model's nodes could take
+LOOKAHEAD = 64
 #: lines a batch runs at once on cloud nodes, when it spills (they have no share to keep to)
 SPILL_PARALLEL = 16
+#: a failed line waits this long times its attempt number before it is tried again
+RETRY_DELAY_S = 1.0
+#: at shutdown, the most time given to making finished lines durable
+LAST_CHECKPOINT_S = 5.0
 #: failures worth another try on another node later (the request itself was fine)
 _RETRYABLE = (UpstreamError, DeadlineExceeded, QueueFull, NoEligibleNode)
+
+
+class InputUnavailable(Exception):
+    """The batch's input cannot be read here (not in this replica's storage): another
+    replica may be able to; this one leaves it alone for a while."""
 
 
 def principal_of(record: BatchRecord) -> Principal:
@@ -83,9 +97,12 @@ class Checkpoint:
     lines: list[int] = field(default_factory=list)
     completed: int = 0
     failed: int = 0
-    started: float = 0.0
+    #: when its first line was added (monotonic); None while empty
+    started: float | None = None
 
-    def add(self, number: int, line: bytes, ok: bool) -> None:
+    def add(self, number: int, line: bytes, ok: bool, now: float) -> None:
+        if self.started is None:
+            self.started = now
         (self.output if ok else self.errors).extend(line)
         self.lines.append(number)
         self.completed += ok
@@ -103,8 +120,8 @@ class _Outcome:
     result: bytes | None = None
     ok: bool = False
     attempt: int = 0
-    #: it failed and may be tried again (False: only waited for capacity)
-    failed: bool = False
+    #: not to be started again before this (monotonic), after a failure
+    ready_at: float = 0.0
 
 
 class BatchRunner:
@@ -129,8 +146,10 @@ class BatchRunner:
         self._owner = owner
         self._principal = principal_of(record)
         self._pace = Pace(record, clock, self._principal.private_only)
-        self._pending = Checkpoint(started=clock.monotonic())
+        self._pending = Checkpoint()
         self._seq = 0
+        #: names this run's segment objects: a stale run can never write over them
+        self._token = secrets.token_hex(4)
 
     async def run(self) -> None:
         """Until the batch is finished here, or another replica holds it."""
@@ -139,6 +158,8 @@ class BatchRunner:
             await self._work(renewing)
         except LeaseLost:
             log.warning("batch %s: another replica holds it now; stopping here", self.record.id)
+        except NotFound:
+            log.warning("batch %s failed: its input file was deleted", self.record.id)
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError, LeaseLost):
@@ -147,41 +168,79 @@ class BatchRunner:
     async def _work(self, renewing: asyncio.Task[None]) -> None:
         status: str = self.record.status
         if status == "validating":
-            if not await self._validate():
-                return
-            status = "in_progress"
+            status = await self._validate()
         if status == "in_progress":
             status = await self._execute(renewing)
         finisher = Finisher(self.record, self._jobs, self._files, self._owner)
         await finisher.finish(status)
 
-    async def _validate(self) -> bool:
+    async def _validate(self) -> str:
+        """``in_progress`` when every line passed, ``failed`` when one did not (or the input
+        is gone), ``cancelling`` when a cancel came meanwhile."""
         record = self.record
-        source = await self._files.get(None, record.input_file_id)
+        router, principal = self._pipeline.router, self._principal
 
         def check_model(model: str) -> str | None:
-            known = self._pipeline.router.knows(model) and self._principal.may_use(model)
-            return None if known else f"The model '{model}' does not exist on this gateway."
+            usable = router.knows(model) and principal.may_use(model)
+            if usable and router.eligible(model, principal.private_only):
+                return None
+            if usable:
+                return f"No private node serves '{model}', and this key is private_only."
+            return f"The model '{model}' does not exist on this gateway."
 
-        lines = split_lines(self._files.content(source))
+        lines = split_lines(await self._input())
         result = await validate(lines, record.endpoint, check_model, self._config.max_lines)
         now = self._jobs.now()
         if result.error_count:
             errors = orjson.dumps([e.public() for e in result.errors]).decode()
-            await self._fenced(status="failed", failed_at=now, errors=errors, total=result.total)
+            verdict = {"status": "failed", "failed_at": now, "errors": errors}
+        else:
+            verdict = {"status": "in_progress", "in_progress_at": now}
+        if not await self._jobs.update(
+            record.id, self._owner, ("validating",), total=result.total, **verdict
+        ):
+            return await self._changed()
+        if result.error_count:
             log.info("batch %s failed validation: %d errors", record.id, result.error_count)
-            return False
-        await self._fenced(status="in_progress", in_progress_at=now, total=result.total)
         self._pace.total = result.total
-        return True
+        return str(verdict["status"])
+
+    async def _input(self) -> AsyncIterator[bytes]:
+        """The input's bytes; a file gone from the catalog fails the batch, an object not
+        in this replica's storage leaves it to another replica."""
+        try:
+            source = await self._files.get(None, self.record.input_file_id)
+        except NotFound:
+            await self._fail("input_file_missing", "The input file was deleted.")
+            raise
+        chunks = self._files.content(source)
+        try:
+            first = await anext(chunks, b"")
+        except FileNotFoundError:
+            raise InputUnavailable(self.record.input_file_id) from None
+        return _prefixed(first, chunks)
+
+    async def _fail(self, code: str, message: str) -> None:
+        error = orjson.dumps([{"code": code, "message": message, "param": None, "line": None}])
+        await self._jobs.update(
+            self.record.id, self._owner, ("validating", "in_progress"),
+            status="failed", failed_at=self._jobs.now(), errors=error.decode(),
+        )  # fmt: skip
+
+    async def _changed(self) -> str:
+        """A fenced write changed nothing: a cancel came meanwhile, or the lease went."""
+        current = await self._jobs.get(None, self.record.id)
+        if current.status == "cancelling":
+            return "cancelling"
+        raise LeaseLost(self.record.id)
 
     async def _execute(self, renewing: asyncio.Task[None]) -> str:
         """Run every line not yet done; returns the status to finish with."""
         done = await self._done_lines()
-        self._pace.done = len(done)
+        self._pace.done = sum(bin(b).count("1") for b in done)
         self._seq = await self._jobs.next_seq(self.record.id)
         source = self._todo(done)
-        retries: deque[_Outcome] = deque()
+        waiting: list[_Outcome] = []
         running: set[asyncio.Task[_Outcome]] = set()
         next_look = self._clock.monotonic()
         exhausted = False
@@ -194,40 +253,44 @@ class BatchRunner:
                     verdict = await self._interrupted()
                     if verdict is not None:
                         return await self._stop(verdict, running, done)
-                exhausted = await self._launch(source, retries, running, exhausted)
-                if exhausted and not running and not retries:
+                exhausted = await self._fill(source, waiting, exhausted)
+                self._launch(waiting, running)
+                if exhausted and not running and not waiting:
                     break
-                await self._collect(running, retries)
+                await self._collect(running, waiting)
                 if self._due():
                     await self._checkpoint()
             await self._checkpoint()
             return "completed"
+        except asyncio.CancelledError:
+            await self._keep_what_finished(running)
+            raise
         finally:
             for task in running:
                 task.cancel()
 
-    async def _launch(
-        self,
-        source: AsyncIterator[BatchLine],
-        retries: deque[_Outcome],
-        running: set[asyncio.Task[_Outcome]],
-        exhausted: bool,
+    async def _fill(
+        self, source: AsyncIterator[BatchLine], waiting: list[_Outcome], exhausted: bool
     ) -> bool:
-        """Start lines while their model has spare capacity; True once the input is read."""
-        while True:
-            if retries:
-                outcome = retries[0]
-                if not self._has_room(outcome.line, running):
-                    return exhausted
-                retries.popleft()
-                running.add(asyncio.create_task(self._run_line(outcome.line, outcome.attempt)))
-                continue
-            if exhausted:
-                return True
+        """Read lines ahead, up to ``LOOKAHEAD`` waiting; True once the input is read."""
+        while not exhausted and len(waiting) < LOOKAHEAD:
             line = await anext(source, None)
             if line is None:
                 return True
-            retries.append(_Outcome(line))  # runs next, when there is room
+            waiting.append(_Outcome(line))
+        return exhausted
+
+    def _launch(self, waiting: list[_Outcome], running: set[asyncio.Task[_Outcome]]) -> None:
+        """Start every waiting line whose model has room now, in input order."""
+        now = self._clock.monotonic()
+        kept = []
+        for outcome in waiting:
+            if outcome.ready_at <= now and self._has_room(outcome.line, running):
+                task = asyncio.create_task(self._run_line(outcome.line, outcome.attempt))
+                running.add(task)
+            else:
+                kept.append(outcome)
+        waiting[:] = kept
 
     def _has_room(self, line: BatchLine, running: set[asyncio.Task[_Outcome]]) -> bool:
         """Whether to start ``line`` now: a private node serving its model has room under
@@ -249,9 +312,7 @@ class BatchRunner:
             return True
         return self._pace.may_spill() and len(running) < max(cap, SPILL_PARALLEL)
 
-    async def _collect(
-        self, running: set[asyncio.Task[_Outcome]], retries: deque[_Outcome]
-    ) -> None:
+    async def _collect(self, running: set[asyncio.Task[_Outcome]], waiting: list[_Outcome]) -> None:
         """Wait a little for lines to end; keep the finished ones' results."""
         if not running:
             await self._clock.sleep(IDLE_S)
@@ -263,10 +324,14 @@ class BatchRunner:
             running.discard(task)
             outcome = task.result()
             if outcome.result is not None:
-                self._pending.add(outcome.line.number, outcome.result, outcome.ok)
-                self._pace.finished()
+                self._keep(outcome)
             else:
-                retries.append(outcome)
+                waiting.insert(0, outcome)  # first in line when there is room again
+
+    def _keep(self, outcome: _Outcome) -> None:
+        assert outcome.result is not None
+        self._pending.add(outcome.line.number, outcome.result, outcome.ok, self._clock.monotonic())
+        self._pace.finished()
 
     async def _run_line(self, line: BatchLine, attempt: int) -> _Outcome:
         request_id = ids.request_id()
@@ -275,17 +340,24 @@ class BatchRunner:
         try:
             result = await self._ask(call, line)
         except NoSpareCapacity:
-            await self._clock.sleep(IDLE_S)
-            return _Outcome(line, attempt=attempt)
+            return _Outcome(line, attempt=attempt, ready_at=self._clock.monotonic() + IDLE_S)
         except SpillwayError as exc:
             retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, UpstreamRejected)
             if retry and attempt + 1 < self._config.line_attempts:
-                return _Outcome(line, attempt=attempt + 1, failed=True)
+                later = self._clock.monotonic() + RETRY_DELAY_S * (attempt + 1)
+                return _Outcome(line, attempt=attempt + 1, ready_at=later)
             body = orjson.dumps(error_body(exc, self._redactor))
             return _Outcome(line, output_line(line.custom_id, request_id, exc.status, body))
+        except Exception:  # a bug, not the line's fault: one error line, not a dead batch
+            log.exception("batch %s: line %s failed unexpectedly", self.record.id, line.number)
+            failure = SpillwayError(f"Internal error; quote request id {request_id}.")
+            body = orjson.dumps(error_body(failure, self._redactor))
+            return _Outcome(line, output_line(line.custom_id, request_id, 500, body))
         if not isinstance(result, Answer):  # a stream: validation refuses them
             await result.aclose()
-            return _Outcome(line, attempt=attempt + 1, failed=True)
+            failure = SpillwayError("A batch line may not stream.")
+            body = orjson.dumps(error_body(failure, self._redactor))
+            return _Outcome(line, output_line(line.custom_id, request_id, 400, body))
         return _Outcome(line, output_line(line.custom_id, request_id, 200, result.body), ok=True)
 
     async def _ask(self, call: Call, line: BatchLine) -> Answer | Stream:
@@ -301,33 +373,36 @@ class BatchRunner:
 
         return await self._pipeline.chat(call, chat)
 
-    async def _todo(self, done: set[int]) -> AsyncIterator[BatchLine]:
-        source = await self._files.get(None, self.record.input_file_id)
+    async def _todo(self, done: bytearray) -> AsyncIterator[BatchLine]:
         number = -1
-        async for raw in split_lines(self._files.content(source)):
+        async for _, raw in split_lines(await self._input()):
             number += 1
-            if number not in done:
+            if not _has(done, number):
                 yield read_line(number, raw, self.record.endpoint)
 
-    async def _done_lines(self) -> set[int]:
-        done: set[int] = set()
+    async def _done_lines(self) -> bytearray:
+        """A bit per input line: set when a committed segment holds it (25 KB for 200,000)."""
+        done = bytearray((self.record.total + 7) // 8)
         for segment in await self._jobs.segments(self.record.id):
-            done.update(segment.lines)
+            for number in segment.lines:
+                if number // 8 >= len(done):
+                    done.extend(bytes(number // 8 + 1 - len(done)))
+                done[number // 8] |= 1 << (number % 8)
         return done
 
     def _due(self) -> bool:
         pending = self._pending
-        if not pending.lines:
+        if pending.started is None:
             return False
         old = self._clock.monotonic() - pending.started >= self._config.checkpoint_s
         return old or pending.size >= self._config.checkpoint_bytes
 
     async def _checkpoint(self) -> None:
         """Write what is pending whole, then record it (fenced by the lease)."""
-        pending, self._pending = self._pending, Checkpoint(started=self._clock.monotonic())
+        pending, self._pending = self._pending, Checkpoint()
         if not pending.lines:
             return
-        base = f"batches/{self.record.id}/{self._seq:08d}"
+        base = f"batches/{self.record.id}/{self._seq:08d}-{self._token}"
         output_key = f"{base}.out.jsonl" if pending.output else None
         error_key = f"{base}.err.jsonl" if pending.errors else None
         for key, data in ((output_key, pending.output), (error_key, pending.errors)):
@@ -340,6 +415,16 @@ class BatchRunner:
             raise LeaseLost(self.record.id)
         self._seq += 1
 
+    async def _keep_what_finished(self, running: set[asyncio.Task[_Outcome]]) -> None:
+        """Shutting down: make the lines that finished durable, so they do not run again."""
+        for task in running:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                outcome = task.result()
+                if outcome.result is not None:
+                    self._keep(outcome)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(asyncio.wait_for(self._checkpoint(), LAST_CHECKPOINT_S))
+
     async def _interrupted(self) -> str | None:
         """``cancelled`` when a cancel was asked for, ``expired`` past the window."""
         current = await self._jobs.get(None, self.record.id)
@@ -350,7 +435,7 @@ class BatchRunner:
         return None
 
     async def _stop(
-        self, verdict: str, running: set[asyncio.Task[_Outcome]], done: set[int]
+        self, verdict: str, running: set[asyncio.Task[_Outcome]], done: bytearray
     ) -> str:
         """Cancel what runs, keep what finished; past the window, the rest are error lines."""
         for task in running:
@@ -360,13 +445,13 @@ class BatchRunner:
             if not task.cancelled() and task.exception() is None:
                 outcome = task.result()
                 if outcome.result is not None:
-                    self._pending.add(outcome.line.number, outcome.result, outcome.ok)
+                    self._keep(outcome)
         running.clear()
         await self._checkpoint()
         if verdict == "expired":
-            done.update(*(s.lines for s in await self._jobs.segments(self.record.id)))
+            done = await self._done_lines()
             async for number, line in expire_rest(self._todo(done)):
-                self._pending.add(number, line, ok=False)
+                self._pending.add(number, line, False, self._clock.monotonic())
                 if self._due():
                     await self._checkpoint()
             await self._checkpoint()
@@ -379,9 +464,16 @@ class BatchRunner:
             if not await self._jobs.renew(self.record.id, self._owner, lease):
                 raise LeaseLost(self.record.id)
 
-    async def _fenced(self, **values: object) -> None:
-        if not await self._jobs.update(self.record.id, self._owner, **values):
-            raise LeaseLost(self.record.id)
+
+def _has(bits: bytearray, number: int) -> bool:
+    return number // 8 < len(bits) and bool(bits[number // 8] & (1 << (number % 8)))
+
+
+async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -11,7 +11,7 @@ from spillway.access.records import parse_duration
 from spillway.batch.catalog import UPLOAD_PURPOSES, FileCatalog
 from spillway.batch.jobs import BatchStore, new_batch_id
 from spillway.batch.lines import ENDPOINTS
-from spillway.batch.records import BatchRecord
+from spillway.batch.records import BatchRecord, FileRecord
 from spillway.batch.worker import BatchWorker
 from spillway.config.batch import BatchConfig
 from spillway.errors import InvalidRequest
@@ -66,6 +66,17 @@ class Batches:
         if self.worker is not None:
             self.worker.wake()
         return record
+
+
+async def delete_unused(batches: Batches, tenant: str, file_id: str) -> FileRecord:
+    """Delete a file, unless an unfinished batch still reads it."""
+    user = await batches.jobs.using(tenant, file_id)
+    if user is not None:
+        raise InvalidRequest(
+            f"{file_id} is the input of {user.id}, which is {user.status}; cancel it first.",
+            param="file_id",
+        )
+    return await batches.files.delete(tenant, file_id)
 
 
 def _window_s(window: Any, most_s: float) -> float:

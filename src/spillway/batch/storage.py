@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,7 +65,8 @@ class LocalStore:
     async def write(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         path = self._path(key)
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        # random: replicas in containers (each pid 1) may share the directory
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
         out = await asyncio.to_thread(partial.open, "wb")
         size = 0
         try:
@@ -137,7 +139,11 @@ class S3Store:
             options["aws_secret_access_key"] = c.secret_access_key.get_secret_value()
         creator = get_session().create_client("s3", **options)
         self._client = await self._stack.enter_async_context(creator)
-        await self._ensure_bucket()
+        try:
+            await self._ensure_bucket()
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def _ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -150,7 +156,12 @@ class S3Store:
                 raise StartupError(
                     f"[storage] bucket '{self._bucket}' cannot be used: {code or 'error'}"
                 ) from None
-            await self._client.create_bucket(Bucket=self._bucket)
+            try:
+                await self._client.create_bucket(Bucket=self._bucket)
+            except ClientError as exc:  # another replica made it at the same moment
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     async def write(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         part_bytes = self._config.part_bytes

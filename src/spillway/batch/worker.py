@@ -19,7 +19,7 @@ from datetime import timedelta
 
 from spillway.batch.catalog import FileCatalog
 from spillway.batch.jobs import BatchStore
-from spillway.batch.runner import BatchRunner
+from spillway.batch.runner import BatchRunner, InputUnavailable
 from spillway.clock import Clock
 from spillway.config.batch import BatchConfig
 from spillway.pipeline.service import Pipeline
@@ -27,6 +27,8 @@ from spillway.secrets import Redactor
 
 log = logging.getLogger("spillway.batch")
 MAX_BATCHES = 4
+#: how long a replica leaves alone a batch whose input it cannot read
+SKIP_S = 60.0
 
 
 def replica_name() -> str:
@@ -55,6 +57,8 @@ class BatchWorker:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._failing = False
+        #: batches this replica cannot work (their input is not in its storage), until then
+        self._skip_until: dict[str, float] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -78,12 +82,14 @@ class BatchWorker:
             self._wake.clear()
 
     async def _take_work(self) -> None:
-        room = MAX_BATCHES - len(self._running)
-        if room <= 0:
-            return
+        """Claim what this replica has room for; a batch to cancel whatever the room (it
+        only needs its results joined)."""
         lease = timedelta(seconds=self._config.lease_s)
-        for batch_id in await self._jobs.claimable(room + len(self._running)):
-            if batch_id in self._running or len(self._running) >= MAX_BATCHES:
+        now = self._clock.monotonic()
+        for batch_id, status in await self._jobs.claimable(MAX_BATCHES + len(self._running)):
+            full = len(self._running) >= MAX_BATCHES and status != "cancelling"
+            skipped = self._skip_until.get(batch_id, 0.0) > now
+            if batch_id in self._running or full or skipped:
                 continue
             if not await self._jobs.claim(batch_id, self.owner, lease):
                 continue  # another replica was quicker
@@ -98,8 +104,7 @@ class BatchWorker:
                 self._clock,
                 self.owner,
             )
-            task = asyncio.create_task(self._run(runner))
-            self._running[batch_id] = task
+            self._running[batch_id] = asyncio.create_task(self._run(runner))
 
     async def _run(self, runner: BatchRunner) -> None:
         batch_id = runner.record.id
@@ -107,6 +112,17 @@ class BatchWorker:
             await runner.run()
         except asyncio.CancelledError:
             raise
+        except InputUnavailable:
+            # Its input is in another replica's storage ([storage] url unset with a shared
+            # database): leave it to them, and say why once.
+            log.warning(
+                "batch %s: its input is not in this replica's storage; set [storage] url to "
+                "storage every replica shares",
+                batch_id,
+            )
+            self._skip_until[batch_id] = self._clock.monotonic() + SKIP_S
+            with contextlib.suppress(Exception):
+                await self._jobs.release(batch_id, self.owner)
         except Exception:
             # Kept under its lease until it runs out: then this or another replica tries
             # again from its last segment.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from spillway.cli.audit_cmd import audit
+from spillway.cli.batch_cmd import batch_group
 from spillway.cli.cache_cmd import cache_group
 from spillway.cli.config_cmd import config_group
 from spillway.cli.keys_cmd import keys_group
@@ -29,6 +30,7 @@ cli.add_command(report)
 cli.add_command(cache_group)
 cli.add_command(keys_group)
 cli.add_command(audit)
+cli.add_command(batch_group)
 
 
 def main() -> None:

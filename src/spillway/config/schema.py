@@ -186,7 +186,7 @@ class PriceConfig(_Frozen):
     input_per_mtok: Decimal = Field(ge=0)
     output_per_mtok: Decimal = Field(ge=0)
     currency: Currency = "USD"
-    #: the share taken off for batch requests (OpenAI's Batch API: 0.5)
+    #: the share taken off for batch lines, where the node really costs less for them
     batch_discount: Decimal = Field(default=Decimal(0), ge=0, lt=1)
 
 

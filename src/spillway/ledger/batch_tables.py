@@ -80,7 +80,7 @@ def _batch_v4(metadata: MetaData) -> tuple[Table, Table, Table]:
         Column("seq", Integer, nullable=False),
         Column("output_key", Text),
         Column("error_key", Text),
-        #: the input line numbers this segment answers: zlib of little-endian uint32s
+        #: the input line numbers this segment answers (``jobs.pack_lines``)
         Column("lines", LargeBinary, nullable=False),
         Column("completed", Integer, nullable=False),
         Column("failed", Integer, nullable=False),

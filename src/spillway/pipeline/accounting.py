@@ -66,6 +66,9 @@ class Tally:
     pii_kinds: str | None = None
     #: the batch this request is a line of (its price may carry the batch discount)
     batch_id: str | None = None
+    #: False: settle the request but keep no record of it (a batch line that found no
+    #: spare capacity: it never ran, and runs later under its own record)
+    recorded: bool = True
 
     def asked_for(self, model: str) -> None:
         self.model = model
@@ -224,7 +227,7 @@ class Accountant:
         self._budgets.settle(tally.reservation, charge.cost)
         if tally.permit is not None:  # a node's tokens: none for an answer from the cache
             tally.permit.settle(0 if cached else usage.prompt_tokens + usage.completion_tokens)
-        if self._writer is None:
+        if self._writer is None or not tally.recorded:
             return
         avoided = Decimal(0)
         if cached is not None and cached.node is not None:

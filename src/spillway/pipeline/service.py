@@ -116,6 +116,8 @@ class Pipeline:
 
     def _end(self, tally: Tally, exc: BaseException) -> None:
         """The request failed before its answer: record how, once."""
+        if isinstance(exc, NoSpareCapacity):
+            tally.recorded = False  # a batch line that did not run now: it runs later
         if isinstance(exc, SpillwayError):
             tally.ended("error", exc.code or exc.kind)
         elif isinstance(exc, asyncio.CancelledError):
@@ -323,6 +325,7 @@ class Pipeline:
             deadline,
             tuple(candidates),
             cloud_request=reach.cloud_request,
+            background=call.background is not None,
         )
 
     def _budget_s(self, call: Call) -> float:

@@ -26,6 +26,7 @@ from spillway.config.schema import Timeouts
 from spillway.errors import (
     DeadlineExceeded,
     NoEligibleNode,
+    NoSpareCapacity,
     SpillwayError,
     UpstreamBadAnswer,
     UpstreamConnectError,
@@ -67,6 +68,8 @@ class RequestContext:
     key: KeyPart | None = None
     #: what a cloud node gets instead of the request: its personal data masked (``[pii]``)
     cloud_request: ChatRequest | EmbeddingsRequest | None = None
+    #: a batch line: it never waits for a busy node (``NoSpareCapacity`` instead)
+    background: bool = False
 
     def request_for(self, handle: NodeHandle, request: Request) -> Request:
         """The request as ``handle`` may see it."""
@@ -273,6 +276,8 @@ class Dispatcher:
                     full.add(pick.handle.name)
                 continue
             if pick.busy or full:
+                if ctx.background:  # batch work never queues behind interactive requests
+                    raise NoSpareCapacity(f"Every node for '{model}' is busy; the line runs later.")
                 await self._wait_for_capacity(model, ctx, FLEET_POLL_S if full else None)
                 full.clear()
                 continue

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from spillway.access.audit import AuditTrail
 from spillway.access.store import KeyStore, keys_issued
-from spillway.access.tokens import hasher_for
+from spillway.access.tokens import hasher_for, shared_database
 from spillway.batch.catalog import FileCatalog
 from spillway.batch.jobs import BatchStore
 from spillway.batch.service import Batches
@@ -326,6 +326,11 @@ async def _batches(
     them on spare capacity. Its runners stop before the pipeline closes."""
     if database is None:
         return None
+    if shared_database(config) and config.storage.url is None:
+        log.warning(
+            "batch files go to this replica's data directory while the database is shared: "
+            "other replicas cannot read them; set [storage] url to storage they all share"
+        )
     store = store_for(config.storage, config.server.data_dir)
     await store.open()
     stack.push_async_callback(store.aclose)

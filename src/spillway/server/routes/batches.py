@@ -15,7 +15,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from spillway.batch.catalog import UPLOAD_PURPOSES
-from spillway.batch.service import Batches
+from spillway.batch.service import Batches, delete_unused
 from spillway.errors import InvalidRequest, PayloadTooLarge, SpillwayError
 from spillway.server.body import read_within_limits
 from spillway.server.middleware import principal_of
@@ -39,14 +39,17 @@ async def upload_file(request: web.Request) -> web.Response:
         async with asyncio.timeout(batches.config.upload_timeout_s):
             purpose, record = await _read_form(request, batches, principal.tenant, principal.key_id)
     except TimeoutError:
-        raise InvalidRequest("The upload took too long ([batch] upload_timeout_s).") from None
-    if record is None:
-        raise InvalidRequest("The form has no 'file' part.", param="file")
+        slow = InvalidRequest("The upload took too long ([batch] upload_timeout_s).")
+        slow.status, slow.code = 408, "upload_timeout"
+        raise slow from None
     if purpose not in UPLOAD_PURPOSES:
-        await batches.files.delete(principal.tenant, record.id)
+        if record is not None:  # the purpose came after the file
+            await batches.files.delete(principal.tenant, record.id)
         raise InvalidRequest(
             f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose"
         )
+    if record is None:
+        raise InvalidRequest("The form has no 'file' part.", param="file")
     return _json(record.public())
 
 
@@ -59,9 +62,10 @@ async def _read_form(
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             continue
+        refused = purpose is not None and purpose not in UPLOAD_PURPOSES
         if part.name == "purpose":
             purpose = (await part.read(decode=True))[:100].decode("utf-8", "replace").strip()
-        elif part.name == "file" and record is None:
+        elif part.name == "file" and record is None and not refused:
             filename = (part.filename or "upload.jsonl")[:255]
             record = await batches.files.upload(
                 tenant, key_id, "batch", filename, _chunks(part), batches.config.max_file_bytes
@@ -113,7 +117,8 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 async def delete_file(request: web.Request) -> web.Response:
     _, batches = _batches(request)
-    record = await batches.files.delete(principal_of(request).tenant, request.match_info["file_id"])
+    tenant, file_id = principal_of(request).tenant, request.match_info["file_id"]
+    record = await delete_unused(batches, tenant, file_id)
     return _json({"id": record.id, "object": "file", "deleted": True})
 
 
