@@ -14,6 +14,8 @@ prompt-gluing loses, and the gateway's memory over a 200,000-line batch.
    the model asked to answer each in turn separated by ``---``, the answer split on ``---``.
    Counted: answers lost (fewer parts than prompts), extra parts, and parts that carry
    another prompt's code word (mis-assigned); the batch run's lines are counted the same way.
+   Then interactive latency (p50 of ``--interactive`` requests one after another) with the
+   node idle and while a batch runs at the default ``max_share`` (target: within 1.5x).
 3. **Memory.** A 200,000-line batch against a fixed-reply upstream; the spillway process's
    RSS (``/proc/PID/status``) sampled every 0.5 s from before the upload to the end.
    Target: growth under 50 MB.
@@ -173,12 +175,13 @@ async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, An
         best = max(rates, key=lambda c: rates[c])
         print(f"direct: {', '.join(f'c={c} {r:.2f} lines/s' for c, r in rates.items())}")
         config = spillway_config(scratch, node_url, best, 1.0)
+        lines = [orjson.dumps({"custom_id": f"l{i}", "method": "POST",
+                               "url": "/v1/chat/completions", "body": body(i, options.tokens)})
+                 for i in range(options.lines)]  # fmt: skip
         with spillway(scratch, config) as (url, _):
             await wait_for(url + "/readyz")
-            lines = [orjson.dumps({"custom_id": f"l{i}", "method": "POST",
-                                   "url": "/v1/chat/completions", "body": body(i, options.tokens)})
-                     for i in range(options.lines)]  # fmt: skip
             rate, rows = await run_batch(url, lines)
+        interactive = await yielding(scratch, node_url, best, lines, options)
         verdicts = [own_word(int(r["custom_id"][1:]), _text(r["response"]["body"]),
                              range(options.lines)) for r in rows]  # fmt: skip
         gluing = await glued(node_url, options) if options.only in (None, "gluing") else {}
@@ -191,11 +194,42 @@ async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, An
         "batch_own_word": verdicts.count("own"),
         "batch_other_word": verdicts.count("other"),
         "gluing": gluing,
+        "interactive": interactive,
     }
     print(f"batch: {rate:.2f} lines/s = {rate / rates[best]:.3f}x direct at c={best}; "
           f"{len(rows)} answers, {verdicts.count('own')} carry their own code word, "
           f"{verdicts.count('other')} another line's")  # fmt: skip
     return result
+
+
+async def yielding(
+    scratch: Path, node_url: str, concurrency: int, lines: list[bytes], options: argparse.Namespace
+) -> dict[str, float]:
+    """Interactive latency with the node idle, then while a batch runs on it at the default
+    ``max_share``: p50 of ``--interactive`` requests, one after another."""
+    config = spillway_config(scratch, node_url, concurrency, 0.5)
+    with spillway(scratch, config) as (url, _):
+        await wait_for(url + "/readyz")
+        async with httpx.AsyncClient(base_url=url + "/v1", timeout=600) as http:
+
+            async def p50(offset: int) -> float:
+                took = []
+                for i in range(options.interactive):
+                    started = time.perf_counter()
+                    answer = await http.post("/chat/completions",
+                                             json=body(offset + i, options.tokens))  # fmt: skip
+                    answer.raise_for_status()
+                    took.append(time.perf_counter() - started)
+                return sorted(took)[len(took) // 2]
+
+            idle = await p50(100_000)
+            running = asyncio.create_task(run_batch(url, lines))
+            await asyncio.sleep(2)  # the batch has started
+            busy = await p50(200_000)
+            running.cancel()
+    print(f"interactive p50: idle {idle * 1000:.0f} ms, with a batch running "
+          f"{busy * 1000:.0f} ms ({busy / idle:.2f}x)")  # fmt: skip
+    return {"idle_p50_s": idle, "busy_p50_s": busy, "ratio": busy / idle}
 
 
 async def glued(node_url: str, options: argparse.Namespace) -> dict[str, int]:
@@ -295,6 +329,7 @@ async def main() -> None:
     parser.add_argument("--lines", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--glue", type=int, default=10)
+    parser.add_argument("--interactive", type=int, default=30)
     parser.add_argument("--memory-lines", type=int, default=200_000)
     parser.add_argument("--only", choices=["throughput", "gluing", "memory"], default=None)
     options = parser.parse_args()

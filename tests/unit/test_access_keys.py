@@ -20,8 +20,8 @@ from spillway.access.records import KeyRequest, parse_budget, parse_duration
 from spillway.access.store import KeyStore, SecretMismatch
 from spillway.access.tokens import KeyHasher, hasher_for, prefix_of
 from spillway.clock import ManualClock
+from spillway.config.keys import KeyPolicy
 from spillway.config.load import validate
-from spillway.config.schema import KeyPolicy
 from spillway.errors import InvalidRequest, KeyNotFound, StartupError
 from spillway.ledger.sql import SqlLedgerStore
 from tests.pg import PgServer, create_database

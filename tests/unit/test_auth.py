@@ -1,6 +1,6 @@
 import pytest
 
-from spillway.config.schema import KeyConfig
+from spillway.config.keys import KeyConfig
 from spillway.errors import AuthenticationFailed
 from spillway.pipeline.principal import ANONYMOUS, Principal
 from spillway.secrets import Redactor

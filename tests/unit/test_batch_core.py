@@ -207,3 +207,17 @@ async def test_a_replica_that_lost_its_lease_cannot_write(tmp_path: Path):
         assert got.completed == 2 and [s.lines for s in await jobs.segments("batch_x")] == [[1, 2]]
     finally:
         await database.aclose()
+
+
+def test_the_report_groups_by_batch():
+    from spillway.ledger.report import summarize
+    from tests.unit.test_ledger_store import make_record
+
+    records = [
+        make_record(1),
+        make_record(2, batch_id="batch_a"),
+        make_record(3, batch_id="batch_a"),
+    ]
+    rows = {row.group: row for row in summarize(records, "batch")}
+    assert set(rows) == {"batch_a", "interactive", "total"}
+    assert rows["batch_a"].requests == 2 and rows["interactive"].requests == 1

@@ -8,7 +8,8 @@ from decimal import Decimal
 import pytest
 
 from spillway.clock import ManualClock
-from spillway.config.schema import BudgetConfig, HardwareCost
+from spillway.config.keys import BudgetConfig
+from spillway.config.schema import HardwareCost
 from spillway.errors import InsufficientQuota
 from spillway.ledger.budgets import Budgets, period_start
 from spillway.ledger.costing import Costing, UtilisationWindow, hourly_cost

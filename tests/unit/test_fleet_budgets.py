@@ -14,7 +14,7 @@ from decimal import Decimal as D
 import pytest
 
 from spillway.clock import ManualClock, SystemClock
-from spillway.config.schema import BudgetConfig
+from spillway.config.keys import BudgetConfig
 from spillway.errors import InsufficientQuota
 from spillway.ledger.budgets import Budgets, Reservation
 from spillway.prices import Exchange

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from spillway.config.schema import BudgetConfig, KeyPolicy, check_tenant
+from spillway.config.keys import BudgetConfig, KeyPolicy, check_tenant
 from spillway.wire.requests import CONTROL_CHARS
 
 

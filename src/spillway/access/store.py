@@ -31,7 +31,7 @@ from spillway.access.tokens import (
     prefix_of,
 )
 from spillway.clock import Clock
-from spillway.config.schema import KeyPolicy, check_tenant
+from spillway.config.keys import KeyPolicy, check_tenant
 from spillway.errors import InvalidRequest, KeyNotFound, StartupError
 from spillway.ledger.access_tables import API_KEYS, KEY_HASH_CHECK, KEY_REVISION, SETTINGS
 from spillway.ledger.sql import SqlLedgerStore

@@ -1,5 +1,6 @@
 """Configuration: the schema, the embedded default, and the loader."""
 
-from spillway.config.schema import Config, KeyConfig, NodeConfig, Timeouts
+from spillway.config.keys import KeyConfig
+from spillway.config.schema import Config, NodeConfig, Timeouts
 
 __all__ = ["Config", "KeyConfig", "NodeConfig", "Timeouts"]

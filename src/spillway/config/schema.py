@@ -7,7 +7,6 @@ Names here are the names users write in ``spillway.toml`` and are documented in
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -25,13 +24,13 @@ from pydantic import (
 
 from spillway.config.batch import BatchConfig, StorageConfig
 from spillway.config.headers import check_header_name, check_header_value
-from spillway.config.privacy import CorsConfig, PiiAction, PiiConfig
+from spillway.config.keys import NAME as _NAME
+from spillway.config.keys import KeyConfig
+from spillway.config.privacy import CorsConfig, PiiConfig
 from spillway.config.proxies import NO_PROXY, masked_password, parse_proxy_url
 from spillway.config.state import LimitsConfig, StateConfig
 from spillway.config.urls import LEDGER_SCHEMES, PG_SCHEMES, REDIS_SCHEMES, check_scheme
 from spillway.prices import LIST_PRICES, Currency
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 NodeKind = Literal["private", "cloud"]
 LoadSignal = Literal["vllm", "sglang", "llamacpp", "mindie", "none"]
@@ -199,14 +198,6 @@ class HardwareCost(_Frozen):
     power_kw: Decimal = Field(default=Decimal(0), ge=0)
     electricity_per_kwh: Decimal = Field(default=Decimal(0), ge=0)
     ops_per_month: Decimal = Field(default=Decimal(0), ge=0)
-
-
-class BudgetConfig(_Frozen):
-    """A spending limit for one API key, reserved before each call and settled after it."""
-
-    amount: Decimal = Field(gt=0)
-    currency: Currency = "USD"
-    period: Literal["day", "month"] = "month"
 
 
 class LedgerConfig(_Frozen):
@@ -426,61 +417,6 @@ class NodeConfig(_Frozen):
         ):
             raise ValueError(f"headers: {self.auth_header} already carries api_key")
         return self
-
-
-class KeyPolicy(_Frozen):
-    """What a client key may do: the same fields for ``[[keys]]`` and for managed keys
-    (``spillway keys create``, ``/admin/keys``), which keep theirs in the database."""
-
-    private_only: bool = False
-    #: may read /admin endpoints
-    admin: bool = False
-    budget: BudgetConfig | None = None
-    #: rate limits (docs/configuration.md#rate-limits): requests and tokens per minute, and
-    #: requests in flight at once; fleet-wide with ``[state] redis_url``
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_parallel: int | None = Field(default=None, ge=1)
-    #: this key's personal-data action, instead of ``[pii] action``
-    pii: PiiAction | None = None
-    #: the public models this key may use (and see in /v1/models); None: all of them
-    models: tuple[str, ...] | None = None
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None and not value:
-            raise ValueError("name at least one model, or leave models out for all of them")
-        return value
-
-
-def check_tenant(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
-    return value
-
-
-class KeyConfig(KeyPolicy):
-    """A client API key written in ``spillway.toml``, and what it may do."""
-
-    key: SecretStr
-    tenant: str
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value()) < 8:
-            raise ValueError("too short: use at least 8 characters")
-        return value
-
-    @field_validator("tenant")
-    @classmethod
-    def _tenant(cls, value: str) -> str:
-        return check_tenant(value)
-
-    @property
-    def policy(self) -> KeyPolicy:
-        return KeyPolicy(**{name: getattr(self, name) for name in KeyPolicy.model_fields})
 
 
 class ServerConfig(_Frozen):

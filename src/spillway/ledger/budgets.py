@@ -30,7 +30,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from spillway.clock import Clock
-from spillway.config.schema import BudgetConfig
+from spillway.config.keys import BudgetConfig
 from spillway.errors import InsufficientQuota
 from spillway.ledger.records import LedgerStore
 from spillway.prices import Currency, Exchange

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from spillway.access.records import ManagedKey
 from spillway.access.tokens import KeyHasher
 from spillway.clock import Clock, SystemClock
-from spillway.config.schema import KeyConfig, KeyPolicy
+from spillway.config.keys import KeyConfig, KeyPolicy
 from spillway.errors import AuthenticationFailed
 from spillway.pipeline.principal import ANONYMOUS, Principal
 from spillway.state.buckets import KeyLimits
