@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -160,11 +161,20 @@ async def run_batch(url: str, lines: list[bytes]) -> tuple[float, list[dict[str,
     return len(lines) / took, rows
 
 
+def verdict(i: int, text: str, size: int) -> str:
+    """``own_word`` within the group of ``size`` that line ``i`` would be glued into: the
+    same test the glued answers get."""
+    start = i - i % size
+    return own_word(i, text, range(start, start + size))
+
+
 def own_word(i: int, text: str, group: range) -> str:
-    """``own``: the part carries its own code word; ``other``: another's; ``none``."""
-    if code_word(i) in text:
+    """``own``: the part carries its own code word; ``other``: another prompt's of the
+    group (a whole word: "birch-1" is not found in "birch-17"); ``none``."""
+    words = set(re.findall(r"[a-z]+-\d+", text.lower()))
+    if code_word(i) in words:
         return "own"
-    return "other" if any(code_word(j) in text for j in group if j != i) else "none"
+    return "other" if any(code_word(j) in words for j in group if j != i) else "none"
 
 
 async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, Any]:
@@ -182,11 +192,11 @@ async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, An
             await wait_for(url + "/readyz")
             rate, rows = await run_batch(url, lines)
         interactive = await yielding(scratch, node_url, best, lines, options)
-        verdicts = [own_word(int(r["custom_id"][1:]), _text(r["response"]["body"]),
-                             range(options.lines)) for r in rows]  # fmt: skip
+        verdicts = [verdict(int(r["custom_id"][1:]), _text(r["response"]["body"]), options.glue)
+                    for r in rows]  # fmt: skip
         gluing = await glued(node_url, options) if options.only in (None, "gluing") else {}
     result = {
-        "direct": rates,
+        "direct": {str(c): r for c, r in rates.items()},
         "best_concurrency": best,
         "batch_lines_per_s": rate,
         "ratio": rate / rates[best],

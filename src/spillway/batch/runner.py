@@ -148,6 +148,8 @@ class BatchRunner:
         self._pace = Pace(record, clock, self._principal.private_only)
         self._pending = Checkpoint()
         self._seq = 0
+        #: the checkpoint being written in the background, if one is
+        self._writer: asyncio.Task[None] | None = None
         #: names this run's segment objects: a stale run can never write over them
         self._token = secrets.token_hex(4)
 
@@ -235,7 +237,9 @@ class BatchRunner:
         raise LeaseLost(self.record.id)
 
     async def _execute(self, renewing: asyncio.Task[None]) -> str:
-        """Run every line not yet done; returns the status to finish with."""
+        """Run every line not yet done; returns the status to finish with. A finished line's
+        place is filled before anything else is done, and checkpoints are written in the
+        background: a single-slot node is never left idle while results are made durable."""
         done = await self._done_lines()
         self._pace.done = sum(bin(b).count("1") for b in done)
         self._seq = await self._jobs.next_seq(self.record.id)
@@ -246,20 +250,23 @@ class BatchRunner:
         exhausted = False
         try:
             while True:
-                if renewing.done():
-                    renewing.result()  # raises LeaseLost
+                self._check(renewing)
                 if self._clock.monotonic() >= next_look:
                     next_look = self._clock.monotonic() + self._config.poll_s
                     verdict = await self._interrupted()
                     if verdict is not None:
+                        await self._written()
                         return await self._stop(verdict, running, done)
                 exhausted = await self._fill(source, waiting, exhausted)
                 self._launch(waiting, running)
                 if exhausted and not running and not waiting:
                     break
                 await self._collect(running, waiting)
-                if self._due():
-                    await self._checkpoint()
+                self._launch(waiting, running)
+                if self._due() and (self._writer is None or self._writer.done()):
+                    self._check(renewing)
+                    self._writer = asyncio.create_task(self._checkpoint())
+            await self._written()
             await self._checkpoint()
             return "completed"
         except asyncio.CancelledError:
@@ -268,6 +275,20 @@ class BatchRunner:
         finally:
             for task in running:
                 task.cancel()
+
+    def _check(self, renewing: asyncio.Task[None]) -> None:
+        """Raise what the lease renewal or the last background checkpoint raised."""
+        if renewing.done():
+            renewing.result()  # raises LeaseLost
+        if self._writer is not None and self._writer.done():
+            writer, self._writer = self._writer, None
+            writer.result()
+
+    async def _written(self) -> None:
+        """Wait for the checkpoint being written, if one is."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer
 
     async def _fill(
         self, source: AsyncIterator[BatchLine], waiting: list[_Outcome], exhausted: bool
@@ -417,6 +438,8 @@ class BatchRunner:
 
     async def _keep_what_finished(self, running: set[asyncio.Task[_Outcome]]) -> None:
         """Shutting down: make the lines that finished durable, so they do not run again."""
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(asyncio.wait_for(self._written(), LAST_CHECKPOINT_S))
         for task in running:
             if task.done() and not task.cancelled() and task.exception() is None:
                 outcome = task.result()
