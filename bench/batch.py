@@ -15,7 +15,9 @@ prompt-gluing loses, and the gateway's memory over a 200,000-line batch.
    Counted: answers lost (fewer parts than prompts), extra parts, and parts that carry
    another prompt's code word (mis-assigned); the batch run's lines are counted the same way.
    Then interactive latency (p50 of ``--interactive`` requests one after another) with the
-   node idle and while a batch runs at the default ``max_share`` (target: within 1.5x).
+   node idle and while a batch runs at the default ``max_share`` on the node set up as the
+   embedded default is (``max_concurrency = 1``) (target: within 1.5x). ``--only
+   interactive`` runs this part alone.
 3. **Memory.** A 200,000-line batch against a fixed-reply upstream; the spillway process's
    RSS (``/proc/PID/status``) sampled every 0.5 s from before the upload to the end.
    Target: growth under 50 MB.
@@ -191,7 +193,7 @@ async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, An
         with spillway(scratch, config) as (url, _):
             await wait_for(url + "/readyz")
             rate, rows = await run_batch(url, lines)
-        interactive = await yielding(scratch, node_url, best, lines, options)
+        interactive = await yielding(scratch, node_url, lines, options)
         verdicts = [verdict(int(r["custom_id"][1:]), _text(r["response"]["body"]), options.glue)
                     for r in rows]  # fmt: skip
         gluing = await glued(node_url, options) if options.only in (None, "gluing") else {}
@@ -213,11 +215,14 @@ async def throughput(scratch: Path, options: argparse.Namespace) -> dict[str, An
 
 
 async def yielding(
-    scratch: Path, node_url: str, concurrency: int, lines: list[bytes], options: argparse.Namespace
-) -> dict[str, float]:
+    scratch: Path, node_url: str, lines: list[bytes], options: argparse.Namespace
+) -> dict[str, Any]:
     """Interactive latency with the node idle, then while a batch runs on it at the default
-    ``max_share``: p50 of ``--interactive`` requests, one after another."""
-    config = spillway_config(scratch, node_url, concurrency, 0.5)
+    ``max_share``: p50 of ``--interactive`` requests, one after another. The node is set up
+    as the embedded default sets it up, ``max_concurrency = 1``: llama-cpp-python's server
+    answers one request at a time, so more would only queue inside it, where spillway cannot
+    put interactive requests first."""
+    config = spillway_config(scratch, node_url, 1, 0.5)
     with spillway(scratch, config) as (url, _):
         await wait_for(url + "/readyz")
         async with httpx.AsyncClient(base_url=url + "/v1", timeout=600) as http:
@@ -235,11 +240,31 @@ async def yielding(
             idle = await p50(100_000)
             running = asyncio.create_task(run_batch(url, lines))
             await asyncio.sleep(2)  # the batch has started
+            before = await _batch_done(http)
             busy = await p50(200_000)
+            during = await _batch_done(http) - before
             running.cancel()
     print(f"interactive p50: idle {idle * 1000:.0f} ms, with a batch running "
-          f"{busy * 1000:.0f} ms ({busy / idle:.2f}x)")  # fmt: skip
-    return {"idle_p50_s": idle, "busy_p50_s": busy, "ratio": busy / idle}
+          f"{busy * 1000:.0f} ms ({busy / idle:.2f}x); the batch finished {during} lines "
+          f"meanwhile")  # fmt: skip
+    return {"idle_p50_s": idle, "busy_p50_s": busy, "ratio": busy / idle, "batch_lines": during}
+
+
+async def _batch_done(http: httpx.AsyncClient) -> int:
+    """Lines the newest batch has finished."""
+    page = (await http.get("/batches?limit=1")).json()
+    counts = page["data"][0]["request_counts"] if page["data"] else {}
+    return int(counts.get("completed", 0)) + int(counts.get("failed", 0))
+
+
+async def interactive_only(scratch: Path, options: argparse.Namespace) -> dict[str, Any]:
+    with llama_node(scratch) as node_url:
+        await wait_for(node_url + "/models")
+        await direct(node_url, 4, options.tokens, 1)  # warm-up
+        lines = [orjson.dumps({"custom_id": f"l{i}", "method": "POST",
+                               "url": "/v1/chat/completions", "body": body(i, options.tokens)})
+                 for i in range(options.lines)]  # fmt: skip
+        return await yielding(scratch, node_url, lines, options)
 
 
 async def glued(node_url: str, options: argparse.Namespace) -> dict[str, int]:
@@ -341,12 +366,16 @@ async def main() -> None:
     parser.add_argument("--glue", type=int, default=10)
     parser.add_argument("--interactive", type=int, default=30)
     parser.add_argument("--memory-lines", type=int, default=200_000)
-    parser.add_argument("--only", choices=["throughput", "gluing", "memory"], default=None)
+    parser.add_argument(
+        "--only", choices=["throughput", "gluing", "memory", "interactive"], default=None
+    )
     options = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="spillway-batch-bench-") as scratch:
         if options.only in (None, "throughput", "gluing"):
             results["throughput"] = await throughput(Path(scratch), options)
+        if options.only == "interactive":
+            results["interactive"] = await interactive_only(Path(scratch), options)
         if options.only in (None, "memory"):
             results["memory"] = await memory(Path(scratch), options)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
