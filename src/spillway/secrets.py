@@ -22,7 +22,10 @@ MASK = "***"
 MIN_HEADER_SECRET = 8
 #: Looks like a provider key even when we were never told it (an upstream echoing its own),
 #: in any case, and also half masked as providers quote it ("sk-proj-****abcd").
-_KEY_SHAPES = re.compile(r"\b(sk|pk|rk|hs)-[A-Za-z0-9_\-*]{12,}", re.IGNORECASE)
+_KEY_SHAPES = re.compile(
+    r"(?:\b|(?<=%[0-9A-Fa-f]{2}))(sk|pk|rk|hs)-[A-Za-z0-9_\-*]{12,}|sk-spw-[A-Za-z0-9_\-]{9,}",
+    re.IGNORECASE,
+)
 #: A secret at least this long is a credential whose pieces give it away too: a token that
 #: holds its first FRAGMENT_HEAD or last FRAGMENT_TAIL characters is masked as well, so an
 #: upstream that echoes its key cut, spaced or partly starred does not leak it.

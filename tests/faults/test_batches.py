@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -381,3 +382,46 @@ async def test_a_busy_model_does_not_hold_up_another(up, tmp_path):
         await client.batches.cancel(batch.id)
     await slow.stop()
     assert took < 8, took  # the 20 lines for m, while n's node serves one a second
+
+
+async def test_a_form_of_many_parts_is_refused_at_once(gw):
+    parts = b"".join(
+        b'--B\r\nContent-Disposition: form-data; name="x%d"\r\n\r\nv\r\n' % i for i in range(500)
+    )
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        answer = await http.post(
+            "/v1/files",
+            content=parts + b"--B--\r\n",
+            headers={"Authorization": f"Bearer {KEY_A}",
+                     "Content-Type": "multipart/form-data; boundary=B"},
+        )  # fmt: skip
+    assert answer.status_code == 400 and "one 'purpose' and one 'file'" in answer.text
+    assert [f async for f in gw.client(KEY_A).files.list()] == []
+
+
+async def test_a_model_name_is_never_quoted_back(gw, up):
+    client = gw.client(KEY_A)
+    done = await until_done(client, (await submit(client, [chat_line(1, model=KEY_B)])).id)
+    assert done.status == "failed"
+    assert KEY_B not in orjson.dumps(done.model_dump()).decode()
+
+
+async def test_revoking_a_key_cancels_its_batches(up, tmp_path):
+    up.script = Script(echo=True, latency_s=0.2)
+    raw = config(up, tmp_path)
+    raw["keys"].append({"key": "admin-key-00000009", "tenant": "ops", "admin": True})
+    async with running_gateway(raw) as gw, httpx.AsyncClient(base_url=gw.url) as http:
+        admin = {"Authorization": "Bearer admin-key-00000009"}
+        made = (await http.post("/admin/keys", json={"tenant": "c"}, headers=admin)).json()
+        client = gw.client(made["key"])
+        batch = await submit(client, [chat_line(i) for i in range(200)])
+        await until(client, batch.id, lambda b: b.request_counts.completed >= 2)
+        await http.post(f"/admin/keys/{made['prefix']}/revoke", headers=admin)
+        store = gw.gateway.batches
+        assert store is not None
+        for _ in range(100):
+            current = await store.jobs.get(None, batch.id)
+            if current.status == "cancelled":
+                break
+            await asyncio.sleep(0.1)
+    assert current.status == "cancelled" and current.completed < 200

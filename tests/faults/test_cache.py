@@ -70,9 +70,12 @@ async def ask_stream(gw: RunningGateway, key: str = KEY_A, **extra: Any) -> tupl
 
 
 async def settle(gw: RunningGateway) -> None:
-    """Let background cache writes land (they run after the response)."""
-    for _ in range(200):
-        if not gw.gateway.pipeline.cache._writes:
+    """Let background cache writes land (they run after the response, and may not have
+    begun when it arrives): until none has been pending for 50 ms."""
+    quiet = 0
+    for _ in range(400):
+        quiet = 0 if gw.gateway.pipeline.cache._writes else quiet + 1
+        if quiet >= 10:
             return
         await asyncio.sleep(0.005)
 

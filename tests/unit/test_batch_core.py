@@ -197,7 +197,7 @@ async def test_a_replica_that_lost_its_lease_cannot_write(tmp_path: Path):
         assert not await jobs.claim("batch_x", "two", lease)
         assert await jobs.claimable(10) == []
         clock.advance(31)  # "one" stalled past its lease
-        assert await jobs.claimable(10) == [("batch_x", "in_progress")]
+        assert await jobs.claimable(10) == [("batch_x", "in_progress", "t")]
         assert await jobs.claim("batch_x", "two", lease)
         segment = Segment(0, "k.out", None, [1, 2], 2, 0)
         assert not await jobs.commit("batch_x", "one", segment)  # fenced off
@@ -221,3 +221,15 @@ def test_the_report_groups_by_batch():
     rows = {row.group: row for row in summarize(records, "batch")}
     assert set(rows) == {"batch_a", "interactive", "total"}
     assert rows["batch_a"].requests == 2 and rows["interactive"].requests == 1
+
+
+def test_one_tenants_flood_does_not_keep_another_waiting():
+    from spillway.batch.worker import _fair
+
+    waiting = [(f"a{i}", "validating", "a") for i in range(5)] + [
+        ("b0", "validating", "b"),
+        ("c0", "cancelling", "a"),
+    ]
+    order = [batch for batch, _, _ in _fair(waiting, {"a-running": "a"})]
+    assert order[:2] == ["c0", "b0"]  # a cancel first, then the tenant with none running
+    assert order[2:] == ["a0", "a1", "a2", "a3", "a4"]

@@ -50,7 +50,11 @@ class FileCatalog:
         file_id = new_file_id()
         object_key = f"files/{file_id}"
         size = await self.store.write(object_key, _at_most(chunks, max_bytes))
-        return await self.add(tenant, key_id, purpose, filename, object_key, size, file_id)
+        try:
+            return await self.add(tenant, key_id, purpose, filename, object_key, size, file_id)
+        except BaseException:
+            await self.store.delete(object_key)  # not listed: not kept either
+            raise
 
     async def add(
         self,

@@ -122,21 +122,21 @@ class BatchStore:
             )
         return await self.get(tenant, batch_id)
 
-    async def claimable(self, limit: int) -> list[tuple[str, Status]]:
+    async def claimable(self, limit: int) -> list[tuple[str, Status, str]]:
         """Batches with work to do whose lease is free (never taken, or run out), those to
-        cancel first, then the oldest."""
+        cancel first, then the oldest: (id, status, tenant)."""
         await self._db.open()
         c = BATCHES.c
         async with self._db.engine.connect() as conn:
             now = await self._time(conn)
             stmt = (
-                select(c.id, c.status)
+                select(c.id, c.status, c.tenant)
                 .where(c.status.in_(ACTIVE))
                 .where(or_(c.lease_owner.is_(None), c.lease_until < now))
                 .order_by((c.status != "cancelling"), c.created_at)
                 .limit(limit)
             )
-            return [(row.id, row.status) for row in await conn.execute(stmt)]
+            return [(row.id, row.status, row.tenant) for row in await conn.execute(stmt)]
 
     async def _time(self, conn: AsyncConnection) -> datetime:
         """The database's clock on PostgreSQL, where replicas on several machines compare
@@ -216,6 +216,14 @@ class BatchStore:
                 )
                 for r in await conn.execute(stmt)
             ]
+
+    async def active_count(self, tenant: str) -> int:
+        """The tenant's batches not yet finished."""
+        await self._db.open()
+        c = BATCHES.c
+        stmt = select(func.count()).where(c.tenant == tenant, c.status.in_(ACTIVE))
+        async with self._db.engine.connect() as conn:
+            return int(await conn.scalar(stmt) or 0)
 
     async def using(self, tenant: str, file_id: str) -> BatchRecord | None:
         """An unfinished batch of the tenant's that reads ``file_id``, if any."""

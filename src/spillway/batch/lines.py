@@ -18,6 +18,7 @@ its line number: 3.2 MB for 200,000 lines) to find duplicates, sorted with numpy
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from array import array
@@ -37,6 +38,9 @@ MAX_CUSTOM_ID = 512
 MAX_LINE_BYTES = 16 * 1024 * 1024
 #: errors a failed validation reports at most (the first ones, by line)
 MAX_ERRORS = 100
+#: the longest message of one line's error (they are kept with the batch)
+MAX_MESSAGE = 300
+_YIELD_EVERY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +155,17 @@ async def validate(
             result.add(LineError(physical, "too_many_lines",
                                  f"a batch holds at most {max_lines} lines"))  # fmt: skip
             break
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # a long file must not hold the event loop
         try:
             line = read_line(number, raw, endpoint)
+            check_request(line, endpoint)  # first: it bounds the model name's length
             problem = check_model(str(line.body.get("model", "")))
             if problem is not None:
                 raise InvalidRequest(problem, param="body.model", code="model_not_found")
-            check_request(line, endpoint)
         except SpillwayError as exc:
-            result.add(LineError(physical, exc.code or "invalid_request", exc.message,
+            message = exc.message[:MAX_MESSAGE]
+            result.add(LineError(physical, exc.code or "invalid_request", message,
                                  getattr(exc, "param", None)))  # fmt: skip
             continue
         hashes += _digest(line.custom_id) + len(places).to_bytes(4, "little")
@@ -167,6 +174,9 @@ async def validate(
         result.add(LineError(1, "empty_file", "the input file has no lines"))
     duplicates = Validation()
     for first, again in _duplicates(hashes):
+        if len(duplicates.errors) >= MAX_ERRORS:  # counted, not described
+            duplicates.error_count += 1
+            continue
         duplicates.add(LineError(places[again], "duplicate_custom_id",
                                  f"custom_id repeats the one on line {places[first]}",
                                  "custom_id"))  # fmt: skip

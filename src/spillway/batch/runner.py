@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -135,7 +135,9 @@ class BatchRunner:
         config: BatchConfig,
         clock: Clock,
         owner: str,
+        key_valid: Callable[[str], bool] = lambda key_id: True,
     ):
+        self._key_valid = key_valid
         self.record = record
         self._jobs = jobs
         self._files = files
@@ -186,15 +188,17 @@ class BatchRunner:
             usable = router.knows(model) and principal.may_use(model)
             if usable and router.eligible(model, principal.private_only):
                 return None
-            if usable:
+            if usable:  # one of the gateway's own model names: fit to quote
                 return f"No private node serves '{model}', and this key is private_only."
-            return f"The model '{model}' does not exist on this gateway."
+            return "The model does not exist on this gateway; GET /v1/models lists them."
 
         lines = split_lines(await self._input())
         result = await validate(lines, record.endpoint, check_model, self._config.max_lines)
         now = self._jobs.now()
         if result.error_count:
-            errors = orjson.dumps([e.public() for e in result.errors]).decode()
+            scrub = self._redactor.scrub
+            errors = orjson.dumps([{**e.public(), "message": scrub(e.message)}
+                                   for e in result.errors]).decode()  # fmt: skip
             verdict = {"status": "failed", "failed_at": now, "errors": errors}
         else:
             verdict = {"status": "in_progress", "in_progress_at": now}
@@ -449,10 +453,19 @@ class BatchRunner:
             await asyncio.shield(asyncio.wait_for(self._checkpoint(), LAST_CHECKPOINT_S))
 
     async def _interrupted(self) -> str | None:
-        """``cancelled`` when a cancel was asked for, ``expired`` past the window."""
+        """``cancelled`` when a cancel was asked for (or the key that submitted the batch
+        was revoked), ``expired`` past the window."""
         current = await self._jobs.get(None, self.record.id)
         if current.status == "cancelling":
             return "cancelled"
+        if not self._key_valid(self.record.key_id):
+            log.warning("batch %s: its key was revoked; cancelling it", self.record.id)
+            now = self._jobs.now()
+            if await self._jobs.update(
+                self.record.id, self._owner, ("in_progress",), status="cancelling",
+                cancelling_at=now,
+            ):  # fmt: skip
+                return "cancelled"
         if self._jobs.now() >= self.record.expires_at:
             return "expired"
         return None

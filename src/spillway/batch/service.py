@@ -14,7 +14,7 @@ from spillway.batch.lines import ENDPOINTS
 from spillway.batch.records import BatchRecord, FileRecord
 from spillway.batch.worker import BatchWorker
 from spillway.config.batch import BatchConfig
-from spillway.errors import InvalidRequest
+from spillway.errors import InvalidRequest, SpillwayError
 from spillway.pipeline.principal import Principal
 
 _MAX_METADATA = 16
@@ -46,6 +46,13 @@ class Batches:
                 f"{file_id} has purpose '{source.purpose}'; upload the input with purpose 'batch'",
                 param="input_file_id",
             )
+        if await self.jobs.active_count(principal.tenant) >= self.config.max_active_per_tenant:
+            busy = SpillwayError(
+                f"This tenant has {self.config.max_active_per_tenant} unfinished batches "
+                "([batch] max_active_per_tenant); wait for some to finish."
+            )
+            busy.status, busy.code, busy.kind = 429, "too_many_batches", "rate_limit_error"
+            raise busy
         now = self.jobs.now()
         record = BatchRecord(
             id=new_batch_id(),

@@ -15,10 +15,12 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 from spillway.batch.catalog import FileCatalog
 from spillway.batch.jobs import BatchStore
+from spillway.batch.records import Status
 from spillway.batch.runner import BatchRunner, InputUnavailable
 from spillway.clock import Clock
 from spillway.config.batch import BatchConfig
@@ -27,6 +29,9 @@ from spillway.secrets import Redactor
 
 log = logging.getLogger("spillway.batch")
 MAX_BATCHES = 4
+Claimable = tuple[str, Status, str]  # id, status, tenant
+#: how many waiting batches a look considers (to find other tenants' behind one's flood)
+LOOK_AT = 200
 #: how long a replica leaves alone a batch whose input it cannot read
 SKIP_S = 60.0
 
@@ -45,7 +50,11 @@ class BatchWorker:
         redactor: Redactor,
         config: BatchConfig,
         clock: Clock,
+        key_valid: Callable[[str], bool] = lambda key_id: True,
     ):
+        #: whether the key that submitted a batch still works; a batch of a revoked key is
+        #: cancelled
+        self._key_valid = key_valid
         self._jobs = jobs
         self._files = files
         self._pipeline = pipeline
@@ -59,6 +68,8 @@ class BatchWorker:
         self._failing = False
         #: batches this replica cannot work (their input is not in its storage), until then
         self._skip_until: dict[str, float] = {}
+        #: the tenant of each batch running here
+        self._tenants: dict[str, str] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -86,7 +97,7 @@ class BatchWorker:
         only needs its results joined)."""
         lease = timedelta(seconds=self._config.lease_s)
         now = self._clock.monotonic()
-        for batch_id, status in await self._jobs.claimable(MAX_BATCHES + len(self._running)):
+        for batch_id, status, tenant in _fair(await self._jobs.claimable(LOOK_AT), self._tenants):
             full = len(self._running) >= MAX_BATCHES and status != "cancelling"
             skipped = self._skip_until.get(batch_id, 0.0) > now
             if batch_id in self._running or full or skipped:
@@ -103,8 +114,10 @@ class BatchWorker:
                 self._config,
                 self._clock,
                 self.owner,
+                self._key_valid,
             )
             self._running[batch_id] = asyncio.create_task(self._run(runner))
+            self._tenants[batch_id] = tenant
 
     async def _run(self, runner: BatchRunner) -> None:
         batch_id = runner.record.id
@@ -129,6 +142,7 @@ class BatchWorker:
             log.exception("batch %s: its run failed; it is taken up again later", batch_id)
         finally:
             self._running.pop(batch_id, None)
+            self._tenants.pop(batch_id, None)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -141,3 +155,19 @@ class BatchWorker:
         for batch_id, _ in running:
             with contextlib.suppress(Exception):
                 await self._jobs.release(batch_id, self.owner)
+
+
+def _fair(waiting: list[Claimable], running: dict[str, str]) -> list[Claimable]:
+    """Batches to cancel first; then, oldest first, one tenant's batches behind those of
+    tenants with fewer running here: a tenant that submits a thousand batches does not keep
+    another's one waiting."""
+    busy: dict[str, int] = {}
+    for tenant in running.values():
+        busy[tenant] = busy.get(tenant, 0) + 1
+    order: list[tuple[int, int, int]] = []
+    seen: dict[str, int] = {}
+    for place, (_, status, tenant) in enumerate(waiting):
+        rank = busy.get(tenant, 0) + seen.get(tenant, 0)
+        seen[tenant] = seen.get(tenant, 0) + 1
+        order.append((0 if status == "cancelling" else 1, rank, place))
+    return [waiting[place] for _, _, place in sorted(order)]

@@ -34,6 +34,8 @@ class BatchConfig(BaseModel):
     checkpoint_s: float = Field(default=2.0, gt=0)
     #: a line whose node failed is tried again this many times before it is an error line
     line_attempts: int = Field(default=3, ge=1, le=20)
+    #: unfinished batches one tenant may have at once (429 for more)
+    max_active_per_tenant: int = Field(default=100, ge=1)
     #: the longest an upload to /v1/files may take
     upload_timeout_s: float = Field(default=600.0, gt=0)
     #: the completion windows a batch may ask for (OpenAI's is 24h)

@@ -62,6 +62,19 @@ class KeyRing:
     def managed_count(self) -> int:
         return len(self._managed)
 
+    def still_valid(self, key_id: str) -> bool:
+        """Whether the key named ``key_id`` still works (a batch it submitted may go on): a
+        configured key, or a managed key neither revoked nor ended. Open mode's "" too."""
+        if not key_id or any(p.key_id == key_id for p in self._by_digest.values()):
+            return True
+        now = self._clock.wall()
+        return any(
+            entry.principal.key_id == key_id
+            and entry.revoked_at is None
+            and (entry.ends_at is None or now < entry.ends_at)
+            for entry in self._managed.values()
+        )
+
     def set_managed(self, hasher: KeyHasher, keys: Iterable[ManagedKey]) -> None:
         """Replace the managed keys with ``keys`` (``KeyStore.for_gateway``: the usable ones
         and those that ended lately, which are refused saying so)."""

@@ -148,7 +148,7 @@ async def build_gateway(
     pipeline = Pipeline(
         router, dispatcher, cache, accountant, admission, redactor, clock, settings, pii
     )
-    batches = await _batches(config, database, pipeline, redactor, clock, stack)
+    batches = await _batches(config, database, pipeline, redactor, clock, stack, ring)
     return Gateway(
         config=config,
         clock=clock,
@@ -321,6 +321,7 @@ async def _batches(
     redactor: Redactor,
     clock: Clock,
     stack: AsyncExitStack,
+    ring: KeyRing,
 ) -> Batches | None:
     """Files in ``[storage]``, batches in the ledger's database, and the worker that runs
     them on spare capacity. Its runners stop before the pipeline closes."""
@@ -338,7 +339,7 @@ async def _batches(
     jobs = BatchStore(database.store, clock)
     worker = None
     if config.batch.run:
-        worker = BatchWorker(jobs, files, pipeline, redactor, config.batch, clock)
+        worker = BatchWorker(jobs, files, pipeline, redactor, config.batch, clock, ring.still_valid)
         worker.start()
         stack.push_async_callback(worker.aclose)
     return Batches(files, jobs, config.batch, worker)

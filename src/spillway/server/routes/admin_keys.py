@@ -144,8 +144,9 @@ def _admin(request: web.Request) -> tuple[Gateway, Access]:
 
 
 def _ident(request: web.Request) -> str:
-    ident = request.match_info["ident"]
-    if ident.startswith(KEY_SCHEME) and len(ident) > PREFIX_LENGTH:
+    ident = request.match_info["ident"].strip()
+    at = ident.find(KEY_SCHEME)
+    if at >= 0 and len(ident) - at > PREFIX_LENGTH:  # a key, whatever is around it
         raise InvalidRequest(
             "Name the key by its prefix (its first 15 characters) or key id, not the whole "
             "key: a URL is kept in logs. Revoke this key now if the URL was seen by others."
