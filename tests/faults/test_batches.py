@@ -425,3 +425,21 @@ async def test_revoking_a_key_cancels_its_batches(up, tmp_path):
                 break
             await asyncio.sleep(0.1)
     assert current.status == "cancelled" and current.completed < 200
+
+
+async def test_pages_follow_the_after_cursor(gw):
+    client = gw.client(KEY_A)
+    uploaded = [
+        (await client.files.create(file=(f"f{i}.jsonl", chat_line(i)), purpose="batch")).id
+        for i in range(3)
+    ]
+    paged = [f.id async for f in client.files.list(limit=1)]  # the SDK follows `after`
+    assert paged == uploaded[::-1]
+    oldest_first = [f.id async for f in client.files.list(limit=1, order="asc")]
+    assert oldest_first == uploaded
+    made = [
+        (await client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions",
+                                     completion_window="24h")).id
+        for fid in uploaded
+    ]  # fmt: skip
+    assert [b.id async for b in client.batches.list(limit=1)] == made[::-1]

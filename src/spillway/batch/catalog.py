@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from spillway.batch.records import FileRecord
+from spillway.batch.records import FileRecord, after_mark
 from spillway.batch.storage import ObjectStore
 from spillway.clock import Clock
 from spillway.errors import NotFound, PayloadTooLarge
@@ -111,13 +111,7 @@ class FileCatalog:
             stmt = stmt.where(c.purpose == purpose)
         if after is not None:
             mark = await self.get(tenant, after)
-            before = (c.created_at < mark.created_at) | (
-                (c.created_at == mark.created_at) & (c.id < mark.id)
-            )
-            beyond = (c.created_at > mark.created_at) | (
-                (c.created_at == mark.created_at) & (c.id > mark.id)
-            )
-            stmt = stmt.where(before if newest_first else beyond)
+            stmt = stmt.where(after_mark(FILES, mark.created_at, mark.id, newest_first))
         stmt = stmt.order_by(*order).limit(limit + 1)
         async with self._db.engine.connect() as conn:
             rows = [_record(r._mapping) for r in await conn.execute(stmt)]

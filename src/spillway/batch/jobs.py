@@ -23,7 +23,14 @@ import orjson
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from spillway.batch.records import ACTIVE, CANCELLABLE, TIMES, BatchRecord, Status
+from spillway.batch.records import (
+    ACTIVE,
+    CANCELLABLE,
+    TIMES,
+    BatchRecord,
+    Status,
+    after_mark,
+)
 from spillway.clock import Clock
 from spillway.errors import InvalidRequest, NotFound
 from spillway.ledger.batch_tables import BATCH_SEGMENTS, BATCHES
@@ -97,9 +104,8 @@ class BatchStore:
         if after is not None:
             mark = await self.get(tenant, after)
             created = mark.times["created_at"]
-            stmt = stmt.where(
-                (c.created_at < created) | ((c.created_at == created) & (c.id < mark.id))
-            )
+            assert created is not None  # set at creation
+            stmt = stmt.where(after_mark(BATCHES, created, mark.id, newest_first=True))
         stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
         async with self._db.engine.connect() as conn:
             rows = [_record(r._mapping) for r in await conn.execute(stmt)]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from sqlalchemy import Table
+
 Status = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
     "cancelled",
@@ -18,6 +20,15 @@ TIMES = (
     "created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at", "expires_at",
 )  # fmt: skip
+
+
+def after_mark(table: Table, created: datetime, mark_id: str, newest_first: bool) -> Any:
+    """The rows a page after the row (``created``, ``mark_id``) holds, in (created_at, id)
+    order: the older ones when the newest come first, else the newer ones."""
+    c = table.c
+    if newest_first:
+        return (c.created_at < created) | ((c.created_at == created) & (c.id < mark_id))
+    return (c.created_at > created) | ((c.created_at == created) & (c.id > mark_id))
 
 
 def unix(at: datetime | None) -> int | None:

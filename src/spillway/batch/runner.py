@@ -124,30 +124,29 @@ class _Outcome:
     ready_at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Workplace:
+    """What every batch run of a replica works with."""
+
+    jobs: BatchStore
+    files: FileCatalog
+    pipeline: Pipeline
+    redactor: Redactor
+    config: BatchConfig
+    clock: Clock
+    #: whether the key that submitted a batch still works: a revoked key's batch is cancelled
+    key_valid: Callable[[str], bool] = lambda key_id: True
+
+
 class BatchRunner:
-    def __init__(
-        self,
-        record: BatchRecord,
-        jobs: BatchStore,
-        files: FileCatalog,
-        pipeline: Pipeline,
-        redactor: Redactor,
-        config: BatchConfig,
-        clock: Clock,
-        owner: str,
-        key_valid: Callable[[str], bool] = lambda key_id: True,
-    ):
-        self._key_valid = key_valid
+    def __init__(self, record: BatchRecord, place: Workplace, owner: str):
         self.record = record
-        self._jobs = jobs
-        self._files = files
-        self._pipeline = pipeline
-        self._redactor = redactor
-        self._config = config
-        self._clock = clock
         self._owner = owner
+        self._jobs, self._files, self._pipeline = place.jobs, place.files, place.pipeline
+        self._redactor, self._config, self._clock = place.redactor, place.config, place.clock
+        self._key_valid = place.key_valid
         self._principal = principal_of(record)
-        self._pace = Pace(record, clock, self._principal.private_only)
+        self._pace = Pace(record, self._clock, self._principal.private_only)
         self._pending = Checkpoint()
         self._seq = 0
         #: the checkpoint being written in the background, if one is
@@ -260,7 +259,7 @@ class BatchRunner:
                     verdict = await self._interrupted()
                     if verdict is not None:
                         await self._written()
-                        return await self._stop(verdict, running, done)
+                        return await self._stop(verdict, running)
                 exhausted = await self._fill(source, waiting, exhausted)
                 self._launch(waiting, running)
                 if exhausted and not running and not waiting:
@@ -444,11 +443,7 @@ class BatchRunner:
         """Shutting down: make the lines that finished durable, so they do not run again."""
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(asyncio.wait_for(self._written(), LAST_CHECKPOINT_S))
-        for task in running:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                outcome = task.result()
-                if outcome.result is not None:
-                    self._keep(outcome)
+        self._keep_finished(running)
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(asyncio.wait_for(self._checkpoint(), LAST_CHECKPOINT_S))
 
@@ -470,22 +465,24 @@ class BatchRunner:
             return "expired"
         return None
 
-    async def _stop(
-        self, verdict: str, running: set[asyncio.Task[_Outcome]], done: bytearray
-    ) -> str:
+    def _keep_finished(self, tasks: set[asyncio.Task[_Outcome]]) -> None:
+        """The results of the lines among ``tasks`` that finished (not cancelled, no error)."""
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                outcome = task.result()
+                if outcome.result is not None:
+                    self._keep(outcome)
+
+    async def _stop(self, verdict: str, running: set[asyncio.Task[_Outcome]]) -> str:
         """Cancel what runs, keep what finished; past the window, the rest are error lines."""
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        for task in running:
-            if not task.cancelled() and task.exception() is None:
-                outcome = task.result()
-                if outcome.result is not None:
-                    self._keep(outcome)
+        self._keep_finished(running)
         running.clear()
         await self._checkpoint()
         if verdict == "expired":
-            done = await self._done_lines()
+            done = await self._done_lines()  # what every committed segment holds now
             async for number, line in expire_rest(self._todo(done)):
                 self._pending.add(number, line, False, self._clock.monotonic())
                 if self._due():

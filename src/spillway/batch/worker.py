@@ -15,17 +15,10 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 
-from spillway.batch.catalog import FileCatalog
-from spillway.batch.jobs import BatchStore
 from spillway.batch.records import Status
-from spillway.batch.runner import BatchRunner, InputUnavailable
-from spillway.clock import Clock
-from spillway.config.batch import BatchConfig
-from spillway.pipeline.service import Pipeline
-from spillway.secrets import Redactor
+from spillway.batch.runner import BatchRunner, InputUnavailable, Workplace
 
 log = logging.getLogger("spillway.batch")
 MAX_BATCHES = 4
@@ -42,25 +35,9 @@ def replica_name() -> str:
 
 
 class BatchWorker:
-    def __init__(
-        self,
-        jobs: BatchStore,
-        files: FileCatalog,
-        pipeline: Pipeline,
-        redactor: Redactor,
-        config: BatchConfig,
-        clock: Clock,
-        key_valid: Callable[[str], bool] = lambda key_id: True,
-    ):
-        #: whether the key that submitted a batch still works; a batch of a revoked key is
-        #: cancelled
-        self._key_valid = key_valid
-        self._jobs = jobs
-        self._files = files
-        self._pipeline = pipeline
-        self._redactor = redactor
-        self._config = config
-        self._clock = clock
+    def __init__(self, place: Workplace):
+        self._place = place
+        self._jobs, self._config, self._clock = place.jobs, place.config, place.clock
         self.owner = replica_name()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -105,17 +82,7 @@ class BatchWorker:
             if not await self._jobs.claim(batch_id, self.owner, lease):
                 continue  # another replica was quicker
             record = await self._jobs.get(None, batch_id)
-            runner = BatchRunner(
-                record,
-                self._jobs,
-                self._files,
-                self._pipeline,
-                self._redactor,
-                self._config,
-                self._clock,
-                self.owner,
-                self._key_valid,
-            )
+            runner = BatchRunner(record, self._place, self.owner)
             self._running[batch_id] = asyncio.create_task(self._run(runner))
             self._tenants[batch_id] = tenant
 

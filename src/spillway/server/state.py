@@ -16,6 +16,7 @@ from spillway.access.store import KeyStore, keys_issued
 from spillway.access.tokens import hasher_for, shared_database
 from spillway.batch.catalog import FileCatalog
 from spillway.batch.jobs import BatchStore
+from spillway.batch.runner import Workplace
 from spillway.batch.service import Batches
 from spillway.batch.storage import store_for
 from spillway.batch.worker import BatchWorker
@@ -339,7 +340,8 @@ async def _batches(
     jobs = BatchStore(database.store, clock)
     worker = None
     if config.batch.run:
-        worker = BatchWorker(jobs, files, pipeline, redactor, config.batch, clock, ring.still_valid)
+        place = Workplace(jobs, files, pipeline, redactor, config.batch, clock, ring.still_valid)
+        worker = BatchWorker(place)
         worker.start()
         stack.push_async_callback(worker.aclose)
     return Batches(files, jobs, config.batch, worker)
