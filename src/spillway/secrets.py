@@ -9,8 +9,11 @@ every log record.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from spillway.config.proxies import NO_PROXY, parse_proxy_url
@@ -182,3 +185,25 @@ def redacted_url(url: str) -> str:
         netloc = f"{parts.username or ''}:{MASK}@{netloc.rpartition('@')[2]}"
     query = re.sub(r"(^|&)password=[^&]*", rf"\1password={MASK}", parts.query)
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def secret_file(path: Path) -> str:
+    """The secret kept in ``path`` (hex text), made on first use: 32 random bytes, readable
+    by this user only, written whole under a temporary name and linked into place, so that
+    processes starting at once agree on one and none reads a half-written file. Raises
+    ``OSError`` when the file cannot be made or read."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{secrets.token_hex(8)}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_bytes(32).hex() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(partial, path)  # fails if another process got there first: use theirs
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    return path.read_text().strip()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from spillway.config.schema import Config
 from spillway.errors import StartupError
+from spillway.secrets import secret_file
 
 KEY_SCHEME = "sk-spw-"
 PREFIX_LENGTH = len(KEY_SCHEME) + 8
@@ -85,13 +85,9 @@ def hasher_for(config: Config) -> KeyHasher:
 
 
 def _secret_file(path: Path) -> bytes:
-    """Read the secret, or make it: 32 random bytes, readable by this user only. Written
-    whole under a temporary name and linked into place, so two processes starting at once
-    agree on one and neither reads a half-written file."""
+    """The secret in DATA_DIR/secret (``secrets.secret_file``), as bytes."""
     try:
-        if not path.exists():
-            _make_secret_file(path)
-        value = bytes.fromhex(path.read_text().strip())
+        value = bytes.fromhex(secret_file(path))
     except OSError as exc:
         raise StartupError(
             f"cannot use {path.name} in the data directory ({type(exc).__name__}): run as the "
@@ -105,19 +101,3 @@ def _secret_file(path: Path) -> bytes:
             "or set [server] secret (managed keys hashed under the old one stop working)"
         )
     return value
-
-
-def _make_secret_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_bytes(32).hex() + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    try:
-        os.link(partial, path)  # fails if another process got there first: use theirs
-    except FileExistsError:
-        pass
-    finally:
-        partial.unlink()

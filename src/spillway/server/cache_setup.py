@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -26,6 +24,7 @@ from spillway.cache.vectors import VectorIndex
 from spillway.clock import Clock
 from spillway.config.schema import CacheConfig, Config
 from spillway.routing.router import Router
+from spillway.secrets import secret_file
 
 if TYPE_CHECKING:
     from spillway.cache.local_embedder import LocalMiniLM
@@ -61,25 +60,11 @@ def cache_secret(settings: CacheConfig, data_dir: Path) -> bytes:
     shared by every worker and restart that uses the same data dir."""
     if settings.secret is not None:
         return settings.secret.get_secret_value().encode()
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_secret(path)
-    with os.fdopen(fd, "wb") as out:
-        out.write(os.urandom(32).hex().encode())
-    return _read_secret(path)
-
-
-def _read_secret(path: Path) -> bytes:
-    # Another worker may have created the file a moment ago and still be writing it.
-    for _ in range(100):
-        secret = path.read_bytes().strip()
-        if len(secret) >= 32:
-            return secret
-        time.sleep(0.01)
-    raise OSError(f"{path} holds no usable cache secret; delete it to make a new one")
+    secret = secret_file(path).encode()
+    if len(secret) < 32:
+        raise OSError(f"{path} holds no usable cache secret; delete it to make a new one")
+    return secret
 
 
 def make_store(settings: CacheConfig, data_dir: Path, clock: Clock) -> CacheStore:
